@@ -1,0 +1,544 @@
+"""GPT-2 pretraining: the model, the command line and one readable training loop.
+
+    python train_gpt2.py                                   # embedded default: tiny Shakespeare, sized to the device
+    python train_gpt2.py --data_root data/edu_fineweb10B --model gpt2 --auto_resume
+    torchrun --nproc_per_node=4 train_gpt2.py --data_root data/edu_fineweb10B
+
+Side concerns live in small modules, each one call from the loop: devices (device.py),
+data (dataloader.py), checkpoints (checkpoint.py), HellaSwag (hellaswag.py).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+
+import checkpoint
+import dataloader
+import device as device_mod
+
+# -----------------------------------------------------------------------------
+# The model: GPT-2 exactly, with GPT-2's parameter names so weights map to and
+# from OpenAI's checkpoints (transformer.wte, transformer.h.0.attn.c_attn, ...).
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024   # longest sequence the position table covers
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 128: faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+GPT2_VOCAB_SIZE = 50257
+
+MODEL_PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+    # Small shapes for CPUs and laptops; same architecture, GPT-2 vocabulary.
+    "d12": dict(n_layer=12, n_head=12, n_embd=768),
+    "d6": dict(n_layer=6, n_head=6, n_embd=384),
+    "d4": dict(n_layer=4, n_head=4, n_embd=256),
+    "d2": dict(n_layer=2, n_head=2, n_embd=128),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash / cuDNN kernels where available
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # pre-LN: normalise the input of each branch
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                # Each block adds two projections to the residual stream: scale them
+                # so its variance does not grow with depth (GPT-2 paper, section 2.3).
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} tokens > block size {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        return logits, loss
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N for the matmuls with weights (forward + backward)
+        plus 12 * n_layer * n_embd * T for attention scores and their weighted sum."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def configure_optimizer(self, weight_decay, learning_rate, device_type):
+        """AdamW with decay on 2-D tensors (matmul weights, embeddings) only; biases and
+        LayerNorm gains are not decayed. Fused kernel where the device has one."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type in ("cuda", "mps")
+        try:
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        except (RuntimeError, TypeError):
+            print(f"fused AdamW is not available on {device_type}; using the for-each implementation")
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+        """Sample max_new_tokens after idx (B, T); top-k sampling, seeded by generator."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :].float() / max(temperature, 1e-5)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            logits[:, GPT2_VOCAB_SIZE:] = float("-inf")  # padding rows of the vocabulary are never real tokens
+            probs = F.softmax(logits, dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# Settings. Every tunable flag defaults to None so we can tell an explicit flag from
+# a default; values are then filled from the recipe, then the device preset. The
+# effective configuration and where each value came from is printed once at start.
+
+# GPT-2 124M on FineWeb-Edu 10B tokens, the build-nanogpt / llm.c recipe.
+RECIPE = dict(
+    model="gpt2", seq_len=1024, total_batch_size=524288, max_steps=19073, warmup_steps=715,
+    max_lr=6e-4, min_lr=6e-5, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_steps=20,
+    checkpoint_interval=5000, generate_interval=0, log_interval=1,
+)
+# Without --data_root: tiny Shakespeare, sized so a first run shows the loss fall and a sample in minutes.
+QUICKSTART = {
+    "cuda": dict(model="gpt2", seq_len=1024, micro_batch_size=16, total_batch_size=16384, max_steps=300,
+                 warmup_steps=30, max_lr=6e-4, min_lr=6e-5, eval_interval=50, eval_steps=2, checkpoint_interval=300),
+    "mps": dict(model="d6", seq_len=256, micro_batch_size=16, total_batch_size=4096, max_steps=500,
+                warmup_steps=30, max_lr=1e-3, min_lr=1e-4, eval_interval=50, eval_steps=4, checkpoint_interval=500),
+    "cpu": dict(model="d4", seq_len=64, micro_batch_size=8, total_batch_size=512, max_steps=300,
+                warmup_steps=20, max_lr=2e-3, min_lr=2e-4, eval_interval=50, eval_steps=4, checkpoint_interval=300),
+}
+# Per-device defaults that do not change the math: how the work is laid out and run.
+DEVICE_PRESETS = {
+    "cuda": dict(micro_batch_size=64, dtype="auto", compile="none"),
+    "mps": dict(micro_batch_size=8, dtype="auto", compile="none"),
+    "cpu": dict(micro_batch_size=8, dtype="fp32", compile="none"),
+}
+DEFAULT_DATA_ROOT = os.path.join("data", "tinyshakespeare")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="GPT-2 pretraining. With no arguments: prepares tiny Shakespeare and trains a model sized to this device.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data_root", default=None,
+                   help=f"folder of <name>_{{train,val}}_NNNNNN.npy uint16 token shards (default: {DEFAULT_DATA_ROOT}, prepared on first use)")
+    g.add_argument("--log_dir", default="log", help="where metrics.jsonl and checkpoints are written")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, choices=sorted(MODEL_PRESETS), help="model preset (default: gpt2, or a small one for the quickstart)")
+    g.add_argument("--n_layer", type=int, default=None, help="override the preset's number of layers")
+    g.add_argument("--n_head", type=int, default=None, help="override the preset's attention heads")
+    g.add_argument("--n_embd", type=int, default=None, help="override the preset's width")
+    g.add_argument("--block_size", type=int, default=1024, help="longest sequence the model can take (position table size), tokens")
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--total_batch_size", type=int, default=None, help="tokens per optimizer step over all ranks (default 524288 = 2**19)")
+    g.add_argument("--micro_batch_size", type=int, default=None, help="sequences per forward pass per rank (default: device preset)")
+    g.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 1024)")
+    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps in the run (default 19073: 10B tokens at 2**19)")
+    g.add_argument("--warmup_steps", type=int, default=None, help="linear LR warm-up, steps (default 715)")
+    g.add_argument("--max_lr", type=float, default=None, help="peak learning rate (default 6e-4)")
+    g.add_argument("--min_lr", type=float, default=None, help="final learning rate of the cosine decay (default max_lr/10)")
+    g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay on 2-D weights (default 0.1)")
+    g.add_argument("--grad_clip", type=float, default=None, help="clip the global gradient norm to this; 0 disables (default 1.0)")
+    g.add_argument("--seed", type=int, default=1337, help="seed for init, data order is fixed by the shards")
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks CUDA > MPS > CPU")
+    g.add_argument("--preset", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="per-device defaults to use (auto: the device's)")
+    g.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision (default: bf16 on CUDA/MPS, fp32 on CPU)")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="torch.compile the model; optional mode: default, reduce-overhead, max-autotune, none")
+    g.add_argument("--num_threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval_interval", type=int, default=None, help="validation loss every N steps, and at the last step (default 250)")
+    g.add_argument("--eval_steps", type=int, default=None, help="validation micro batches per rank per evaluation (default 20)")
+    g.add_argument("--log_interval", type=int, default=None, help="print a step line every N steps; metrics.jsonl gets every step (default 1)")
+    g.add_argument("--generate_interval", type=int, default=None, help="print samples every N steps; 0: only at the end (default 0)")
+    g.add_argument("--prompt", default="\n", help="prompt for samples")
+    g.add_argument("--num_samples", type=int, default=2, help="samples printed each time")
+    g.add_argument("--max_new_tokens", type=int, default=64, help="tokens per sample")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint_interval", type=int, default=None, help="save every N steps and at the last step; 0: only at the end (default 5000)")
+    g.add_argument("--auto_resume", "--auto-resume", action="store_true", help="resume from the newest valid checkpoint in --log_dir if there is one")
+    g.add_argument("--resume", action="store_true", help="resume from --checkpoint_path")
+    g.add_argument("--checkpoint_path", default=None, help="checkpoint file for --resume")
+    g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH", help="same as --resume --checkpoint_path PATH")
+    g.add_argument("--keep_last_n_checkpoints", type=int, default=-1, help="delete older step checkpoints beyond N; -1 keeps all")
+    g.add_argument("--save_optimizer", default="all", choices=["all", "latest"],
+                   help="optimizer state in every checkpoint, or only the newest (older ones keep weights only)")
+    g.add_argument("--async_checkpoint", action="store_true", help="write checkpoints in a background thread")
+    g.add_argument("--no_load_optimizer", "--reset_optimizer", dest="no_load_optimizer", action="store_true",
+                   help="resume the weights only, with a fresh optimizer (fine-tuning, changed learning rate)")
+    args = p.parse_args(argv)
+    if args.resume_from_checkpoint:
+        args.resume, args.checkpoint_path = True, args.resume_from_checkpoint
+    return args
+
+
+def resolve_settings(args, device_type):
+    """Fill every None flag from the quickstart or recipe, then the device preset.
+    Returns {name: (value, source)} for the table printed at start."""
+    preset_name = device_type if args.preset == "auto" else args.preset
+    quickstart = args.data_root is None
+    layers = [("preset:" + preset_name, DEVICE_PRESETS[preset_name])]
+    layers.append(("quickstart:" + device_type, QUICKSTART[device_type]) if quickstart else ("recipe", RECIPE))
+    sources = {}
+    for name in ("data_root", "model", "total_batch_size", "micro_batch_size", "seq_len", "max_steps", "warmup_steps",
+                 "max_lr", "min_lr", "weight_decay", "grad_clip", "dtype", "compile", "eval_interval", "eval_steps",
+                 "log_interval", "generate_interval", "checkpoint_interval"):
+        value, source = getattr(args, name), "flag"
+        if value is None:
+            for layer_name, layer in reversed(layers):  # quickstart/recipe first: they know the run's shape
+                if name in layer:
+                    value, source = layer[name], layer_name
+                    break
+        if value is None:
+            value, source = {"data_root": DEFAULT_DATA_ROOT, "min_lr": None}.get(name, RECIPE.get(name)), "default"
+        setattr(args, name, value)
+        sources[name] = source
+    if args.min_lr is None:
+        args.min_lr, sources["min_lr"] = args.max_lr * 0.1, "max_lr/10"
+    return {name: (getattr(args, name), src) for name, src in sources.items()}
+
+
+def print_settings(settings, extra):
+    width = max(len(k) for k in list(settings) + list(extra))
+    print("effective configuration (value, where it came from):")
+    for name, (value, source) in settings.items():
+        print(f"  {name:<{width}}  {value!s:<24} {source}")
+    for name, value in extra.items():
+        print(f"  {name:<{width}}  {value!s:<24} derived")
+
+
+def build_model_config(args):
+    shape = dict(MODEL_PRESETS[args.model])
+    for key in ("n_layer", "n_head", "n_embd"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    if shape["n_embd"] % shape["n_head"]:
+        raise UserError(f"--n_embd {shape['n_embd']} is not divisible by --n_head {shape['n_head']}; pick sizes where it is")
+    return GPTConfig(block_size=args.block_size, **shape)
+
+
+class UserError(Exception):
+    """A mistake in the command line; printed as one line, exit status 1."""
+
+
+def get_lr(step, args):
+    """Linear warm-up to max_lr, then cosine decay to min_lr at max_steps."""
+    if step < args.warmup_steps:
+        return args.max_lr * (step + 1) / args.warmup_steps
+    if step >= args.max_steps:
+        return args.min_lr
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.max_lr - args.min_lr)
+
+
+# -----------------------------------------------------------------------------
+# Distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them, one process.
+
+
+@dataclass
+class Dist:
+    enabled: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def init_distributed(device_type):
+    if "RANK" not in os.environ:
+        return Dist()
+    ddp = Dist(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if device_type == "cuda":
+        torch.cuda.set_device(ddp.local_rank)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return ddp
+
+
+class MetricsLog:
+    """One JSON object per line in <log_dir>/metrics.jsonl (rank 0 only), appended across resumes."""
+
+    def __init__(self, log_dir, enabled):
+        self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a") if enabled else None
+
+    def write(self, **record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, steps, device, dtype, ddp):
+    """Mean validation loss over `steps` micro batches per rank, from the start of the val split."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with device_mod.autocast(device.type, dtype):
+            _, loss = model(x, y)
+        total += loss.detach()
+    total /= steps
+    if ddp.enabled:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    model.train()
+    return total.item()
+
+
+def print_samples(model, enc, args, device, dtype, step, ddp):
+    """Top-k samples from --prompt; seeded per rank and step so a resumed run prints the same."""
+    model.eval()
+    tokens = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [dataloader.EOT_TOKEN]
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(args.num_samples, 1)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * ddp.rank + step)
+    with device_mod.autocast(device.type, dtype):
+        out = model.generate(idx, args.max_new_tokens, top_k=50, generator=gen)
+    for i in range(args.num_samples):
+        text = enc.decode(out[i, len(tokens):].tolist())
+        print(f"[rank {ddp.rank}] sample {i} at step {step}: {args.prompt!r} -> {text!r}")
+    model.train()
+
+
+# -----------------------------------------------------------------------------
+# The training loop.
+
+def train(args):
+    device_type = device_mod.select_device(args.device)
+    ddp = init_distributed(device_type)
+    device = device_mod.torch_device(device_type, ddp.local_rank)
+    log = print if ddp.master else (lambda *a, **k: None)
+    settings = resolve_settings(args, device_type)
+    dtype = device_mod.resolve_dtype(device_type, args.dtype)
+    for line in device_mod.apply_device_settings(device_type, args.num_threads):
+        log(line)
+
+    tokens_per_micro_step = args.micro_batch_size * args.seq_len * ddp.world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise UserError(
+            f"--total_batch_size {args.total_batch_size} is not a multiple of micro_batch_size * seq_len * world_size = "
+            f"{args.micro_batch_size} * {args.seq_len} * {ddp.world_size} = {tokens_per_micro_step}; "
+            f"use a multiple such as {max(1, args.total_batch_size // tokens_per_micro_step) * tokens_per_micro_step}")
+    grad_accum_steps = args.total_batch_size // tokens_per_micro_step
+    model_config = build_model_config(args)
+    if args.seq_len > model_config.block_size:
+        raise UserError(f"--seq_len {args.seq_len} is longer than the model's block size {model_config.block_size}; "
+                        f"use --seq_len {model_config.block_size} or less, or raise --block_size")
+    if ddp.master:
+        os.makedirs(args.log_dir, exist_ok=True)
+        print_settings(settings, {"device": f"{device} x {ddp.world_size}", "precision": dtype,
+                                  "grad_accum_steps": grad_accum_steps, "model_shape": asdict(model_config)})
+
+    # Data: the quickstart prepares tiny Shakespeare once (rank 0), everyone else waits.
+    if args.data_root == DEFAULT_DATA_ROOT and ddp.master:
+        dataloader.ensure_tinyshakespeare(args.data_root)
+    if ddp.enabled:
+        dist.barrier()
+    pin = device_type == "cuda"
+    train_loader = dataloader.ShardedDataLoader(args.data_root, "train", args.micro_batch_size, args.seq_len,
+                                                ddp.rank, ddp.world_size, pin_memory=pin)
+    val_loader = dataloader.ShardedDataLoader(args.data_root, "val", args.micro_batch_size, args.seq_len,
+                                              ddp.rank, ddp.world_size, pin_memory=pin)
+
+    torch.manual_seed(args.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    model = GPT(model_config).to(device)
+    raw_model = model
+    log(f"model: {args.model} {model.num_params() / 1e6:.2f}M parameters (without position embeddings)")
+    optimizer = raw_model.configure_optimizer(args.weight_decay, args.max_lr, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "fp16"))
+
+    ckpt = checkpoint.CheckpointManager(
+        args.log_dir, raw_model, optimizer, train_loader, model_config=asdict(model_config), run_args=vars(args),
+        interval=args.checkpoint_interval, keep_last_n=args.keep_last_n_checkpoints,
+        save_optimizer=args.save_optimizer, async_save=args.async_checkpoint, ddp=ddp)
+    start_step = ckpt.resume(auto=args.auto_resume, path=args.checkpoint_path if args.resume else None,
+                             load_optimizer=not args.no_load_optimizer)
+    stop = checkpoint.GracefulStop()
+
+    model, compile_mode = device_mod.compile_model(model, device_type, args.compile)
+    if ddp.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)
+    metrics = MetricsLog(args.log_dir, ddp.master)
+    enc = dataloader.get_tokenizer()
+    flops_per_step = raw_model.flops_per_token(args.seq_len) * args.total_batch_size
+    peak_flops = device_mod.peak_flops(device, dtype)  # None where unknown: no MFU rather than a wrong one
+
+    val_loss = None
+    for step in range(start_step, args.max_steps):
+        last_step = step == args.max_steps - 1
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=device)
+        for micro_step in range(grad_accum_steps):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # DDP all-reduces gradients only on the last micro step of the accumulation.
+            sync = not ddp.enabled or micro_step == grad_accum_steps - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with device_mod.autocast(device_type, dtype):
+                    _, loss = model(x, y)
+                loss = loss / grad_accum_steps  # the gradient of the mean over the whole token batch
+                loss_accum += loss.detach()
+                scaler.scale(loss).backward()
+        if ddp.enabled:
+            dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        lr = get_lr(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(optimizer)
+        scaler.update()
+        train_loss = loss_accum.item()  # waits for the step: the timing below is honest
+        dt = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise checkpoint.NonFiniteLoss(step, train_loss, ckpt.latest_path())
+        tok_per_sec = args.total_batch_size / dt
+        mfu = flops_per_step / dt / (peak_flops * ddp.world_size) if peak_flops else None
+        metrics.write(step=step, loss=train_loss, lr=lr, norm=float(norm), dt_ms=dt * 1000, tok_per_sec=tok_per_sec,
+                      **({"mfu": mfu} if mfu is not None else {}))
+        if step % args.log_interval == 0 or last_step:
+            log(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {float(norm):.4f} | "
+                f"dt {dt * 1000:.1f} ms | {tok_per_sec:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else ""))
+
+        val_loss = None
+        if (args.eval_interval > 0 and step % args.eval_interval == 0) or last_step:
+            val_loss = evaluate_loss(model, val_loader, args.eval_steps, device, dtype, ddp)
+            log(f"step {step:5d} | val loss {val_loss:.4f}")
+            metrics.write(step=step, val_loss=val_loss)
+        if args.generate_interval > 0 and step > 0 and step % args.generate_interval == 0:
+            print_samples(raw_model, enc, args, device, dtype, step, ddp)
+        stopping = stop.agreed(ddp)
+        ckpt.maybe_save(step, train_loss=train_loss, val_loss=val_loss, force=last_step or stopping)
+        if stopping:
+            log(f"stopped by {stop.signal_name} after step {step}; resume with --auto_resume")
+            break
+    else:
+        if start_step < args.max_steps and ddp.master:
+            print_samples(raw_model, enc, args, device, dtype, args.max_steps - 1, ddp)
+    ckpt.close()
+    metrics.close()
+    if ddp.enabled:
+        dist.destroy_process_group()
+    return val_loss
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (UserError, dataloader.DataError, device_mod.DeviceError, checkpoint.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
