@@ -1,0 +1,277 @@
+"""Token shards on disk and the loader that streams them into (B, T) batches.
+
+A shard is a 1-D uint16 array saved with np.save, named <name>_<split>_<index:06d>.npy:
+build-nanogpt's FineWeb-Edu shards (edufineweb_train_000001.npy) load as they are.
+scripts/prepare_data.py writes them; ShardedDataLoader reads them through a memory map,
+so no rank ever holds a whole 100M-token shard in RAM.
+
+    loader = ShardedDataLoader("data/tinyshakespeare", "train", batch_size=8, seq_len=1024,
+                               rank=rank, world_size=world_size)
+    x, y = loader.next_batch()        # int64 (B, T); y is x shifted left by one token
+    state = loader.get_state()        # plain ints/strs/lists: fine for weights_only=True
+"""
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EOT_TOKEN = 50256  # GPT-2 <|endoftext|>; it opens every document
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+PREPARE_HINT = "python scripts/prepare_data.py --source tinyshakespeare --out_dir {}"
+
+
+class DataError(Exception):
+    """A user mistake with the data: the message says what is wrong, where, and the fix."""
+
+
+def get_tokenizer():
+    """GPT-2's BPE. r50k_base has the same ranks, regex and <|endoftext|> as "gpt2" and
+    needs only one file, so it works offline from TIKTOKEN_CACHE_DIR."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("r50k_base")
+    except Exception as r50k_error:
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as gpt2_error:
+            raise DataError(
+                f"cannot load the GPT-2 tokenizer: r50k_base failed ({r50k_error}); gpt2 failed "
+                f"({gpt2_error}). tiktoken downloads its BPE files on first use; offline, set "
+                f"TIKTOKEN_CACHE_DIR to a directory holding a tiktoken cache "
+                f"(TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR', '<unset>')})"
+            ) from None
+        print(f"tokenizer: r50k_base unavailable ({r50k_error}); using tiktoken's gpt2 (same tokens)")
+        return enc
+
+
+def shard_path(out_dir, name, split, index) -> Path:
+    return Path(out_dir) / f"{name}_{split}_{index:06d}.npy"
+
+
+def write_shard(path, tokens):
+    """Save tokens as a uint16 .npy, atomically: a killed writer leaves no half-written shard."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise DataError(f"cannot write {path}: tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.dtype != np.uint16:
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise DataError(f"cannot write {path}: token ids must be integers, got dtype {tokens.dtype}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+            raise DataError(
+                f"cannot write {path}: token ids must lie in [0, 65535] to fit uint16, got "
+                f"[{tokens.min()}, {tokens.max()}]; GPT-2 ids are below 50257, so check the tokenizer"
+            )
+        tokens = tokens.astype(np.uint16)  # uint16 is enough: GPT-2 has 50257 tokens
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, tokens)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def find_shards(data_root, split) -> list[Path]:
+    data_root = Path(data_root)
+    pattern = f"*_{split}_*.npy"
+    if not data_root.is_dir():
+        raise DataError(
+            f"data directory {data_root} does not exist; create shards there, e.g. run: "
+            f"{PREPARE_HINT.format(data_root)}"
+        )
+    # The glob alone would let a dataset named 'x_val' leak its train shards into 'val'.
+    index_suffix = re.compile(rf"_{re.escape(split)}_\d+\.npy$")
+    shards = sorted(p for p in data_root.glob(pattern) if index_suffix.search(p.name))
+    if not shards:
+        raise DataError(
+            f"no shards matching '{pattern}' in {data_root}; run: {PREPARE_HINT.format(data_root)} "
+            f"(or --source text / fineweb-edu; a val split needs --val_fraction > 0)"
+        )
+    return shards
+
+
+def _read_tinyshakespeare(data_dir):
+    """Return (text, where it came from): $TINYSHAKESPEARE_PATH, the cached copy, or the URL."""
+    env_path = os.environ.get("TINYSHAKESPEARE_PATH")
+    if env_path:
+        if not Path(env_path).is_file():
+            raise DataError(
+                f"TINYSHAKESPEARE_PATH={env_path} is not a file; point it at a copy of "
+                f"{TINYSHAKESPEARE_URL} or unset it to download"
+            )
+        return Path(env_path).read_text(encoding="utf-8"), env_path
+    cached = Path(data_dir) / "tinyshakespeare.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8"), str(cached)
+    try:
+        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=10) as response:
+            text = response.read().decode("utf-8")
+    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
+        raise DataError(
+            f"could not download tiny Shakespeare from {TINYSHAKESPEARE_URL}: {e}. Fix: download it "
+            f"by hand to {cached} (curl -L -o {cached} {TINYSHAKESPEARE_URL}), "
+            f"or set TINYSHAKESPEARE_PATH to a local copy"
+        ) from None
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, cached)
+    return text, TINYSHAKESPEARE_URL
+
+
+def ensure_tinyshakespeare(data_dir, val_fraction=0.1) -> bool:
+    """Make tiny Shakespeare shards in data_dir unless train shards are already there.
+    The text is one document: EOT, then its tokens; the last val_fraction of tokens is val."""
+    data_dir = Path(data_dir)
+    try:
+        find_shards(data_dir, "train")
+        return False
+    except DataError:
+        pass
+    text, source = _read_tinyshakespeare(data_dir)
+    tokens = np.array([EOT_TOKEN] + get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    n_train = int(len(tokens) * (1 - val_fraction))
+    write_shard(shard_path(data_dir, "tinyshakespeare", "train", 0), tokens[:n_train])
+    if n_train < len(tokens):
+        write_shard(shard_path(data_dir, "tinyshakespeare", "val", 0), tokens[n_train:])
+    print(f"prepared tiny Shakespeare from {source}: {n_train:,} train + "
+          f"{len(tokens) - n_train:,} val tokens in {data_dir}")
+    return True
+
+
+def _shard_length(path, min_tokens, step_desc):
+    """Check a shard's header (dtype, shape, length) without reading its tokens."""
+    remake = f"re-create it with: {PREPARE_HINT.format(path.parent)} --overwrite (or your own source)"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, _, dtype = read_header(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"shard {path} is not a readable .npy file ({e}); delete it and {remake}") from None
+    if dtype != np.uint16:
+        raise DataError(
+            f"shard {path} has dtype {dtype}, expected uint16 (GPT-2 token ids fit in 16 bits); "
+            f"convert it with np.save(path, np.load(path).astype(np.uint16)) or {remake}"
+        )
+    if len(shape) != 1:
+        raise DataError(f"shard {path} has shape {shape}, expected a 1-D array of tokens; {remake}")
+    if shape[0] == 0:
+        raise DataError(f"shard {path} is empty (0 tokens); delete it or {remake}")
+    if shape[0] < min_tokens:
+        raise DataError(
+            f"shard {path} has {shape[0]:,} tokens but one step needs {min_tokens:,} ({step_desc}, "
+            f"+1 for the shifted targets); lower --micro_batch_size or --seq_len, or use more data"
+        )
+    return shape[0]
+
+
+class ShardedDataLoader:
+    """Streams (x, y) batches from a directory of shards, the same stream for every world size.
+
+    The position is global: at each step rank r reads the r-th of world_size consecutive
+    B*T windows, then the position moves past all of them. So the ranks never share a
+    token, world_size=1 with N grad-accumulation calls reads what N ranks read in one step
+    (within a shard), and a run resumed with another world size carries on where it stopped.
+    A window that would run past the end of a shard moves to the next shard at token 0
+    (the tail is dropped); past the last shard the loader wraps to the first, epoch += 1.
+    """
+
+    def __init__(self, data_root, split, batch_size, seq_len, rank=0, world_size=1, pin_memory=False):
+        if batch_size < 1 or seq_len < 1:
+            raise DataError(f"batch size and sequence length must be positive, got {batch_size} and {seq_len}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.data_root = Path(data_root)
+        self.split = split
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.rank = rank
+        self.world_size = world_size
+        self.pin_memory = pin_memory
+        if pin_memory and not torch.cuda.is_available():
+            if rank == 0:
+                print("dataloader: pinned memory needs CUDA, which is not available; using pageable memory")
+            self.pin_memory = False
+        self.shards = find_shards(self.data_root, split)
+        step_desc = f"micro batch {batch_size} x seq_len {seq_len} x world size {world_size}"
+        self.shard_lengths = [_shard_length(p, self.tokens_per_step + 1, step_desc) for p in self.shards]
+        self.reset()
+
+    @property
+    def tokens_per_step(self):
+        return self.batch_size * self.seq_len * self.world_size
+
+    def reset(self):
+        self.epoch = 0
+        self._open_shard(0)
+
+    def _open_shard(self, index, position=0):
+        self.shard_index = index
+        self.position = position
+        self.tokens = np.load(self.shards[index], mmap_mode="r")
+
+    def _skip_exhausted_shard(self):
+        """Move to the next shard (or wrap) if the next step's windows do not fit in this one."""
+        if self.position + self.tokens_per_step + 1 > self.shard_lengths[self.shard_index]:
+            next_index = self.shard_index + 1
+            if next_index == len(self.shards):
+                next_index = 0
+                self.epoch += 1
+            self._open_shard(next_index)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        start = self.position + self.rank * B * T
+        # astype copies the window out of the memory map; build-nanogpt reads uint16 -> int64 too
+        window = torch.from_numpy(self.tokens[start : start + B * T + 1].astype(np.int64))
+        x = window[:-1].view(B, T)
+        y = window[1:].view(B, T)
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        self.position += self.tokens_per_step
+        self._skip_exhausted_shard()
+        return x, y
+
+    def get_state(self) -> dict:
+        return {
+            "shard_index": self.shard_index,
+            "position": self.position,  # token offset in the shard where the next step starts
+            "epoch": self.epoch,
+            "shards": [p.name for p in self.shards],
+            "data_root": str(self.data_root),  # only for the error message on a mismatch
+        }
+
+    def load_state(self, state: dict):
+        names = [p.name for p in self.shards]
+        if list(state["shards"]) != names:
+            saved = state["shards"]
+            raise DataError(
+                f"the checkpoint's data loader state was made on other data: {len(saved)} shards "
+                f"({', '.join(saved[:2])}{', ...' if len(saved) > 2 else ''}) from "
+                f"{state.get('data_root', 'an unknown --data_root')}, but {self.data_root} has "
+                f"{len(names)} {self.split} shards ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''}); "
+                f"resume with --data_root {state.get('data_root', '<the data it was trained on>')}"
+            )
+        shard_index, position = int(state["shard_index"]), int(state["position"])
+        if not (0 <= shard_index < len(names) and 0 <= position <= self.shard_lengths[shard_index]):
+            raise DataError(
+                f"the checkpoint's data loader state is out of range: shard {shard_index}, position "
+                f"{position}, for {len(names)} shards in {self.data_root}; the checkpoint is corrupt"
+            )
+        self.epoch = int(state["epoch"])
+        self._open_shard(shard_index, position)
+        # A smaller step from before (other world size, batch or seq_len) may not fit here.
+        self._skip_exhausted_shard()

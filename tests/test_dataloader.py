@@ -1,0 +1,266 @@
+"""The shard format and ShardedDataLoader: what training, DDP and exact resume rely on."""
+import io
+import re
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from dataloader import (
+    EOT_TOKEN,
+    TINYSHAKESPEARE_URL,
+    DataError,
+    ShardedDataLoader,
+    ensure_tinyshakespeare,
+    find_shards,
+    get_tokenizer,
+    shard_path,
+    write_shard,
+)
+
+B, T = 2, 4  # one window is B*T = 8 tokens; a step with 2 ranks needs 2*8+1 = 17
+
+
+def make_shards(data_dir, lengths, split="train", name="tiny"):
+    """Shards whose tokens count up across shards, so every token in the stream is unique."""
+    start = 0
+    shards = []
+    for index, length in enumerate(lengths):
+        shards.append(np.arange(start, start + length, dtype=np.uint16))
+        write_shard(shard_path(data_dir, name, split, index), shards[-1])
+        start += length
+    return shards
+
+
+def batches(loader, steps):
+    return [loader.next_batch() for _ in range(steps)]
+
+
+def test_batch_is_int64_window_and_its_shift(tmp_path):
+    tokens = np.array([65535, 50256, 40000, 0, 1, 2, 32768, 7, 8, 9] * 3, dtype=np.uint16)
+    write_shard(shard_path(tmp_path, "tiny", "train", 0), tokens)
+    x, y = ShardedDataLoader(tmp_path, "train", B, T).next_batch()
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (B, T)
+    # uint16 values above 32767 must come through unsigned, not wrapped negative
+    assert x.flatten().tolist() == tokens[: B * T].astype(np.int64).tolist()
+    assert y.flatten().tolist() == tokens[1 : B * T + 1].astype(np.int64).tolist()
+
+
+def test_two_ranks_read_disjoint_windows_that_one_rank_reads_in_two_calls(tmp_path):
+    make_shards(tmp_path, [100])
+    rank0 = ShardedDataLoader(tmp_path, "train", B, T, rank=0, world_size=2)
+    rank1 = ShardedDataLoader(tmp_path, "train", B, T, rank=1, world_size=2)
+    single = ShardedDataLoader(tmp_path, "train", B, T)  # world 1, 2 grad-accumulation calls
+    for _ in range(3):
+        (x0, y0), (x1, y1) = rank0.next_batch(), rank1.next_batch()
+        assert not set(x0.flatten().tolist()) & set(x1.flatten().tolist())
+        (xa, ya), (xb, yb) = single.next_batch(), single.next_batch()
+        assert torch.equal(x0, xa) and torch.equal(y0, ya)
+        assert torch.equal(x1, xb) and torch.equal(y1, yb)
+    assert rank0.get_state() == rank1.get_state() == single.get_state()
+
+
+def test_moves_to_next_shard_then_wraps_to_first_with_epoch(tmp_path):
+    shard0, shard1 = make_shards(tmp_path, [50, 35])
+    loader = ShardedDataLoader(tmp_path, "train", B, T)
+    starts = []
+    for _ in range(11):
+        state = loader.get_state()
+        x, _ = loader.next_batch()
+        shard = (shard0, shard1)[state["shard_index"]]
+        assert x.flatten().tolist() == shard[state["position"] : state["position"] + B * T].tolist()
+        starts.append((state["epoch"], state["shard_index"], state["position"]))
+    # shard 0 (50 tokens) fits 6 windows of 8+1, shard 1 (35 tokens) fits 4; then epoch 1
+    assert starts == [(0, 0, p) for p in range(0, 48, 8)] + [(0, 1, p) for p in range(0, 32, 8)] + [(1, 0, 0)]
+    assert loader.get_state()["epoch"] == 1
+
+
+def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    make_shards(tmp_path / "data", [50, 35, 40])
+    loader = ShardedDataLoader(tmp_path / "data", "train", B, T)
+    batches(loader, 5)
+    torch.save({"loader": loader.get_state()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
+    assert set(state) >= {"shard_index", "position", "epoch", "shards"}
+
+    resumed = ShardedDataLoader(tmp_path / "data", "train", B, T)
+    resumed.load_state(state)
+    # 6 + 4 + 4 windows per epoch: 20 more steps cross both shard boundaries and the wrap
+    for (x, y), (rx, ry) in zip(batches(loader, 20), batches(resumed, 20)):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    assert resumed.get_state() == loader.get_state()
+    assert resumed.get_state()["epoch"] == 1
+
+
+def test_reset_goes_back_to_the_very_start(tmp_path):
+    make_shards(tmp_path, [50, 35])
+    loader = ShardedDataLoader(tmp_path, "train", B, T)
+    first = loader.next_batch()
+    batches(loader, 12)
+    loader.reset()
+    assert loader.get_state()["epoch"] == 0
+    assert torch.equal(loader.next_batch()[0], first[0])
+
+
+@pytest.mark.parametrize("world_size_after", [1, 4])
+def test_resume_with_another_world_size_neither_repeats_nor_skips(tmp_path, world_size_after):
+    (stream,) = make_shards(tmp_path, [400])
+    ranks = [ShardedDataLoader(tmp_path, "train", B, T, rank=r, world_size=2) for r in range(2)]
+    read = []
+    for _ in range(3):
+        for loader in ranks:  # rank order = stream order
+            read += loader.next_batch()[0].flatten().tolist()
+    state = ranks[0].get_state()
+    assert state == ranks[1].get_state()  # the state is global: any rank's copy will do
+
+    ranks = [ShardedDataLoader(tmp_path, "train", B, T, rank=r, world_size=world_size_after)
+             for r in range(world_size_after)]
+    for loader in ranks:
+        loader.load_state(state)
+    for _ in range(4):
+        for loader in ranks:
+            read += loader.next_batch()[0].flatten().tolist()
+    assert read == stream[: len(read)].tolist()
+
+
+def test_resumed_position_past_a_shorter_shard_end_moves_on(tmp_path):
+    """A state saved with a small step may not leave room for a bigger one: go to the next shard."""
+    shard0, shard1 = make_shards(tmp_path, [50, 60])
+    small = ShardedDataLoader(tmp_path, "train", B, T)
+    batches(small, 5)  # position 40: room for 8+1 more, not for 16+1
+    big = ShardedDataLoader(tmp_path, "train", B, T, world_size=2)
+    big.load_state(small.get_state())
+    assert big.get_state()["shard_index"] == 1 and big.get_state()["position"] == 0
+    assert big.next_batch()[0].flatten().tolist() == shard1[: B * T].tolist()
+
+
+def test_reads_build_nanogpt_fineweb_layout(tmp_path):
+    """edufineweb_val_000000.npy, then edufineweb_train_000001.npy, ..., saved with plain np.save."""
+    for index, split in enumerate(["val", "train", "train"]):
+        np.save(tmp_path / f"edufineweb_{split}_{index:06d}.npy", np.full(100, index, dtype=np.uint16))
+    assert [p.name for p in find_shards(tmp_path, "train")] == ["edufineweb_train_000001.npy",
+                                                               "edufineweb_train_000002.npy"]
+    assert ShardedDataLoader(tmp_path, "val", B, T).next_batch()[0].unique().tolist() == [0]
+    assert ShardedDataLoader(tmp_path, "train", B, T).next_batch()[0].unique().tolist() == [1]
+
+
+def test_a_dataset_named_like_a_split_does_not_leak_into_it(tmp_path):
+    make_shards(tmp_path, [50], split="train", name="books_val")
+    with pytest.raises(DataError, match=r"no shards matching '\*_val_\*.npy'"):
+        find_shards(tmp_path, "val")
+
+
+# -----------------------------------------------------------------------------
+# Bad input: each error names the problem, the file or value, and the fix
+
+
+@pytest.mark.parametrize("make_bad, expected", [
+    (lambda d: None, [r"does not exist", r"prepare_data\.py --source tinyshakespeare --out_dir"]),
+    (lambda d: d.mkdir(), [r"no shards matching '\*_train_\*\.npy'", r"prepare_data\.py"]),
+    (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros(0, np.uint16))),
+     [r"x_train_000000\.npy is empty", r"prepare_data\.py"]),
+    (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.arange(100, dtype=np.int32))),
+     [r"x_train_000000\.npy has dtype int32, expected uint16", r"astype\(np\.uint16\)"]),
+    (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros((10, 10), np.uint16))),
+     [r"shape \(10, 10\), expected a 1-D", r"prepare_data\.py"]),
+    (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros(16, np.uint16))),
+     [r"has 16 tokens but one step needs 17", r"lower --micro_batch_size or --seq_len"]),
+    (lambda d: (d.mkdir(), (d / "x_train_000000.npy").write_bytes(b"")),
+     [r"x_train_000000\.npy is not a readable \.npy file", r"delete it"]),
+])
+def test_bad_data_gives_a_message_with_the_fix(tmp_path, make_bad, expected):
+    data_dir = tmp_path / "data"
+    make_bad(data_dir)
+    with pytest.raises(DataError) as error:
+        ShardedDataLoader(data_dir, "train", B, T, world_size=2)
+    for pattern in expected:
+        assert re.search(pattern, str(error.value)), (pattern, str(error.value))
+
+
+def test_checkpoint_from_other_data_names_the_data_root(tmp_path):
+    make_shards(tmp_path / "fineweb", [50, 50])
+    make_shards(tmp_path / "shakespeare", [50])
+    state = ShardedDataLoader(tmp_path / "fineweb", "train", B, T).get_state()
+    loader = ShardedDataLoader(tmp_path / "shakespeare", "train", B, T)
+    with pytest.raises(DataError, match=rf"other data.*--data_root {tmp_path / 'fineweb'}"):
+        loader.load_state(state)
+
+
+def test_write_shard_refuses_ids_beyond_uint16(tmp_path):
+    with pytest.raises(DataError, match=r"\[0, 65535\]"):
+        write_shard(tmp_path / "x_train_000000.npy", np.array([1, 70000]))
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_shard_is_atomic(tmp_path, monkeypatch):
+    """A write that dies midway leaves the previous shard whole and no stray files."""
+    path = tmp_path / "x_train_000000.npy"
+    write_shard(path, np.arange(100))
+    assert np.load(path).dtype == np.uint16
+
+    def dying_save(f, array):
+        f.write(b"\x93NUMPY half a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        write_shard(path, np.zeros(200, dtype=np.int64))
+    monkeypatch.undo()
+    assert np.load(path).tolist() == list(range(100))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+# -----------------------------------------------------------------------------
+# Tiny Shakespeare, the default dataset
+
+
+def test_ensure_tinyshakespeare_makes_shards_that_decode_to_the_text(tmp_path, tinyshakespeare_path):
+    assert ensure_tinyshakespeare(tmp_path) is True
+    train = np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))
+    val = np.load(shard_path(tmp_path, "tinyshakespeare", "val", 0))
+    assert train.dtype == val.dtype == np.uint16
+    assert train[0] == EOT_TOKEN and EOT_TOKEN not in train[1:] and EOT_TOKEN not in val
+    assert len(train) == int(0.9 * (len(train) + len(val)))
+    assert get_tokenizer().decode(np.concatenate([train[1:], val]).tolist()) == tinyshakespeare_path.read_text()
+    assert ensure_tinyshakespeare(tmp_path) is False  # already there: nothing to do
+
+
+def refuse_network(*args, **kwargs):
+    raise urllib.error.URLError("no route to host")
+
+
+def test_ensure_tinyshakespeare_download_failure_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)
+    with pytest.raises(DataError) as error:
+        ensure_tinyshakespeare(tmp_path / "data")
+    message = str(error.value)
+    assert TINYSHAKESPEARE_URL in message and "no route to host" in message
+    assert str(tmp_path / "data" / "tinyshakespeare.txt") in message and "TINYSHAKESPEARE_PATH" in message
+
+
+def test_ensure_tinyshakespeare_downloads_once_then_uses_the_cached_copy(tmp_path, monkeypatch):
+    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
+    assert ensure_tinyshakespeare(tmp_path)
+    assert (tmp_path / "tinyshakespeare.txt").read_text() == text
+
+    for shard in tmp_path.glob("*.npy"):
+        shard.unlink()
+    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)  # offline now: the cache must do
+    assert ensure_tinyshakespeare(tmp_path)
+    assert np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))[0] == EOT_TOKEN
+
+
+def test_tokenizer_failure_explains_tiktoken_cache_dir(monkeypatch):
+    import tiktoken
+
+    def no_encoding(name):
+        raise ValueError(f"cannot download {name}")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_encoding)
+    with pytest.raises(DataError, match="TIKTOKEN_CACHE_DIR"):
+        get_tokenizer()
