@@ -249,7 +249,7 @@ def parse_args(argv=None):
     g.add_argument("--num_threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval_interval", type=int, default=None, help="validation loss every N steps, and at the last step (default 250)")
-    g.add_argument("--eval_steps", type=int, default=None, help="validation micro batches per rank per evaluation (default 20)")
+    g.add_argument("--eval_steps", type=int, default=None, help="validation batches of --total_batch_size tokens each, the same tokens at any world size (default 20)")
     g.add_argument("--log_interval", type=int, default=None, help="print a step line every N steps; metrics.jsonl gets every step (default 1)")
     g.add_argument("--generate_interval", type=int, default=None, help="print samples every N steps; 0: only at the end (default 0)")
     g.add_argument("--prompt", default="\n", help="prompt for samples")
@@ -376,7 +376,8 @@ class MetricsLog:
 
 @torch.no_grad()
 def evaluate_loss(model, loader, steps, device, dtype, ddp):
-    """Mean validation loss over `steps` micro batches per rank, from the start of the val split."""
+    """Mean validation loss over `steps` micro batches per rank, from the start of the val split.
+    The caller scales steps by the accumulation steps, so every world size sees the same tokens."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=device)
@@ -511,7 +512,7 @@ def train(args):
 
         val_loss = None
         if (args.eval_interval > 0 and step % args.eval_interval == 0) or last_step:
-            val_loss = evaluate_loss(model, val_loader, args.eval_steps, device, dtype, ddp)
+            val_loss = evaluate_loss(model, val_loader, args.eval_steps * grad_accum_steps, device, dtype, ddp)
             log(f"step {step:5d} | val loss {val_loss:.4f}")
             metrics.write(step=step, val_loss=val_loss)
         if args.generate_interval > 0 and step > 0 and step % args.generate_interval == 0:

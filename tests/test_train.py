@@ -1,0 +1,121 @@
+"""The trainer as users run it: losses, DDP equivalence, and one clear message per mistake."""
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, read_metrics, run_train
+from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, get_lr, parse_args, resolve_settings
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, **MODEL_PRESETS["d2"]))
+
+
+def test_loss_at_init_is_close_to_uniform():
+    # With GPT-2 init the logits start near zero: the loss is that of a uniform guess.
+    model = tiny_model()
+    idx, targets = torch.randint(0, 50257, (2, 4, 32))  # targets independent of the inputs
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(model.config.vocab_size)) < 0.1
+
+
+def test_gpt2_parameter_names_and_tied_embeddings():
+    model = tiny_model()
+    names = set(model.state_dict())
+    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight",
+                 "transformer.h.0.attn.c_proj.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight",
+                 "lm_head.weight"):
+        assert name in names
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    # residual projections start smaller than the rest (GPT-2's 1/sqrt(2 * n_layer) scaling)
+    assert model.transformer.h[0].attn.c_proj.weight.std() < 0.8 * model.transformer.h[0].attn.c_attn.weight.std()
+
+
+def test_gpt2_124m_has_124m_parameters():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**MODEL_PRESETS["gpt2"], vocab_size=50257))
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808  # OpenAI's GPT-2 small
+
+
+def test_weight_decay_only_on_matrices():
+    opt = tiny_model().configure_optimizer(0.1, 1e-3, "cpu")
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    args = parse_args(["--max_lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "10", "--max_steps", "100"])
+    resolve_settings(args, "cpu")
+    assert get_lr(0, args) == pytest.approx(1e-4)
+    assert get_lr(9, args) == pytest.approx(1e-3)
+    assert get_lr(55, args) == pytest.approx(5.5e-4)
+    assert get_lr(100, args) == pytest.approx(1e-4)
+
+
+def test_flags_beat_presets_and_sources_are_reported():
+    args = parse_args(["--data_root", "x", "--micro_batch_size", "3"])
+    settings = resolve_settings(args, "cpu")
+    assert settings["micro_batch_size"] == (3, "flag")
+    assert settings["max_lr"] == (6e-4, "recipe")
+    assert settings["dtype"] == ("fp32", "preset:cpu")
+    assert settings["min_lr"][0] == pytest.approx(6e-5)
+
+
+def test_short_run_lowers_the_loss_and_logs_jsonl(tiny_data, tmp_path):
+    result = run_train(TINY_RUN + ["--data_root", tiny_data, "--log_dir", tmp_path, "--total_batch_size", 256,
+                                   "--max_steps", 40, "--warmup_steps", 5, "--max_lr", 3e-3, "--eval_interval", 20],
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(tmp_path)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(40))
+    for key in ("step", "loss", "lr", "norm", "dt_ms", "tok_per_sec"):
+        assert key in steps[0]
+    first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 2.0, (first, last)
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0]
+    assert "sample 0 at step 39" in result.stdout
+
+
+def test_ddp_two_ranks_match_one_process(tiny_data, tmp_path):
+    # Same total batch: 1 process accumulates 2 micro batches, 2 ranks take one each.
+    common = TINY_RUN + ["--data_root", tiny_data, "--total_batch_size", 256, "--max_steps", 6,
+                         "--warmup_steps", 2, "--max_lr", 1e-3, "--eval_interval", 3]
+    single = run_train(common + ["--log_dir", tmp_path / "single"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    ddp = run_train(common + ["--log_dir", tmp_path / "ddp"], cwd=tmp_path, torchrun_procs=2)
+    assert ddp.returncode == 0, ddp.stderr
+    assert "grad_accum_steps     2" in single.stdout and "grad_accum_steps     1" in ddp.stdout
+    one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        key = "loss" if "loss" in a else "val_loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a, b)
+    assert ddp.stdout.count("effective configuration") == 1  # only rank 0 prints
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--total_batch_size", 1000], "is not a multiple of micro_batch_size * seq_len * world_size"),
+    (["--seq_len", 2048], "longer than the model's block size 1024"),
+    (["--n_embd", 129], "not divisible by --n_head"),
+    (["--device", "cuda"], "no CUDA GPU is visible"),
+])
+def test_user_mistakes_get_one_clear_message(tiny_data, tmp_path, extra, message):
+    result = run_train(TINY_RUN + ["--data_root", tiny_data, "--log_dir", tmp_path / "log", "--max_steps", 1] + extra,
+                       cwd=tmp_path)
+    if "--device" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_root_names_the_fix(tmp_path):
+    result = run_train(TINY_RUN + ["--data_root", tmp_path / "nope", "--log_dir", tmp_path / "log", "--max_steps", 1],
+                       cwd=tmp_path)
+    assert result.returncode == 1
+    assert "prepare_data.py" in result.stderr and "Traceback" not in result.stderr
