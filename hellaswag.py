@@ -1,0 +1,330 @@
+"""HellaSwag: zero-shot accuracy of a GPT-2 model on the 10,042 validation examples.
+
+Public API:
+    load_examples(data_file=None, cache_dir=None, limit=None) -> list of dicts   (downloads once, then cached)
+    render_examples(examples) -> list of RenderedExample                       (tokenize once, reuse every eval)
+    evaluate(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1,
+             block_size=None, model_config=None) -> {"acc", "acc_norm", "n"}   (global over DDP ranks)
+    count_correct(...) -> {"correct", "correct_norm", "n"}                     (this rank's share only)
+    score(...) -> (sum_losses, mean_losses), each (len(examples), 4)           (per-ending losses)
+    HellaSwagError
+
+    python hellaswag.py --checkpoint log/model_19072.pt [--data_file F] [--limit N]   # one JSON line
+
+Each example is a context and 4 endings. Every ending is scored by the model's loss on its tokens
+given the context: `acc` picks the ending with the lowest summed loss, `acc_norm` the lowest loss per
+token (the number GPT-2 papers and build-nanogpt report; 124M GPT-2 gets about 0.29 / 0.29).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+import checkpoint
+import dataloader
+import device as device_mod
+
+VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+VAL_SIZE = 10042
+VAL_NAME = "hellaswag_val.jsonl"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gpt2-train" / "hellaswag"
+
+# One example, tokenized: rows are context + ending, and only the ending tokens are scored.
+RenderedExample = namedtuple("RenderedExample", "context endings label")
+
+
+class HellaSwagError(Exception):
+    """The data cannot be had or read; the message names the file or URL and the fix."""
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def cache_path(cache_dir=None):
+    return Path(cache_dir or os.environ.get("HELLASWAG_CACHE_DIR") or DEFAULT_CACHE_DIR) / VAL_NAME
+
+
+def parse_examples(text, source):
+    """Examples from JSON lines in the official schema; an error names the line and what is wrong."""
+    examples = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HellaSwagError(f"{source}:{lineno}: not JSON ({exc})") from None
+        endings = example.get("endings") if isinstance(example, dict) else None
+        label = example.get("label") if isinstance(example, dict) else None
+        if not (isinstance(example, dict) and isinstance(example.get("ctx"), str) and isinstance(endings, list)
+                and len(endings) == 4 and all(isinstance(e, str) for e in endings)
+                and isinstance(label, int) and 0 <= label < 4):
+            raise HellaSwagError(f"{source}:{lineno}: not a HellaSwag example (needs \"ctx\": str, "
+                                 f"\"endings\": 4 strings, \"label\": 0-3); is this the official hellaswag_val.jsonl?")
+        examples.append(example)
+    if not examples:
+        raise HellaSwagError(f"{source} holds no examples")
+    return examples
+
+
+def download(path):
+    """Fetch the validation file to path atomically: a half-written file never takes its name."""
+    try:
+        with urllib.request.urlopen(VAL_URL, timeout=60) as response:
+            text = response.read().decode("utf-8")
+    except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts and refused connections are OSErrors
+        raise HellaSwagError(
+            f"could not download HellaSwag from {VAL_URL}: {exc}. Fix: download that file elsewhere and pass "
+            f"--data_file PATH, or put it at {path}") from None
+    parse_examples(text, VAL_URL)  # a truncated or wrong response is an error here, not a bad cache later
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: DDP ranks may download at once
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_examples(data_file=None, cache_dir=None, limit=None):
+    """The validation examples from data_file, else from the cache, downloading them on first use."""
+    if data_file is not None:
+        path = Path(data_file)
+    else:
+        path = cache_path(cache_dir)
+        if not path.is_file():
+            print(f"hellaswag: downloading {VAL_URL} to {path}", file=sys.stderr)
+            download(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HellaSwagError(f"cannot read HellaSwag data {path} ({exc}); pass --data_file with a copy of "
+                             f"{VAL_URL}") from None
+    examples = parse_examples(text, path)
+    return examples[:limit] if limit is not None else examples
+
+
+def render_example(example, enc):
+    """build-nanogpt's render_example: ending tokens are encoded with their leading space,
+    as they follow the context in running text."""
+    context = enc.encode_ordinary(example["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    return RenderedExample(context, endings, int(example["label"]))
+
+
+def render_examples(examples):
+    """Tokenize raw examples; already rendered ones pass through. Do it once, outside the eval loop."""
+    enc = None
+    rendered = []
+    for example in examples:
+        if not isinstance(example, RenderedExample):
+            enc = enc or dataloader.get_tokenizer()
+            example = render_example(example, enc)
+        rendered.append(example)
+    return rendered
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def resolve_block_size(model, block_size=None, model_config=None):
+    """The longest input the model takes: explicit, else from its config, else from the model
+    under any torch.compile / DDP wrapper; None means no limit."""
+    if block_size is not None:
+        return block_size
+    if model_config is not None:
+        return model_config["block_size"] if isinstance(model_config, dict) else model_config.block_size
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module")
+    config = getattr(model, "config", None)
+    return getattr(config, "block_size", None)
+
+
+def make_batch(rendered, block_size, pad_multiple, min_rows):
+    """Inputs, targets and the mask of scored (ending) positions for 4 rows per example.
+
+    Row = context + ending; the model reads row[:-1] and predicts row[1:]. Rows are right-padded
+    to one length (rounded up to pad_multiple so a compiled model sees few shapes), and padded
+    positions are never scored: causal attention means padding after a token cannot change its
+    logits. A row longer than block_size + 1 loses tokens from the left of its context."""
+    rows, ending_lens = [], []
+    for example in rendered:
+        for ending in example.endings:
+            row = example.context + ending
+            if block_size is not None:
+                row = row[-(block_size + 1):]
+            rows.append(row)
+            ending_lens.append(min(len(ending), len(row) - 1))
+    length = max(len(row) - 1 for row in rows)
+    if pad_multiple > 1:
+        length = -(-length // pad_multiple) * pad_multiple
+        if block_size is not None:
+            length = min(length, block_size)
+    n_rows = max(len(rows), min_rows)  # extra all-padding rows keep the batch shape fixed
+    inputs = np.zeros((n_rows, length), dtype=np.int64)
+    targets = np.zeros((n_rows, length), dtype=np.int64)
+    mask = np.zeros((n_rows, length), dtype=bool)
+    for r, (row, n_ending) in enumerate(zip(rows, ending_lens)):
+        n = len(row) - 1
+        inputs[r, :n] = row[:-1]
+        targets[r, :n] = row[1:]
+        mask[r, n - n_ending:n] = True
+    return torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(mask)
+
+
+@torch.no_grad()
+def score(model, examples, device, dtype="fp32", batch_examples=16, block_size=None, model_config=None,
+          pad_multiple=8, progress=None):
+    """Loss of each ending given its context: (sum_losses, mean_losses), float32 tensors of shape
+    (len(examples), 4) on the CPU, in the order given. Examples are batched longest first so rows
+    of a batch have similar lengths (little padding); the result does not depend on the order."""
+    rendered = render_examples(examples)
+    block_size = resolve_block_size(model, block_size, model_config)
+    device = torch.device(device)
+    sum_losses = torch.zeros(len(rendered), 4)
+    mean_losses = torch.zeros(len(rendered), 4)
+    order = sorted(range(len(rendered)), key=lambda i: -max(len(rendered[i].context) + len(e)
+                                                            for e in rendered[i].endings))
+    # Several batches: pad the last to the full row count, so every batch has the same shape.
+    min_rows = 4 * batch_examples if len(order) > batch_examples else 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_examples):
+            chosen = order[start:start + batch_examples]
+            inputs, targets, mask = make_batch([rendered[i] for i in chosen], block_size, pad_multiple, min_rows)
+            inputs, targets, mask = (t.to(device, non_blocking=True) for t in (inputs, targets, mask))
+            with device_mod.autocast(device.type, dtype):
+                logits, _ = model(inputs)
+            # Only ending positions, in fp32: a bf16 log-softmax over 50k tokens is too coarse to rank endings.
+            token_losses = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+            row_of_token = torch.arange(mask.size(0), device=device).unsqueeze(1).expand_as(mask)[mask]
+            row_sums = torch.zeros(mask.size(0), device=device).index_add_(0, row_of_token, token_losses)
+            row_means = row_sums / mask.sum(1).clamp(min=1)
+            n = len(chosen)
+            index = torch.tensor(chosen)
+            sum_losses[index] = row_sums[:4 * n].view(n, 4).cpu()
+            mean_losses[index] = row_means[:4 * n].view(n, 4).cpu()
+            if progress is not None:
+                progress(min(start + batch_examples, len(order)), len(order))
+    finally:
+        model.train(was_training)
+    return sum_losses, mean_losses
+
+
+def count_correct(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1,
+                  block_size=None, model_config=None, pad_multiple=8, progress=None):
+    """This rank's share (examples i with i % world_size == rank): {"correct", "correct_norm", "n"}."""
+    shard = examples[rank::world_size]
+    if not shard:
+        return {"correct": 0, "correct_norm": 0, "n": 0}
+    sum_losses, mean_losses = score(model, shard, device, dtype, batch_examples, block_size, model_config,
+                                    pad_multiple, progress)
+    labels = torch.tensor([example.label if isinstance(example, RenderedExample) else int(example["label"])
+                           for example in shard])
+    return {"correct": int((sum_losses.argmin(1) == labels).sum()),
+            "correct_norm": int((mean_losses.argmin(1) == labels).sum()), "n": len(shard)}
+
+
+def evaluate(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1,
+             block_size=None, model_config=None, pad_multiple=8, progress=None):
+    """HellaSwag accuracy over all ranks: {"acc", "acc_norm", "n"}, the same on every rank.
+
+    Call it on every rank with the same examples (ideally pre-rendered with render_examples);
+    each scores its share and the counts are summed when torch.distributed is initialised.
+    model may be compiled; pass the raw model's config (or block_size) to truncate long rows."""
+    counts = count_correct(model, examples, device, dtype, batch_examples, rank, world_size,
+                           block_size, model_config, pad_multiple, progress)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        totals = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long,
+                              device=device)
+        dist.all_reduce(totals)
+        counts = dict(zip(("correct", "correct_norm", "n"), totals.tolist()))
+    if counts["n"] == 0:
+        raise HellaSwagError("no HellaSwag examples to evaluate (empty data file or --limit 0)")
+    return {"acc": counts["correct"] / counts["n"], "acc_norm": counts["correct_norm"] / counts["n"], "n": counts["n"]}
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def load_model(path, device):
+    """A GPT from one of this trainer's checkpoint files: (model on device, GPTConfig)."""
+    from dataclasses import fields
+
+    from train_gpt2 import GPT, GPTConfig  # here, not at the top: train_gpt2 may import this module
+
+    ckpt = checkpoint.load_checkpoint(path)
+    if "model" not in ckpt or "model_config" not in ckpt:
+        raise checkpoint.CheckpointError(f"{path} has no \"model\" and \"model_config\": not a checkpoint of this trainer")
+    config = GPTConfig(**{f.name: ckpt["model_config"][f.name] for f in fields(GPTConfig) if f.name in ckpt["model_config"]})
+    model = GPT(config)
+    # Weights saved from a compiled or DDP model carry wrapper prefixes; the tensors are the same.
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise checkpoint.CheckpointError(f"{path}: the weights do not fit its model_config {ckpt['model_config']} "
+                                         f"({str(exc).splitlines()[0]})") from None
+    return model.to(device), config
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="HellaSwag validation accuracy of a checkpoint; prints one JSON line.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by train_gpt2.py (model_*.pt, best_model.pt)")
+    p.add_argument("--data_file", default=None,
+                   help=f"local hellaswag_val.jsonl (default: download {VAL_URL} once into $HELLASWAG_CACHE_DIR "
+                        f"or {DEFAULT_CACHE_DIR})")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks CUDA > MPS > CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU); losses are always summed in fp32")
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples (default: all 10042)")
+    p.add_argument("--batch_examples", type=positive_int, default=16, help="examples per forward pass (4 rows each)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device_type = device_mod.select_device(args.device)
+        dtype = device_mod.resolve_dtype(device_type, args.dtype)
+        model, config = load_model(args.checkpoint, device_type)  # a wrong path fails before any download
+        examples = load_examples(args.data_file, limit=args.limit)
+        print(f"hellaswag: {len(examples)} examples, {args.checkpoint} on {device_type} ({dtype})", file=sys.stderr)
+        rendered = render_examples(examples)
+        reported = [0]
+
+        def progress(done, total):
+            if done * 10 // total > reported[0] or done == total:
+                reported[0] = done * 10 // total
+                print(f"hellaswag: {done}/{total} examples, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+        t0 = time.perf_counter()
+        result = evaluate(model, rendered, device_type, dtype, args.batch_examples, model_config=config,
+                          progress=progress)
+    except (HellaSwagError, checkpoint.CheckpointError, device_mod.DeviceError, dataloader.DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
