@@ -143,9 +143,12 @@ class FixedLogits(torch.nn.Module):
         return self.logits.expand(*idx.shape, -1), None
 
 
+FIXED_PROBS = [0.1, 0.5, 0.25, 0.01, 0.04, 0.04, 0.03, 0.03]
+
+
 def test_acc_takes_the_lowest_summed_loss_and_acc_norm_the_lowest_per_token_loss():
     # Token 1 costs ln 2 each, token 2 ln 4 once: four 1s sum to more than one 2 but average less.
-    model = FixedLogits([0.1, 0.5, 0.25, 0.01, 0.04, 0.04, 0.03, 0.03])
+    model = FixedLogits(FIXED_PROBS)
     endings = [[1, 1, 1, 1], [2], [3], [3]]
     examples = [RenderedExample([0, 0], endings, 0), RenderedExample([0, 0], endings, 1)]
     sums, means = hellaswag.score(model, examples, "cpu")
@@ -168,19 +171,21 @@ def test_rows_longer_than_the_block_size_lose_context_from_the_left(rendered):
     assert hellaswag.resolve_block_size(short_model) == 16
 
 
-def test_two_ranks_score_disjoint_halves_that_add_up_to_the_whole(model, rendered, scores):
-    labels = labels_of(rendered)
+def test_two_ranks_score_disjoint_halves_that_add_up_to_the_whole(model, rendered):
     parts = [hellaswag.count_correct(model, rendered, "cpu", batch_examples=5, rank=r, world_size=2) for r in (0, 1)]
-    for r, part in enumerate(parts):  # rank r takes examples r, r + 2, ...
-        mine = slice(r, None, 2)
-        assert part == {"correct": int((scores[0][mine].argmin(1) == labels[mine]).sum()),
-                        "correct_norm": int((scores[1][mine].argmin(1) == labels[mine]).sum()), "n": 6}
     whole = hellaswag.count_correct(model, rendered, "cpu", batch_examples=5)
+    assert [p["n"] for p in parts] == [6, 6]
     for key in ("correct", "correct_norm", "n"):
         assert parts[0][key] + parts[1][key] == whole[key]
+    # Rank r takes examples r, r + 2, ...: with even examples right only by acc_norm and odd ones
+    # only by acc, each rank's counts show exactly which examples it scored.
+    endings = [[1, 1, 1, 1], [2], [3], [3]]  # acc picks ending 1, acc_norm ending 0 (see FixedLogits)
+    crafted = [RenderedExample([0, 0], endings, i % 2) for i in range(6)]
+    fixed = FixedLogits(FIXED_PROBS)
+    assert hellaswag.count_correct(fixed, crafted, "cpu", rank=0, world_size=2) == {"correct": 0, "correct_norm": 3, "n": 3}
+    assert hellaswag.count_correct(fixed, crafted, "cpu", rank=1, world_size=2) == {"correct": 3, "correct_norm": 0, "n": 3}
     # Without torch.distributed, evaluate reports its own share.
-    local = hellaswag.evaluate(model, rendered[:4], "cpu", rank=1, world_size=2)
-    assert local["n"] == 2
+    assert hellaswag.evaluate(fixed, crafted, "cpu", rank=1, world_size=2) == {"acc": 1.0, "acc_norm": 0.0, "n": 3}
 
 
 def test_evaluate_restores_train_mode_and_leaves_no_gradients(model, rendered):
