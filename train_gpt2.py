@@ -409,7 +409,34 @@ def print_samples(model, enc, args, device, dtype, step, ddp):
 
 
 # -----------------------------------------------------------------------------
-# The training loop.
+# The training step and loop.
+
+
+def train_step(model, optimizer, scaler, loader, grad_accum_steps, lr, grad_clip, device, dtype, ddp):
+    """One optimizer step over grad_accum_steps micro batches; returns (mean loss, grad norm) as
+    device tensors without waiting for the GPU. scripts/benchmark.py times this same function."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP all-reduces gradients only on the last micro step of the accumulation.
+        sync = not ddp.enabled or micro_step == grad_accum_steps - 1
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with device_mod.autocast(device.type, dtype):
+                _, loss = model(x, y)
+            loss = loss / grad_accum_steps  # the gradient of the mean over the whole token batch
+            loss_accum += loss.detach()
+            scaler.scale(loss).backward()
+    if ddp.enabled:
+        dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
+    scaler.unscale_(optimizer)  # no-op unless fp16: clip the true gradients
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_accum, norm
 
 def train(args):
     device_type = device_mod.select_device(args.device)
@@ -476,29 +503,10 @@ def train(args):
     for step in range(start_step, args.max_steps):
         last_step = step == args.max_steps - 1
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # DDP all-reduces gradients only on the last micro step of the accumulation.
-            sync = not ddp.enabled or micro_step == grad_accum_steps - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                with device_mod.autocast(device_type, dtype):
-                    _, loss = model(x, y)
-                loss = loss / grad_accum_steps  # the gradient of the mean over the whole token batch
-                loss_accum += loss.detach()
-                scaler.scale(loss).backward()
-        if ddp.enabled:
-            dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
         lr = get_lr(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.step(optimizer)
-        scaler.update()
-        train_loss = loss_accum.item()  # waits for the step: the timing below is honest
+        loss, norm = train_step(model, optimizer, scaler, train_loader, grad_accum_steps, lr, args.grad_clip,
+                                device, dtype, ddp)
+        train_loss = loss.item()  # waits for the step: the timing below is honest
         dt = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             raise checkpoint.NonFiniteLoss(step, train_loss, ckpt.latest_path())

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Time the real training step (train_gpt2.train_step: accumulation, clipping, fused AdamW,
+compile as configured) and print one table row per configuration.
+
+    python scripts/benchmark.py --model gpt2 --micro_batch_size 64 --seq_len 1024 --compile none default
+    python scripts/benchmark.py --model d4 --micro_batch_size 8 --seq_len 64 --device cpu
+    python scripts/benchmark.py --model gpt2 --data_root data/edu_fineweb10B     # real shards instead of random tokens
+
+Each configuration runs --warmup steps (compilation, cuDNN autotuning, allocator growth)
+then --steps timed steps; the median step time is reported. MFU = model FLOPs per second
+(6N + 12 * n_layer * n_embd * T per token, N without position embeddings) over the GPU's
+datasheet peak for the precision (device.PEAK_FLOPS); blank where the peak is unknown.
+"""
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import dataloader  # noqa: E402
+import device as device_mod  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, Dist, train_step  # noqa: E402
+
+
+class SyntheticLoader:
+    """Random GPT-2 token ids, pre-generated (pinned on CUDA) so the loader costs what a real one does."""
+
+    def __init__(self, batch_size, seq_len, pin_memory, n_batches=8):
+        g = torch.Generator().manual_seed(0)
+        self.batches = []
+        for _ in range(n_batches):
+            window = torch.randint(0, dataloader.EOT_TOKEN + 1, (batch_size * seq_len + 1,), generator=g)
+            x, y = window[:-1].view(batch_size, seq_len), window[1:].view(batch_size, seq_len)
+            self.batches.append((x.pin_memory(), y.pin_memory()) if pin_memory else (x, y))
+        self.cycle = itertools.cycle(self.batches)
+
+    def next_batch(self):
+        return next(self.cycle)
+
+
+def synchronize(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    elif dev.type == "mps":
+        torch.mps.synchronize()
+
+
+def bench_config(args, model_name, micro_batch_size, compile_mode, dev, dtype):
+    shape = MODEL_PRESETS[model_name]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=max(1024, args.seq_len), **shape)).to(dev)
+    optimizer = model.configure_optimizer(0.1, 6e-4, dev.type)
+    scaler = torch.amp.GradScaler(dev.type, enabled=(dtype == "fp16"))
+    compiled, used_mode = device_mod.compile_model(model, dev.type, compile_mode)
+    pin = dev.type == "cuda"
+    if args.data_root:
+        loader = dataloader.ShardedDataLoader(args.data_root, "train", micro_batch_size, args.seq_len, pin_memory=pin)
+    else:
+        loader = SyntheticLoader(micro_batch_size, args.seq_len, pin)
+    tokens_per_step = micro_batch_size * args.seq_len * args.grad_accum_steps
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        synchronize(dev)
+        t0 = time.perf_counter()
+        loss, _ = train_step(compiled, optimizer, scaler, loader, args.grad_accum_steps, 6e-4, 1.0, dev, dtype, Dist())
+        losses.append(loss.item())  # the trainer's one host sync per step, kept so timings match training
+        synchronize(dev)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    peak = device_mod.peak_flops(dev, dtype)
+    mfu = model.flops_per_token(args.seq_len) * tokens_per_step / dt / peak if peak else None
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    row = dict(model=model_name, B=micro_batch_size, T=args.seq_len, accum=args.grad_accum_steps, compile=used_mode,
+               dtype=dtype, ms=dt * 1000, steps_s=1 / dt, tok_s=tokens_per_step / dt, mfu=mfu, mem=mem,
+               spread=(max(times) - min(times)) / dt, loss=losses[-1])
+    del compiled, model, optimizer
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def bench_loader(args, micro_batch_size):
+    """Tokens per second the data loader alone can feed (host side: memmap slice, int64, pin)."""
+    if not args.data_root:
+        return None
+    loader = dataloader.ShardedDataLoader(args.data_root, "train", micro_batch_size, args.seq_len,
+                                          pin_memory=torch.cuda.is_available())
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        loader.next_batch()
+    return n * micro_batch_size * args.seq_len / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["gpt2"], choices=sorted(MODEL_PRESETS), help="one or more presets")
+    p.add_argument("--micro_batch_size", type=int, nargs="+", default=[64], help="sequences per forward pass")
+    p.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence")
+    p.add_argument("--grad_accum_steps", type=int, default=1, help="micro batches per optimizer step")
+    p.add_argument("--compile", nargs="+", default=["none"], help="compile modes: none, default, reduce-overhead, max-autotune")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--data_root", default=None, help="time on real shards instead of random tokens")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    args = p.parse_args()
+
+    try:
+        dev = device_mod.torch_device(device_mod.select_device(args.device))
+        dtype = device_mod.resolve_dtype(dev.type, args.dtype)
+    except device_mod.DeviceError as exc:
+        sys.exit(f"error: {exc}")
+    for line in device_mod.apply_device_settings(dev.type):
+        print(line)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    print(f"device: {name}, torch {torch.__version__}, data: {args.data_root or 'synthetic'}")
+    header = f"{'model':<12}{'B':>4}{'T':>6}{'accum':>6}  {'compile':<15}{'dtype':<6}{'ms/step':>9}{'steps/s':>9}" \
+             f"{'tok/s':>11}{'MFU':>7}{'peak GiB':>9}{'spread':>8}{'loss':>8}"
+    rows = []
+    for model_name, B, mode in itertools.product(args.model, args.micro_batch_size, args.compile):
+        try:
+            rows.append(bench_config(args, model_name, B, mode, dev, dtype))
+        except torch.OutOfMemoryError:
+            print(f"{model_name} B={B} {mode}: out of memory")
+            torch.cuda.empty_cache()
+            continue
+        r = rows[-1]
+        if len(rows) == 1:
+            print(header)
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        mem = f"{r['mem']:.1f}" if r["mem"] else "-"
+        print(f"{r['model']:<12}{r['B']:>4}{r['T']:>6}{r['accum']:>6}  {r['compile']:<15}{r['dtype']:<6}{r['ms']:>9.1f}"
+              f"{r['steps_s']:>9.2f}{r['tok_s']:>11,.0f}{mfu:>7}{mem:>9}{r['spread']:>8.1%}{r['loss']:>8.3f}", flush=True)
+    rate = bench_loader(args, args.micro_batch_size[0])
+    if rate:
+        print(f"data loader alone: {rate:,.0f} tokens/s (micro batch {args.micro_batch_size[0]} x {args.seq_len})")
+
+
+if __name__ == "__main__":
+    main()
