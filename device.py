@@ -1,6 +1,7 @@
 """Devices: pick CUDA > Apple MPS > CPU, apply per-device settings, compile with fallbacks.
 
 Public API:
+    PRESETS                              per-device defaults (micro batch, dtype, compile) for --preset
     select_device(requested)             -> "cuda" | "mps" | "cpu"   (DeviceError if asked-for device is missing)
     torch_device(device_type, local_rank)-> torch.device for this process
     apply_device_settings(device_type)   -> list of one-line descriptions of what was set
@@ -18,6 +19,14 @@ import sys
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Per-device defaults that do not change the math: how the work is laid out and run.
+# They only fill flags the user did not give (train_gpt2.resolve_settings).
+PRESETS = {
+    "cuda": dict(micro_batch_size=64, dtype="auto", compile="none"),
+    "mps": dict(micro_batch_size=8, dtype="auto", compile="none"),
+    "cpu": dict(micro_batch_size=8, dtype="fp32", compile="none"),
+}
 
 
 class DeviceError(Exception):

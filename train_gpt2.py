@@ -206,12 +206,6 @@ QUICKSTART = {
     "cpu": dict(model="d4", seq_len=64, micro_batch_size=8, total_batch_size=512, max_steps=300,
                 warmup_steps=20, max_lr=2e-3, min_lr=2e-4, eval_interval=50, eval_steps=4, checkpoint_interval=300),
 }
-# Per-device defaults that do not change the math: how the work is laid out and run.
-DEVICE_PRESETS = {
-    "cuda": dict(micro_batch_size=64, dtype="auto", compile="none"),
-    "mps": dict(micro_batch_size=8, dtype="auto", compile="none"),
-    "cpu": dict(micro_batch_size=8, dtype="fp32", compile="none"),
-}
 DEFAULT_DATA_ROOT = os.path.join("data", "tinyshakespeare")
 
 
@@ -278,7 +272,7 @@ def resolve_settings(args, device_type):
     Returns {name: (value, source)} for the table printed at start."""
     preset_name = device_type if args.preset == "auto" else args.preset
     quickstart = args.data_root is None
-    layers = [("preset:" + preset_name, DEVICE_PRESETS[preset_name])]
+    layers = [("preset:" + preset_name, device_mod.PRESETS[preset_name])]
     layers.append(("quickstart:" + device_type, QUICKSTART[device_type]) if quickstart else ("recipe", RECIPE))
     sources = {}
     for name in ("data_root", "model", "total_batch_size", "micro_batch_size", "seq_len", "max_steps", "warmup_steps",
