@@ -129,8 +129,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model.activation_checkpointing = True
-    calls = []
-    model.transformer.h[0].register_forward_hook(lambda *_: calls.append(1))
+    calls, mlp = [], model.transformer.h[0].mlp
+    mlp.forward = lambda x, forward=mlp.forward: calls.append(1) or forward(x)
     _, loss_ckpt = model(idx, targets)
     loss_ckpt.backward()
     assert len(calls) == 2  # the block ran again in the backward pass: its activations were not kept
