@@ -65,14 +65,21 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, dev, dtype):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for i in range(args.warmup + args.steps):
-        synchronize(dev)
-        t0 = time.perf_counter()
+
+    def step():
         loss, _ = train_step(compiled, optimizer, scaler, loader, args.grad_accum_steps, 6e-4, 1.0, dev, dtype, Dist())
         losses.append(loss.item())  # the trainer's one host sync per step, kept so timings match training
-        synchronize(dev)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+
+    with sdpa_backend(args.sdpa_backend):
+        for i in range(args.warmup + args.steps):
+            synchronize(dev)
+            t0 = time.perf_counter()
+            step()
+            synchronize(dev)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        if args.profile:
+            profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}")
     dt = statistics.median(times)
     peak = device_mod.peak_flops(dev, dtype)
     mfu = model.flops_per_token(args.seq_len) * tokens_per_step / dt / peak if peak else None
@@ -84,6 +91,33 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, dev, dtype):
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def sdpa_backend(name):
+    """Pin scaled_dot_product_attention to one kernel family, to compare them."""
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel(backends[name])
+
+
+def profile_steps(step, dev, title, n_steps=3, top=25):
+    """Where a step's device time goes: the top kernels by total time over n_steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n_steps):
+            step()
+        synchronize(dev)
+    sort_key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print(f"profile of {n_steps} steps, {title}:")
+    print(prof.key_averages().table(sort_by=sort_key, row_limit=top, max_name_column_width=70))
 
 
 def bench_loader(args, micro_batch_size):
@@ -109,6 +143,9 @@ def main():
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--data_root", default=None, help="time on real shards instead of random tokens")
+    p.add_argument("--sdpa_backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                   help="attention kernel family (auto: PyTorch's choice)")
+    p.add_argument("--profile", action="store_true", help="after timing, print the top kernels of 3 profiled steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     args = p.parse_args()
@@ -121,7 +158,8 @@ def main():
     for line in device_mod.apply_device_settings(dev.type):
         print(line)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    print(f"device: {name}, torch {torch.__version__}, data: {args.data_root or 'synthetic'}")
+    print(f"device: {name}, torch {torch.__version__}, data: {args.data_root or 'synthetic'}, "
+          f"attention: {args.sdpa_backend}")
     header = f"{'model':<12}{'B':>4}{'T':>6}{'accum':>6}  {'compile':<15}{'dtype':<6}{'ms/step':>9}{'steps/s':>9}" \
              f"{'tok/s':>11}{'MFU':>7}{'peak GiB':>9}{'spread':>8}{'loss':>8}"
     rows = []
