@@ -401,6 +401,7 @@ class CheckpointManager:
         self.best_val_loss = float("inf")
         self._thread, self._thread_error, self._buffers = None, None, {}
         self.last_save_stall_s = None  # how long the last save held up training
+        self.last_write_s = None  # how long the last write took, in the background or not
         if self.is_master:
             remove_stale_temp_files(self.log_dir)
 
@@ -573,6 +574,7 @@ class CheckpointManager:
         return jobs
 
     def _write(self, jobs, path):
+        t0 = time.perf_counter()
         try:
             previous = read_latest(self.log_dir)
             for target, state in jobs:
@@ -584,6 +586,7 @@ class CheckpointManager:
                         and CHECKPOINT_PATTERN.match(previous.name) and previous.is_file()):
                     self._strip_optimizer(previous)
                 self._prune()
+            self.last_write_s = time.perf_counter() - t0
             self._say("saved " + " and ".join(str(target) for target, _ in jobs))
         except CheckpointError as exc:
             self._thread_error = exc
@@ -610,6 +613,11 @@ class CheckpointManager:
                 continue
             path.unlink(missing_ok=True)
             excess -= 1
+
+    @property
+    def writing(self):
+        """True while a background write is in flight."""
+        return self._thread is not None and self._thread.is_alive()
 
     def latest_path(self):
         """The newest checkpoint on disk, after any write in flight has landed."""

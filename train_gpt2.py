@@ -489,7 +489,7 @@ def train(args):
     ckpt = checkpoint.CheckpointManager(
         args.log_dir, raw_model, optimizer, train_loader, model_config=asdict(model_config), run_args=vars(args),
         interval=args.checkpoint_interval, keep_last_n=args.keep_last_n_checkpoints,
-        save_optimizer=args.save_optimizer, async_save=args.async_checkpoint, ddp=ddp)
+        save_optimizer=args.save_optimizer, async_save=args.async_checkpoint, ddp=ddp, scaler=scaler)
     start_step = ckpt.resume(auto=args.auto_resume, path=args.checkpoint_path if args.resume else None,
                              load_optimizer=not args.no_load_optimizer)
     stop = checkpoint.GracefulStop()
