@@ -7,9 +7,12 @@ Public API:
              block_size=None, model_config=None) -> {"acc", "acc_norm", "n"}   (global over DDP ranks)
     count_correct(...) -> {"correct", "correct_norm", "n"}                     (this rank's share only)
     score(...) -> (sum_losses, mean_losses), each (len(examples), 4)           (per-ending losses)
+    TrainingEval(interval, data_file, limit, device, dtype, rank, world_size, model_config)
+        .due(step, last_step) / .run(model) -> {"hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"}
     HellaSwagError
 
     python hellaswag.py --checkpoint log/model_19072.pt [--data_file F] [--limit N]   # one JSON line
+    python train_gpt2.py --hellaswag_interval 250 [--hellaswag_file F] [--hellaswag_limit N]   # during training
 
 Each example is a context and 4 endings. Every ending is scored by the model's loss on its tokens
 given the context: `acc` picks the ending with the lowest summed loss, `acc_norm` the lowest loss per
@@ -254,28 +257,42 @@ def evaluate(model, examples, device, dtype="fp32", batch_examples=16, rank=0, w
 
 
 # -----------------------------------------------------------------------------
+# During training
+
+
+class TrainingEval:
+    """HellaSwag during training, one call from the loop:
+
+        if hellaswag_eval.due(step, last_step):
+            metrics.log(step, **hellaswag_eval.run(model))
+
+    The examples are read (downloaded on first use) and tokenized once, at start, so a missing file
+    fails before training does. Every rank calls run() with the training model, compiled and/or
+    DDP-wrapped: each scores its share and the counts are all-reduced, so every rank returns the
+    result over all examples."""
+
+    def __init__(self, interval, data_file=None, limit=None, device="cpu", dtype="fp32", rank=0, world_size=1,
+                 model_config=None, batch_examples=16):
+        self.interval = interval
+        self.device, self.dtype, self.rank, self.world_size = device, dtype, rank, world_size
+        self.model_config, self.batch_examples = model_config, batch_examples
+        self.examples = render_examples(load_examples(data_file, limit=limit)) if interval > 0 else []
+
+    def due(self, step, last_step=False):
+        """Every `interval` steps and at the last step; never when the interval is 0."""
+        return self.interval > 0 and (step % self.interval == 0 or last_step)
+
+    def run(self, model):
+        """{"hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"} over all ranks' examples."""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # the (possibly compiled) model inside: scoring needs no gradient hooks
+        result = evaluate(model, self.examples, self.device, self.dtype, self.batch_examples, self.rank,
+                          self.world_size, model_config=self.model_config)
+        return {f"hellaswag_{key}": value for key, value in result.items()}
+
+
+# -----------------------------------------------------------------------------
 # Command line
-
-
-def load_model(path, device):
-    """A GPT from one of this trainer's checkpoint files: (model on device, GPTConfig)."""
-    from dataclasses import fields
-
-    from train_gpt2 import GPT, GPTConfig  # here, not at the top: train_gpt2 may import this module
-
-    ckpt = checkpoint.load_checkpoint(path)
-    if "model" not in ckpt or "model_config" not in ckpt:
-        raise checkpoint.CheckpointError(f"{path} has no \"model\" and \"model_config\": not a checkpoint of this trainer")
-    config = GPTConfig(**{f.name: ckpt["model_config"][f.name] for f in fields(GPTConfig) if f.name in ckpt["model_config"]})
-    model = GPT(config)
-    # Weights saved from a compiled or DDP model carry wrapper prefixes; the tensors are the same.
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise checkpoint.CheckpointError(f"{path}: the weights do not fit its model_config {ckpt['model_config']} "
-                                         f"({str(exc).splitlines()[0]})") from None
-    return model.to(device), config
 
 
 def positive_int(text):
@@ -305,7 +322,7 @@ def main(argv=None):
     try:
         device_type = device_mod.select_device(args.device)
         dtype = device_mod.resolve_dtype(device_type, args.dtype)
-        model, config = load_model(args.checkpoint, device_type)  # a wrong path fails before any download
+        model, config = checkpoint.load_model(args.checkpoint, device_type)  # a wrong path fails before any download
         examples = load_examples(args.data_file, limit=args.limit)
         print(f"hellaswag: {len(examples)} examples, {args.checkpoint} on {device_type} ({dtype})", file=sys.stderr)
         rendered = render_examples(examples)

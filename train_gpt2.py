@@ -9,7 +9,6 @@ data (dataloader.py), checkpoints (checkpoint.py), HellaSwag (hellaswag.py).
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -24,7 +23,9 @@ from torch.nn import functional as F
 
 import checkpoint
 import dataloader
+import hellaswag
 import device as device_mod
+import metrics as metrics_mod
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 exactly, with GPT-2's parameter names so weights map to and
@@ -253,7 +254,17 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval_interval", type=int, default=None, help="validation loss every N steps, and at the last step (default 250)")
     g.add_argument("--eval_steps", type=int, default=None, help="validation batches of --total_batch_size tokens each, the same tokens at any world size (default 20)")
-    g.add_argument("--log_interval", type=int, default=None, help="print a step line every N steps; metrics.jsonl gets every step (default 1)")
+    g.add_argument("--hellaswag_interval", type=int, default=0,
+                   help="HellaSwag accuracy every N steps and at the last step, into metrics.jsonl; 0: off")
+    g.add_argument("--hellaswag_file", default=None,
+                   help="local hellaswag_val.jsonl (default: download it once into $HELLASWAG_CACHE_DIR or "
+                        f"{hellaswag.DEFAULT_CACHE_DIR})")
+    g.add_argument("--hellaswag_limit", type=hellaswag.positive_int, default=None,
+                   help="score only the first N HellaSwag examples (default: all 10042)")
+    g.add_argument("--log_interval", type=int, default=None,
+                   help="print a step line (and time data/fwd_bwd/optim) every N steps; metrics.jsonl gets every step (default 1)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics to <log_dir>/tensorboard (needs: pip install tensorboard)")
     g.add_argument("--generate_interval", type=int, default=None, help="print samples every N steps; 0: only at the end (default 0)")
     g.add_argument("--prompt", default="\n", help="prompt for samples")
     g.add_argument("--num_samples", type=int, default=2, help="samples printed each time")
@@ -361,22 +372,6 @@ def init_distributed(device_type):
     return ddp
 
 
-class MetricsLog:
-    """One JSON object per line in <log_dir>/metrics.jsonl (rank 0 only), appended across resumes."""
-
-    def __init__(self, log_dir, enabled):
-        self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a") if enabled else None
-
-    def write(self, **record):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()
-
-
 @torch.no_grad()
 def evaluate_loss(model, loader, steps, device, dtype, ddp):
     """Mean validation loss over `steps` micro batches per rank, from the start of the val split.
@@ -415,14 +410,18 @@ def print_samples(model, enc, args, device, dtype, step, ddp):
 # The training step and loop.
 
 
-def train_step(model, optimizer, scaler, loader, grad_accum_steps, lr, grad_clip, device, dtype, ddp):
+def train_step(model, optimizer, scaler, loader, grad_accum_steps, lr, grad_clip, device, dtype, ddp, timer=None):
     """One optimizer step over grad_accum_steps micro batches; returns (mean loss, grad norm) as
-    device tensors without waiting for the GPU. scripts/benchmark.py times this same function."""
+    device tensors without waiting for the GPU. scripts/benchmark.py times this same function.
+    timer (metrics.StepTimer) marks where the data, forward+backward and optimizer phases end."""
+    timer = timer or metrics_mod.StepTimer(enabled=False)
+    timer.start()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        timer.mark("data")
         # DDP all-reduces gradients only on the last micro step of the accumulation.
         sync = not ddp.enabled or micro_step == grad_accum_steps - 1
         with (contextlib.nullcontext() if sync else model.no_sync()):
@@ -431,6 +430,7 @@ def train_step(model, optimizer, scaler, loader, grad_accum_steps, lr, grad_clip
             loss = loss / grad_accum_steps  # the gradient of the mean over the whole token batch
             loss_accum += loss.detach()
             scaler.scale(loss).backward()
+        timer.mark("fwd_bwd")
     if ddp.enabled:
         dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
     scaler.unscale_(optimizer)  # no-op unless fp16: clip the true gradients
@@ -439,6 +439,7 @@ def train_step(model, optimizer, scaler, loader, grad_accum_steps, lr, grad_clip
         group["lr"] = lr
     scaler.step(optimizer)
     scaler.update()
+    timer.mark("optim")
     return loss_accum, norm
 
 def train(args):
@@ -498,10 +499,15 @@ def train(args):
     if ddp.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)
-    metrics = MetricsLog(args.log_dir, ddp.master)
+    metrics = metrics_mod.Metrics(
+        args.log_dir, enabled=ddp.master, device_type=device_type, start_step=start_step, total_steps=args.max_steps,
+        log_interval=args.log_interval, tokens_per_step=args.total_batch_size, world_size=ddp.world_size,
+        flops_per_token=raw_model.flops_per_token(args.seq_len),
+        peak_flops=device_mod.peak_flops(device, dtype),  # None where unknown: no MFU rather than a wrong one
+        tensorboard=args.tensorboard)
+    hellaswag_eval = hellaswag.TrainingEval(args.hellaswag_interval, args.hellaswag_file, args.hellaswag_limit,
+                                            device, dtype, ddp.rank, ddp.world_size, asdict(model_config))
     enc = dataloader.get_tokenizer()
-    flops_per_step = raw_model.flops_per_token(args.seq_len) * args.total_batch_size
-    peak_flops = device_mod.peak_flops(device, dtype)  # None where unknown: no MFU rather than a wrong one
 
     val_loss = None
     for step in range(start_step, args.max_steps):
@@ -509,24 +515,19 @@ def train(args):
         t0 = time.perf_counter()
         lr = get_lr(step, args)
         loss, norm = train_step(model, optimizer, scaler, train_loader, grad_accum_steps, lr, args.grad_clip,
-                                device, dtype, ddp)
+                                device, dtype, ddp, timer=metrics.timer)
         train_loss = loss.item()  # waits for the step: the timing below is honest
         dt = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             raise checkpoint.NonFiniteLoss(step, train_loss, ckpt.latest_path())
-        tok_per_sec = args.total_batch_size / dt
-        mfu = flops_per_step / dt / (peak_flops * ddp.world_size) if peak_flops else None
-        metrics.write(step=step, loss=train_loss, lr=lr, norm=float(norm), dt_ms=dt * 1000, tok_per_sec=tok_per_sec,
-                      **({"mfu": mfu} if mfu is not None else {}))
-        if step % args.log_interval == 0 or last_step:
-            log(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {float(norm):.4f} | "
-                f"dt {dt * 1000:.1f} ms | {tok_per_sec:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else ""))
+        metrics.log_step(step, dt, loss=train_loss, lr=lr, norm=float(norm))
 
         val_loss = None
         if (args.eval_interval > 0 and step % args.eval_interval == 0) or last_step:
             val_loss = evaluate_loss(model, val_loader, args.eval_steps * grad_accum_steps, device, dtype, ddp)
-            log(f"step {step:5d} | val loss {val_loss:.4f}")
-            metrics.write(step=step, val_loss=val_loss)
+            metrics.log(step, val_loss=val_loss)
+        if hellaswag_eval.due(step, last_step):
+            metrics.log(step, **hellaswag_eval.run(model))
         if args.generate_interval > 0 and step > 0 and step % args.generate_interval == 0:
             print_samples(raw_model, enc, args, device, dtype, step, ddp)
         stopping = stop.agreed(ddp)
@@ -548,7 +549,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (UserError, dataloader.DataError, device_mod.DeviceError, checkpoint.CheckpointError) as exc:
+    except (UserError, dataloader.DataError, device_mod.DeviceError, checkpoint.CheckpointError,
+            metrics_mod.MetricsError, hellaswag.HellaSwagError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 

@@ -1,0 +1,271 @@
+"""Training metrics: what users watch during a run and use to compare runs.
+
+Public API (the loop makes one call per step, one per evaluation):
+    metrics = Metrics(log_dir, enabled=ddp.master, device_type="cuda", start_step=0, total_steps=19073,
+                      log_interval=1, tokens_per_step=524288, flops_per_token=..., peak_flops=..., world_size=8,
+                      tensorboard=False)
+    train_step(..., timer=metrics.timer)       # marks data / fwd_bwd / optim inside the step (StepTimer)
+    metrics.log_step(step, dt, loss=..., lr=..., norm=..., **extra)   # extra: any scalars, e.g. mem_* keys
+    metrics.log(step, val_loss=...)            # any other record: val_loss, hellaswag_acc_norm, ...
+    metrics.close()
+    mfu(flops_per_token, tokens, seconds, peak_flops, world_size) -> float or None
+    MetricsError                               # a missing optional package; the message names the fix
+
+What it writes (rank 0 only; other ranks keep quiet):
+- <log_dir>/metrics.jsonl, one JSON object per line, appended across resumes (a resumed run may log a
+  step twice; the later line is the one that counts). Step records: step, loss, lr, norm, dt_ms,
+  tok_per_sec, mfu (known GPUs only), and every log_interval steps data_ms, fwd_bwd_ms, optim_ms
+  (the mean per step since the last report), plus any extra keys the loop passes. Other records:
+  step + val_loss, or step + hellaswag_acc, hellaswag_acc_norm, hellaswag_n.
+- <log_dir>/tensorboard/ with --tensorboard: the same scalars (needs `pip install tensorboard`).
+- stdout: a tqdm bar over the steps (loss, tok/s, ETA) when stdout is a terminal; one plain line
+  per log_interval otherwise (CI, `> train.log`), so log files hold no carriage-return clutter.
+
+MFU, model FLOPs utilisation, is achieved model FLOP/s over the hardware's peak:
+
+    mfu = flops_per_token * tokens_per_step / dt / (peak_flops * world_size)
+    flops_per_token = GPT.flops_per_token(T) = 6 * N + 12 * n_layer * n_embd * T
+
+6 * N: every weight does one multiply-add (2 FLOPs) per token in the forward pass and two in the
+backward pass (gradients of the input and of the weight). N counts the tied embedding once (it is the
+lm_head matmul) and leaves out the position table, a lookup. 12 * n_layer * n_embd * T: attention's
+two matmuls with the T keys (Q K^T and the weighted sum of V, n_head * head_dim = n_embd wide) cost
+2 * 2 * n_embd * T per token and layer forward, times 3 with the backward; causal masking is not
+subtracted (the PaLM convention). Recomputation (activation checkpointing) is not counted: MFU counts
+the model's FLOPs, not the hardware's. peak_flops is the datasheet dense peak for the precision
+(device.PEAK_FLOPS); on an unknown GPU, MPS or CPU there is no mfu rather than a wrong one.
+"""
+import json
+import os
+import sys
+import time
+
+PHASES = ("data", "fwd_bwd", "optim")  # how a training step's time is split, in order
+
+
+class MetricsError(Exception):
+    """An optional package the asked-for output needs is missing; the message names the fix."""
+
+
+def mfu(flops_per_token, tokens, seconds, peak_flops, world_size=1):
+    """Model FLOPs utilisation of `tokens` processed in `seconds` by world_size devices, or None
+    when the peak is unknown (see the module docstring for the formula)."""
+    if not peak_flops or seconds <= 0:
+        return None
+    return flops_per_token * tokens / seconds / (peak_flops * world_size)
+
+
+class StepTimer:
+    """Splits each training step's time into data, forward+backward and optimizer phases without a
+    device sync per step.
+
+    train_step calls start() and then mark(phase) at the end of each phase. On CUDA and MPS, a
+    mark records an event on the device's stream, and events are read only in report(), at the log
+    interval, after the loop's loss.item() has waited for the step anyway. The time between two
+    events is the time the device timeline spent between the marks, so host work the device hides
+    (loading the next batch while kernels run) rightly costs almost nothing. On the CPU the work is
+    synchronous and perf_counter marks are the truth. A disabled timer records nothing."""
+
+    def __init__(self, device_type="cpu", enabled=True):
+        self.enabled = enabled
+        self.device_type = device_type
+        self._marks = []  # (phase or None for a step start, event or perf_counter seconds)
+        self._free_events = []
+        self._steps = 0
+
+    def _now(self):
+        if self.device_type == "cuda":
+            import torch
+
+            event = self._free_events.pop() if self._free_events else torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        if self.device_type == "mps":
+            import torch.mps.event
+
+            event = self._free_events.pop() if self._free_events else torch.mps.event.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self):
+        if self.enabled:
+            self._marks.append((None, self._now()))
+            self._steps += 1
+
+    def mark(self, phase):
+        """The phase that ended now: one of PHASES. Repeated phases (per micro step) add up."""
+        if self.enabled and self._marks:
+            self._marks.append((phase, self._now()))
+
+    def report(self):
+        """{"data_ms", "fwd_bwd_ms", "optim_ms"}: mean per step since the last report, then reset.
+        Empty when nothing was marked."""
+        if not self._marks or not any(phase for phase, _ in self._marks):
+            self._marks, self._steps = [], 0
+            return {}
+        totals = dict.fromkeys(PHASES, 0.0)
+        timed = self.device_type in ("cuda", "mps")
+        if timed:
+            self._marks[-1][1].synchronize()  # already complete after loss.item(); free otherwise
+        for (_, before), (phase, after) in zip(self._marks, self._marks[1:]):
+            if phase is None:
+                continue  # from the end of one step to the start of the next: not the step's time
+            totals[phase] = totals.get(phase, 0.0) + (before.elapsed_time(after) if timed else (after - before) * 1000)
+        if timed:
+            self._free_events.extend(event for _, event in self._marks)
+        steps = max(self._steps, 1)
+        self._marks, self._steps = [], 0
+        return {f"{phase}_ms": total / steps for phase, total in totals.items()}
+
+
+def tensorboard_tag(key):
+    """Group the scalars in TensorBoard's UI: train/loss, val/loss, hellaswag/acc_norm, perf/..."""
+    for prefix, group in (("val_", "val"), ("hellaswag_", "hellaswag"), ("mem_", "memory")):
+        if key.startswith(prefix):
+            return f"{group}/{key[len(prefix):]}"
+    if key in ("dt_ms", "tok_per_sec", "mfu") or key in {f"{phase}_ms" for phase in PHASES}:
+        return f"perf/{key}"
+    return f"train/{key}"
+
+
+def summary_writer_class():
+    """torch's TensorBoard SummaryWriter, or MetricsError naming the package to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MetricsError("--tensorboard needs the tensorboard package, which is not installed: "
+                           "pip install tensorboard (or run without --tensorboard)") from None
+    return SummaryWriter
+
+
+def is_terminal(stream):
+    """A terminal a bar can be drawn on: a tty with a width (a pty of 0 columns would show nothing)."""
+    if not stream.isatty():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return True  # a tty-like stream without a file descriptor
+
+
+def format_value(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+
+
+class Metrics:
+    """Records, TensorBoard scalars and the progress display of one training run (see the module
+    docstring). Construct it on every rank: only the one with enabled=True writes or prints, and
+    --tensorboard is checked everywhere so all ranks stop together when the package is missing."""
+
+    def __init__(self, log_dir, enabled=True, device_type="cpu", start_step=0, total_steps=None, log_interval=1,
+                 tokens_per_step=0, flops_per_token=None, peak_flops=None, world_size=1, tensorboard=False,
+                 stream=None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.log_interval = max(1, log_interval)
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.world_size = world_size
+        self.timer = StepTimer(device_type, enabled=enabled)
+        self.stream = stream or sys.stdout
+        self.file = self.writer = self.bar = None
+        self._stdout = None
+        if tensorboard:
+            summary_writer = summary_writer_class()  # every rank: all stop together if it is missing
+            if enabled:
+                self.writer = summary_writer(log_dir=os.path.join(log_dir, "tensorboard"))
+                print(f"tensorboard: writing to {os.path.join(log_dir, 'tensorboard')} "
+                      f"(view with: tensorboard --logdir {os.path.join(log_dir, 'tensorboard')})", file=self.stream)
+        if not enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a")
+        if is_terminal(self.stream) and total_steps is not None:
+            self._start_bar(start_step)
+
+    def _start_bar(self, start_step):
+        from tqdm import tqdm
+        from tqdm.contrib import DummyTqdmFile
+
+        self.bar = tqdm(total=self.total_steps, initial=start_step, file=self.stream, unit="step",
+                        dynamic_ncols=True, desc="train")
+        if self.stream is sys.stdout:
+            # Other modules' prints (val loss, samples, checkpoints) go above the bar, not through it.
+            self._stdout, sys.stdout = sys.stdout, DummyTqdmFile(sys.stdout)
+
+    def log_step(self, step, dt, loss, lr, norm, **extra):
+        """One training step that took dt seconds. Timer phases join the record every log_interval
+        steps and at the last step; extra keys (e.g. mem_allocated_gib) are recorded as given."""
+        tok_per_sec = self.tokens_per_step / dt if dt > 0 else 0.0
+        record = dict(step=step, loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_sec=tok_per_sec)
+        step_mfu = mfu(self.flops_per_token or 0, self.tokens_per_step, dt, self.peak_flops, self.world_size)
+        if step_mfu is not None:
+            record["mfu"] = step_mfu
+        report = step % self.log_interval == 0 or step == (self.total_steps or 0) - 1
+        if report:
+            record.update(self.timer.report())
+        record.update(extra)
+        if not self.enabled:
+            return record
+        self._write(record)
+        if self.bar is not None:
+            postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tok_per_sec:,.0f}"}
+            if step_mfu is not None:
+                postfix["mfu"] = f"{step_mfu:.1%}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+        elif report:
+            print(self._step_line(record), file=self.stream, flush=True)
+        return record
+
+    def _step_line(self, r):
+        line = (f"step {r['step']:5d} | loss {r['loss']:.6f} | lr {r['lr']:.4e} | norm {r['norm']:.4f} | "
+                f"dt {r['dt_ms']:.1f} ms | {r['tok_per_sec']:,.0f} tok/s")
+        if "mfu" in r:
+            line += f" | MFU {r['mfu']:.1%}"
+        if "data_ms" in r:
+            line += " | data/fwd_bwd/optim " + "/".join(f"{r[f'{phase}_ms']:.1f}" for phase in PHASES) + " ms"
+        known = {"step", "loss", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"} | {f"{p}_ms" for p in PHASES}
+        for key, value in r.items():
+            if key not in known:
+                line += f" | {key} {format_value(value)}"
+        return line
+
+    def log(self, step, **values):
+        """Any other record for this step (validation loss, HellaSwag), written and printed on one line."""
+        if not self.enabled:
+            return
+        self._write(dict(step=step, **values))
+        line = f"step {step:5d} | " + " | ".join(f"{key.replace('_', ' ')} {format_value(value)}"
+                                                  for key, value in values.items())
+        if self.bar is not None:
+            self.bar.write(line, file=self._stdout or self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def _write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(tensorboard_tag(key), value, record["step"])
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._stdout is not None:
+            sys.stdout, self._stdout = self._stdout, None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None

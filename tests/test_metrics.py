@@ -1,0 +1,156 @@
+"""metrics.py: step records, the MFU formula, the step timer's split, plain lines or a bar, TensorBoard."""
+import io
+import json
+import sys
+
+import pytest
+
+import metrics
+from metrics import Metrics, StepTimer
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def read_records(log_dir):
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_step_records_hold_throughput_mfu_and_any_extra_keys(tmp_path):
+    out = io.StringIO()
+    m = Metrics(tmp_path, total_steps=3, tokens_per_step=1000, flops_per_token=1e8, peak_flops=1e12, world_size=2,
+                stream=out)
+    m.log_step(0, 0.5, loss=4.0, lr=1e-3, norm=0.5, mem_allocated_gib=1.25, mem_peak_gib=2.5)
+    m.log(0, val_loss=3.5)
+    m.log(0, hellaswag_acc=0.25, hellaswag_acc_norm=0.5, hellaswag_n=12)
+    m.close()
+    step, val, hellaswag = read_records(tmp_path)
+    assert step["step"] == 0 and step["loss"] == 4.0 and step["lr"] == 1e-3 and step["norm"] == 0.5
+    assert step["dt_ms"] == pytest.approx(500) and step["tok_per_sec"] == pytest.approx(2000)
+    # 1e8 FLOPs/token * 1000 tokens in 0.5 s on 2 devices of 1e12 FLOP/s each: 10%
+    assert step["mfu"] == pytest.approx(0.1)
+    assert step["mem_allocated_gib"] == 1.25 and step["mem_peak_gib"] == 2.5
+    assert val == {"step": 0, "val_loss": 3.5}
+    assert hellaswag == {"step": 0, "hellaswag_acc": 0.25, "hellaswag_acc_norm": 0.5, "hellaswag_n": 12}
+    printed = out.getvalue()
+    assert "MFU 10.0%" in printed and "mem_peak_gib 2.5000" in printed
+    assert "step     0 | val loss 3.5000" in printed and "hellaswag acc norm 0.5000" in printed
+
+
+def test_no_mfu_when_the_peak_is_unknown(tmp_path):
+    m = Metrics(tmp_path, total_steps=1, tokens_per_step=1000, flops_per_token=1e6, peak_flops=None,
+                stream=io.StringIO())
+    record = m.log_step(0, 0.5, loss=4.0, lr=1e-3, norm=0.5)
+    m.close()
+    assert "mfu" not in record and "mfu" not in read_records(tmp_path)[0]
+    assert metrics.mfu(1e6, 1000, 0.5, None) is None
+
+
+def test_a_disabled_rank_writes_and_prints_nothing(tmp_path):
+    out = io.StringIO()
+    m = Metrics(tmp_path / "log", enabled=False, total_steps=2, tokens_per_step=10, stream=out)
+    m.timer.start()
+    m.timer.mark("data")
+    m.log_step(0, 0.1, loss=1.0, lr=1.0, norm=1.0)
+    m.log(0, val_loss=1.0)
+    m.close()
+    assert not (tmp_path / "log").exists() and out.getvalue() == ""
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_step_timer_splits_each_step_into_data_fwd_bwd_and_optim(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    timer = StepTimer("cpu")
+    for _ in range(2):  # two steps of two micro steps each
+        timer.start()
+        for data_s, compute_s in ((0.001, 0.010), (0.002, 0.020)):
+            clock.now += data_s
+            timer.mark("data")
+            clock.now += compute_s
+            timer.mark("fwd_bwd")
+        clock.now += 0.005
+        timer.mark("optim")
+        clock.now += 1.0  # logging, evaluation: between steps, not part of any phase
+    report = timer.report()
+    assert report == pytest.approx({"data_ms": 3.0, "fwd_bwd_ms": 30.0, "optim_ms": 5.0})  # mean per step
+    assert timer.report() == {}  # reset after each report
+
+
+def test_timer_phases_join_the_record_every_log_interval(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    m = Metrics(tmp_path, total_steps=5, log_interval=2, tokens_per_step=10, stream=io.StringIO())
+    for step in range(5):
+        m.timer.start()
+        for phase, seconds in (("data", 0.001), ("fwd_bwd", 0.004), ("optim", 0.002)):
+            clock.now += seconds
+            m.timer.mark(phase)
+        m.log_step(step, 0.007, loss=1.0, lr=1.0, norm=1.0)
+    m.close()
+    records = read_records(tmp_path)
+    assert [("data_ms" in r) for r in records] == [True, False, True, False, True]  # steps 0, 2 and the last
+    for r in records[::2]:
+        assert r["data_ms"] + r["fwd_bwd_ms"] + r["optim_ms"] == pytest.approx(r["dt_ms"])
+        assert r["fwd_bwd_ms"] == pytest.approx(4.0)
+
+
+def test_plain_lines_when_stdout_is_not_a_terminal(tmp_path):
+    out = io.StringIO()
+    m = Metrics(tmp_path, total_steps=4, log_interval=2, tokens_per_step=10, stream=out)
+    for step in range(4):
+        m.log_step(step, 0.01, loss=2.0, lr=1e-3, norm=1.0)
+    m.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split("|")[0].strip() for line in lines] == ["step     0", "step     2", "step     3"]
+    assert "\r" not in out.getvalue() and "%|" not in out.getvalue()
+
+
+def test_a_progress_bar_with_loss_and_tokens_per_second_on_a_terminal(tmp_path):
+    out = FakeTerminal()
+    m = Metrics(tmp_path, start_step=10, total_steps=14, tokens_per_step=1000, stream=out)
+    for step in range(10, 14):
+        m.log_step(step, 0.5, loss=2.5, lr=1e-3, norm=1.0)
+    m.log(13, val_loss=2.25)
+    m.close()
+    text = out.getvalue()
+    assert "train: 100%|" in text and "14/14" in text  # resumed at step 10 of 14
+    assert "loss=2.5000" in text and "tok/s=2,000" in text
+    assert "step    13 | val loss 2.2500" in text  # evaluations still get a line of their own
+    assert "step    10 | loss" not in text  # the bar replaces the per-step lines
+    assert len(read_records(tmp_path)) == 5
+
+
+def test_missing_tensorboard_is_one_message_naming_the_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    with pytest.raises(metrics.MetricsError, match=r"pip install tensorboard"):
+        Metrics(tmp_path, total_steps=1, tensorboard=True, stream=io.StringIO())
+    # Checked on every rank, so all of them stop instead of rank 0 alone.
+    with pytest.raises(metrics.MetricsError):
+        Metrics(tmp_path, enabled=False, total_steps=1, tensorboard=True)
+
+
+def test_tensorboard_gets_the_same_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install tensorboard); not installed here")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = Metrics(tmp_path, total_steps=3, tokens_per_step=10, tensorboard=True, stream=io.StringIO())
+    for step in range(3):
+        m.log_step(step, 0.1, loss=3.0 - step, lr=1e-3, norm=1.0)
+    m.log(2, val_loss=1.5, hellaswag_acc_norm=0.25)
+    m.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "perf/tok_per_sec", "val/loss", "hellaswag/acc_norm"} <= set(scalars)
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [(2, 1.5)]

@@ -1,0 +1,95 @@
+"""What a training run shows and records: the step timer's split, plain step lines in logs, HellaSwag
+every --hellaswag_interval steps (one process and DDP), and clear errors for missing pieces."""
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RUN, read_metrics, run_train
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hellaswag_tiny.jsonl"  # 12 examples
+COMMON = TINY_RUN + ["--total_batch_size", 256, "--warmup_steps", 2, "--max_lr", 1e-3, "--eval_interval", 3,
+                     "--log_interval", 2, "--hellaswag_file", FIXTURE]
+
+
+@pytest.fixture(scope="module")
+def monitored_run(tiny_data, tmp_path_factory):
+    """One tiny run with HellaSwag and a log interval of 2, shared by the tests below."""
+    log_dir = tmp_path_factory.mktemp("monitored")
+    result = run_train(COMMON + ["--max_steps", 6, "--hellaswag_interval", 3, "--data_root", tiny_data,
+                                 "--log_dir", log_dir], cwd=log_dir)
+    assert result.returncode == 0, result.stderr
+    return result, read_metrics(log_dir)
+
+
+def test_hellaswag_interval_writes_accuracy_to_metrics_jsonl(monitored_run):
+    result, records = monitored_run
+    hellaswag = [r for r in records if "hellaswag_acc_norm" in r]
+    assert [r["step"] for r in hellaswag] == [0, 3, 5]  # every 3 steps and at the last step
+    for r in hellaswag:
+        assert set(r) == {"step", "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"}
+        assert r["hellaswag_n"] == 12 and 0 <= r["hellaswag_acc"] <= 1 and 0 <= r["hellaswag_acc_norm"] <= 1
+        assert round(r["hellaswag_acc_norm"] * 12) == pytest.approx(r["hellaswag_acc_norm"] * 12)  # a count of 12
+    assert f"step     3 | hellaswag acc {hellaswag[1]['hellaswag_acc']:.4f}" in result.stdout
+
+
+def test_step_timer_split_is_recorded_every_log_interval_and_adds_up_to_the_step(monitored_run):
+    _, records = monitored_run
+    steps = [r for r in records if "loss" in r]
+    timed = [r["step"] for r in steps if "data_ms" in r]
+    assert timed == [0, 2, 4, 5]  # every 2 steps and the last
+    since_last_report = []
+    for r in steps:
+        since_last_report.append(r["dt_ms"])
+        if "data_ms" not in r:
+            continue
+        # Phases are the mean per step since the last report; they cover each step from zero_grad to the
+        # optimizer's update, and dt adds only get_lr and the loss.item() wait around them.
+        mean_dt = sum(since_last_report) / len(since_last_report)
+        since_last_report = []
+        phases = r["data_ms"] + r["fwd_bwd_ms"] + r["optim_ms"]
+        assert min(r["data_ms"], r["fwd_bwd_ms"], r["optim_ms"]) >= 0
+        assert r["fwd_bwd_ms"] > r["data_ms"]  # a forward and backward pass costs more than slicing a memmap
+        assert 0.5 * mean_dt <= phases <= mean_dt * 1.01, r
+
+
+def test_plain_step_lines_when_stdout_is_not_a_terminal(monitored_run):
+    result, _ = monitored_run
+    lines = [line for line in result.stdout.splitlines() if "| loss " in line]
+    assert [line.split("|")[0].strip() for line in lines] == ["step     0", "step     2", "step     4", "step     5"]
+    assert "data/fwd_bwd/optim" in lines[0]
+    assert "\r" not in result.stdout and "%|" not in result.stdout + result.stderr  # no progress bar in a log file
+
+
+def test_hellaswag_under_ddp_counts_the_examples_of_every_rank(tiny_data, tmp_path, monitored_run):
+    """Two ranks score 6 examples each; the record says 12 and matches the one-process run."""
+    result = run_train(COMMON + ["--max_steps", 1, "--hellaswag_interval", 1, "--data_root", tiny_data,
+                                 "--log_dir", tmp_path], cwd=tmp_path, torchrun_procs=2)
+    assert result.returncode == 0, result.stderr
+    records = [r for r in read_metrics(tmp_path) if "hellaswag_n" in r]
+    single = next(r for r in monitored_run[1] if "hellaswag_n" in r)  # step 0 of the same model and data
+    assert len(records) == 1 and records[0]["hellaswag_n"] == 12
+    assert records[0]["hellaswag_acc_norm"] == pytest.approx(single["hellaswag_acc_norm"])
+    assert result.stdout.count("| hellaswag n 12") == 1  # only rank 0 prints
+
+
+def test_missing_tensorboard_stops_before_training_with_the_install_command(tiny_data, tmp_path):
+    fake = tmp_path / "fake_site" / "tensorboard"  # an uninstalled tensorboard, even where it is installed
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'tensorboard'\")\n")
+    pythonpath = os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))
+    result = run_train(TINY_RUN + ["--data_root", tiny_data, "--log_dir", tmp_path / "log", "--max_steps", 2,
+                                   "--tensorboard"], cwd=tmp_path, env_extra={"PYTHONPATH": pythonpath})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --tensorboard needs the tensorboard package")
+    assert "pip install tensorboard" in result.stderr and "Traceback" not in result.stderr
+    assert "| loss " not in result.stdout  # no step ran
+
+
+def test_missing_hellaswag_file_is_one_message_before_training(tiny_data, tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    result = run_train(TINY_RUN + ["--data_root", tiny_data, "--log_dir", tmp_path / "log", "--max_steps", 2,
+                                   "--hellaswag_interval", 1, "--hellaswag_file", missing], cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: cannot read HellaSwag data") and str(missing) in result.stderr
+    assert "| loss " not in result.stdout
