@@ -392,18 +392,27 @@ def evaluate_loss(model, loader, steps, device, dtype, ddp):
     return total.item()
 
 
+def sample_texts(model, enc, prompt, num_samples, max_new_tokens, device, dtype, temperature=1.0, top_k=50, seed=0):
+    """num_samples continuations of prompt, drawn with one generator seeded by seed: the same seed gives
+    the same texts on the same device. Pass the raw model, not a compiled one: every new length
+    would recompile. The model is left in the mode it was in. scripts/sample.py uses this too."""
+    tokens = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [dataloader.EOT_TOKEN]
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    with device_mod.autocast(device.type, dtype):
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    model.train(was_training)
+    return [enc.decode(row[len(tokens):].tolist()) for row in out]
+
+
 def print_samples(model, enc, args, device, dtype, step, ddp):
     """Top-k samples from --prompt; seeded per rank and step so a resumed run prints the same."""
-    model.eval()
-    tokens = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [dataloader.EOT_TOKEN]
-    idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(args.num_samples, 1)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * ddp.rank + step)
-    with device_mod.autocast(device.type, dtype):
-        out = model.generate(idx, args.max_new_tokens, top_k=50, generator=gen)
-    for i in range(args.num_samples):
-        text = enc.decode(out[i, len(tokens):].tolist())
+    texts = sample_texts(model, enc, args.prompt, args.num_samples, args.max_new_tokens, device, dtype,
+                         seed=args.seed + 1000 * ddp.rank + step)
+    for i, text in enumerate(texts):
         print(f"[rank {ddp.rank}] sample {i} at step {step}: {args.prompt!r} -> {text!r}")
-    model.train()
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Sample text from a checkpoint.
+
+    python scripts/sample.py --checkpoint log/model_00300.pt --prompt "ROMEO:" --num_samples 3
+    python scripts/sample.py --checkpoint log/best_model.pt --temperature 0.8 --top_k 200 --seed 7
+
+Works with training checkpoints (model_*.pt, best_model.pt) and exports (`python checkpoint.py
+export`). Sampling is seeded: the same --seed gives the same samples on the same device.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import device as device_mod  # noqa: E402  (first, as in train_gpt2.py)
+import checkpoint  # noqa: E402
+import dataloader  # noqa: E402
+import torch  # noqa: E402
+from train_gpt2 import sample_texts  # noqa: E402
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample text from a checkpoint of train_gpt2.py.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model_*.pt, best_model.pt, or an export (.pt / .safetensors)")
+    p.add_argument("--prompt", default="\n", help="text the samples continue (empty: start of a document)")
+    p.add_argument("--num_samples", type=positive_int, default=3, help="samples to draw")
+    p.add_argument("--max_new_tokens", type=positive_int, default=100, help="tokens per sample")
+    p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this: < 1 is more conservative")
+    p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens; 0: all of them")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks CUDA > MPS > CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU)")
+    args = p.parse_args(argv)
+    if args.temperature <= 0:
+        p.error(f"--temperature must be above 0, got {args.temperature}; use a small value such as 0.1 for near-greedy text")
+    if args.top_k < 0:
+        p.error(f"--top_k must be 0 (no limit) or more, got {args.top_k}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device_type = device_mod.select_device(args.device)
+        dtype = device_mod.resolve_dtype(device_type, args.dtype)
+        model, model_config = checkpoint.load_model(args.checkpoint, device_type)
+        enc = dataloader.get_tokenizer()
+    except (checkpoint.CheckpointError, device_mod.DeviceError, dataloader.DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(f"sampling {args.checkpoint} on {device_type} ({dtype}), seed {args.seed}", file=sys.stderr)
+    texts = sample_texts(model, enc, args.prompt, args.num_samples, args.max_new_tokens, torch.device(device_type),
+                         dtype, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ---")
+        print(args.prompt + text)
+
+
+if __name__ == "__main__":
+    main()
