@@ -1,31 +1,99 @@
-"""Devices: pick CUDA > Apple MPS > CPU, apply per-device settings, compile with fallbacks.
+"""Devices: pick CUDA > Apple MPS > CPU, apply per-device settings, compile with fallbacks,
+size the micro batch to the memory, report memory.
 
 Public API:
-    PRESETS                              per-device defaults (micro batch, dtype, compile) for --preset
-    select_device(requested)             -> "cuda" | "mps" | "cpu"   (DeviceError if asked-for device is missing)
-    torch_device(device_type, local_rank)-> torch.device for this process
-    apply_device_settings(device_type)   -> list of one-line descriptions of what was set
-    resolve_dtype(device_type, requested)-> "bf16" | "fp16" | "fp32"
-    autocast(device_type, dtype)         -> context manager for the forward pass
-    compile_model(model, device_type, mode) -> (model, used_mode)
-    peak_flops(device, dtype)            -> datasheet peak FLOP/s for MFU, or None
+    PRESETS                                 per-device defaults for --preset (never the learning rate)
+    select_device(requested)                -> "cuda" | "mps" | "cpu"  (DeviceError naming the checks if missing)
+    torch_device(device_type, local_rank)   -> torch.device for this process
+    apply_device_settings(device_type, num_threads, mps_memory_fraction) -> what was set, one line each
+    resolve_dtype(device_type, requested)   -> "bf16" | "fp16" | "fp32"
+    autocast(device_type, dtype)            -> context manager for the forward pass
+    compile_model(model, device_type, mode, trial=, wrap=) -> (model, mode used), down a fallback chain
+    forward_backward(model, batch_size, seq_len, device, dtype)  one training-shaped pass on random tokens
+    find_micro_batch_size(try_batch, candidates, start)  -> the largest candidate that fits (the search alone)
+    auto_micro_batch_size(make_model, tokens_per_rank, seq_len, device, dtype) -> (micro batch, one line)
+    memory_stats(device)                    -> {"mem_alloc_gib", "mem_reserved_gib", "mem_peak_gib"}, {} on CPU
+    is_oom(exc), oom_message(...)           recognise and explain an out-of-memory error
+    peak_flops(device, dtype)               -> datasheet peak FLOP/s for MFU, or None
 
-`python device.py` prints a report of what this machine has and what would be chosen.
+`python device.py` prints a report of what this machine has and what training would use.
 """
+import argparse
 import contextlib
+import gc
 import os
 import sys
+import time
 
-import torch
+
+def _set_environment_defaults():
+    """Environment variables torch reads only once, set here where the user has not set them.
+
+    torch reads PYTORCH_ENABLE_MPS_FALLBACK when it loads, and the allocator settings when
+    CUDA / MPS first allocate, so this runs at import, before `import torch` below
+    (train_gpt2.py imports this module first for that reason). Returns {device: [lines]}."""
+    torch_loaded = "torch" in sys.modules
+    lines = {"cuda": [], "mps": []}
+
+    def setdefault(device_type, name, value, why):
+        if name in os.environ:
+            lines[device_type].append(f"{device_type}: {name}={os.environ[name]} (from your environment)")
+            return
+        os.environ[name] = value
+        late = " (torch was imported first: export it before starting python)" if torch_loaded and "FALLBACK" in name else ""
+        lines[device_type].append(f"{device_type}: {name}={value}: {why}{late}")
+
+    # Segments that grow in place instead of fixed blocks: less fragmentation, so larger micro batches fit.
+    # torch 2.9 renamed PYTORCH_CUDA_ALLOC_CONF to PYTORCH_ALLOC_CONF (the old name still works, with a warning).
+    alloc_names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+    users = [name for name in alloc_names if name in os.environ]
+    name = users[0] if users else alloc_names[0] if _torch_version() >= (2, 9) else alloc_names[1]
+    setdefault("cuda", name, "expandable_segments:True", "less allocator fragmentation")
+    # Ops that MPS lacks run on the CPU instead of stopping the run.
+    setdefault("mps", "PYTORCH_ENABLE_MPS_FALLBACK", "1", "ops MPS lacks run on the CPU instead of failing")
+    # MPS's default ceiling is 1.7x the GPU's recommended working set, where macOS swaps and a step
+    # takes minutes. At 1.0 an oversize batch fails at once with an out-of-memory error, which
+    # --micro_batch_size auto and the error message can act on. The low mark must stay below the high.
+    if "PYTORCH_MPS_HIGH_WATERMARK_RATIO" in os.environ or "PYTORCH_MPS_LOW_WATERMARK_RATIO" in os.environ:
+        for name in ("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "PYTORCH_MPS_LOW_WATERMARK_RATIO"):
+            if name in os.environ:
+                lines["mps"].append(f"mps: {name}={os.environ[name]} (from your environment)")
+    else:
+        os.environ["PYTORCH_MPS_LOW_WATERMARK_RATIO"] = "0.8"
+        setdefault("mps", "PYTORCH_MPS_HIGH_WATERMARK_RATIO", "1.0",
+                   "allocations stop at the recommended working set (low mark 0.8): out of memory instead of swapping")
+    return lines
+
+
+def _torch_version():
+    """(major, minor) of the installed torch, read without importing it; (0, 0) if unknown."""
+    from importlib import metadata
+
+    try:
+        major, minor = metadata.version("torch").split(".")[:2]
+        return int(major), int(minor)
+    except (metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+ENVIRONMENT = _set_environment_defaults()
+
+import torch  # noqa: E402  (after the environment above)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# Per-device defaults that do not change the math: how the work is laid out and run.
-# They only fill flags the user did not give (train_gpt2.resolve_settings).
+# Per-device defaults that do not change the math: how the work is laid out and run. They only
+# fill flags the user did not give (train_gpt2.resolve_settings), and none of them is a learning rate.
 PRESETS = {
-    "cuda": dict(micro_batch_size=64, dtype="auto", compile="none"),
-    "mps": dict(micro_batch_size=8, dtype="auto", compile="none"),
-    "cpu": dict(micro_batch_size=8, dtype="fp32", compile="none"),
+    # micro batch "auto": the largest that fits this GPU (probed at start); compile: 1.43x the eager
+    # tokens/s on an H100 with 40.8 instead of 65.3 GiB (docs/PERFORMANCE.md).
+    "cuda": dict(micro_batch_size="auto", dtype="auto", compile="default", pin_memory=True),
+    # torch.compile on MPS is young: opt in with --compile (it falls back to eager if it fails).
+    "mps": dict(micro_batch_size=8, dtype="auto", compile="none", pin_memory=False),
+    # torch's own thread count is one per physical core (OMP_NUM_THREADS overrides); compiling
+    # a small CPU model costs more time than it saves in a short run.
+    "cpu": dict(micro_batch_size=8, dtype="fp32", compile="none", pin_memory=False, num_threads=torch.get_num_threads()),
 }
 
 
@@ -37,6 +105,10 @@ def mps_available():
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
+def mps_built():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_built()
+
+
 def select_device(requested="auto"):
     """CUDA if present, else Apple MPS, else CPU; an explicit request must exist."""
     if requested == "auto":
@@ -46,16 +118,20 @@ def select_device(requested="auto"):
             return "mps"
         return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        built = "was" if torch.backends.cuda.is_built() else "was NOT"
-        raise DeviceError(
-            f"--device cuda was asked for but no CUDA GPU is visible (this torch {torch.__version__} {built} "
-            "built with CUDA). Check `nvidia-smi` and CUDA_VISIBLE_DEVICES, install a CUDA build of torch, "
-            "or use --device auto")
+        if torch.backends.cuda.is_built():
+            checks = ("this torch has CUDA, so the GPU or driver is not visible: run `nvidia-smi` (driver loaded? "
+                      "GPU listed?) and check CUDA_VISIBLE_DEVICES")
+        else:
+            checks = ("this torch was built without CUDA: install a CUDA build "
+                      "(https://pytorch.org/get-started/locally/), then check with `nvidia-smi`")
+        raise DeviceError(f"--device cuda was asked for but no CUDA GPU is visible to torch {torch.__version__}; "
+                          f"{checks}; or use --device auto")
     if requested == "mps" and not mps_available():
-        built = torch.backends.mps.is_built() if hasattr(torch.backends, "mps") else False
-        raise DeviceError(
-            f"--device mps was asked for but Apple MPS is not available (torch built with MPS: {built}; "
-            "MPS needs an Apple-silicon Mac with macOS 12.3+). Use --device auto or --device cpu")
+        why = ("torch was built with MPS, so this is not an Apple-silicon Mac on macOS 12.3+" if mps_built()
+               else "this torch was built without MPS (MPS needs the macOS arm64 build of torch)")
+        raise DeviceError(f"--device mps was asked for but Apple MPS is not available: {why}. Check with "
+                          "`python -c \"import torch; print(torch.backends.mps.is_built(), torch.backends.mps.is_available())\"`"
+                          ", or use --device auto or --device cpu")
     if requested not in ("cuda", "mps", "cpu"):
         raise DeviceError(f"unknown --device {requested!r}; use auto, cuda, mps or cpu")
     return requested
@@ -63,21 +139,35 @@ def select_device(requested="auto"):
 
 def torch_device(device_type, local_rank=0):
     if device_type == "cuda":
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise DeviceError(f"process with LOCAL_RANK {local_rank} has no GPU: only {count} visible; "
+                              f"start at most {count} processes per node (torchrun --nproc_per_node {count})")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(device_type)
 
 
-def apply_device_settings(device_type, num_threads=None):
-    """Speed settings that are safe for training; returns what was set, one line each."""
-    applied = []
+def apply_device_settings(device_type, num_threads=None, mps_memory_fraction=None):
+    """Speed and memory settings that are safe for training; returns what was set, one line each."""
+    applied = list(ENVIRONMENT.get(device_type, []))
     if device_type == "cuda":
         # TF32 matmuls for any fp32 work left outside autocast: ~8x the fp32 rate, ample precision for training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
         applied.append("cuda: TF32 matmuls on, cudnn.benchmark on")
-    if device_type == "cpu" and num_threads:
+    if mps_memory_fraction is not None:
+        if device_type != "mps":
+            applied.append(f"--mps_memory_fraction {mps_memory_fraction} ignored: training on {device_type}")
+        elif not 0 <= mps_memory_fraction <= 2:
+            raise DeviceError(f"--mps_memory_fraction {mps_memory_fraction} is outside 0..2; it is a fraction of the "
+                              "GPU's recommended working set (0 = no limit, which can freeze macOS), e.g. 0.8")
+        else:
+            torch.mps.set_per_process_memory_fraction(mps_memory_fraction)
+            applied.append(f"mps: memory limit {mps_memory_fraction} x the recommended working set "
+                           f"({mps_memory_fraction * torch.mps.recommended_max_memory() / 2**30:.1f} GiB)")
+    if num_threads and num_threads != torch.get_num_threads():
         torch.set_num_threads(num_threads)
     if device_type == "cpu":
         applied.append(f"cpu: {torch.get_num_threads()} threads")
@@ -108,16 +198,247 @@ def autocast(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
 
 
-def compile_model(model, device_type, mode="default"):
-    """torch.compile with one line on failure; returns (model, the mode used or 'eager')."""
-    if mode in (None, "none", "eager", False):
-        return model, "eager"
-    try:
-        return torch.compile(model, mode=None if mode == "default" else mode), mode
-    except Exception as exc:  # a compile failure must not stop a training run
-        print(f"torch.compile(mode={mode}) failed on {device_type} ({type(exc).__name__}: {exc}); running eager")
-        return model, "eager"
+# -----------------------------------------------------------------------------
+# DDP agreement: every rank must take the same decision.
 
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _is_main_process():
+    return not _distributed() or torch.distributed.get_rank() == 0
+
+
+def agree(value, op, device):
+    """The min or max of an int over all ranks; the value itself in a single process."""
+    if not _distributed():
+        return value
+    if torch.distributed.get_backend() != "nccl":
+        device = torch.device("cpu")
+    t = torch.tensor([int(value)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN if op == "min" else torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+# -----------------------------------------------------------------------------
+# torch.compile with a fallback chain.
+
+
+def compile_chain(mode):
+    """Modes to try in order: the asked-for one, then default, then eager (no compile)."""
+    if mode in (None, False, "none", "eager"):
+        return ["eager"]
+    if mode not in COMPILE_MODES:
+        raise DeviceError(f"unknown --compile mode {mode!r}; use {', '.join(COMPILE_MODES)} or none")
+    return [mode] + (["default"] if mode != "default" else []) + ["eager"]
+
+
+def compile_model(model, device_type, mode="default", trial=None, wrap=None):
+    """torch.compile down the chain of compile_chain(mode); returns (model to train, mode used).
+
+    torch.compile is lazy: most failures (no C compiler or Triton, an op the backend lacks, a
+    CUDA-graph problem) surface only at the first call. So each mode is checked with trial(model),
+    one training-shaped forward and backward, and the first mode that works on every rank is
+    used. wrap (DDP) is applied before the trial, so the trial compiles the graphs training runs.
+    Each failure prints one line naming the mode that failed and the one tried next. Running out
+    of memory is not a compile failure: it is raised."""
+    wrap = wrap or (lambda m: m)
+    chain = compile_chain(mode)
+    device = next(model.parameters()).device
+    for i, candidate in enumerate(chain[:-1]):
+        error, t0 = None, time.perf_counter()
+        try:
+            compiled = wrap(torch.compile(model, mode=None if candidate == "default" else candidate))
+            if trial is not None:
+                trial(compiled)
+        except Exception as exc:  # any compile failure falls back; the run goes on
+            if is_oom(exc):
+                raise  # not a compile problem, and eager needs more memory still: the caller explains
+            error = exc
+        finally:
+            model.zero_grad(set_to_none=True)  # the trial's gradients must not reach the first step
+        if not agree(error is not None, "max", device):
+            if _is_main_process() and trial is not None:
+                print(f"compile: mode {candidate} compiled and checked on one micro batch in {time.perf_counter() - t0:.1f} s")
+            return compiled, candidate
+        if _is_main_process():
+            reason = f"{type(error).__name__}: {_first_line(error)}" if error else "it failed on another rank"
+            print(f"compile: mode {candidate} failed on {device_type} ({reason}); using {chain[i + 1]}")
+        compiled = error = None
+        with contextlib.suppress(Exception):
+            torch._dynamo.reset()  # drop the failed mode's cached graphs
+    return wrap(model), "eager"
+
+
+def _first_line(exc, limit=200):
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def forward_backward(model, batch_size, seq_len, device, dtype, vocab_size=50257):
+    """One forward and backward pass on random tokens, shaped like a training micro batch
+    (contiguous int64 (B, T) inputs, so a compiled model does not recompile for the real ones).
+    Gradients are not synchronised across DDP ranks; the caller clears them."""
+    gen = torch.Generator().manual_seed(0)  # its own generator: the training RNG streams are untouched
+    x = torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen).to(device)
+    y = torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen).to(device)
+    with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+        with autocast(device.type, dtype):
+            _, loss = model(x, y)
+        loss.backward()
+
+
+# -----------------------------------------------------------------------------
+# Memory: the largest micro batch that fits, statistics, out-of-memory errors.
+
+
+def is_oom(exc):
+    """CUDA raises torch.OutOfMemoryError; MPS may raise a plain RuntimeError saying so."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def fits(model, batch_size, seq_len, device, dtype):
+    """True if a forward and backward pass of batch_size sequences runs without running out of memory.
+    Frees what the pass left (gradients, cached blocks) either way, ready for the next try."""
+    try:
+        forward_backward(model, batch_size, seq_len, device, dtype)
+        ok = True
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        ok = False  # leaving the except block drops the traceback, and with it the activations
+    model.zero_grad(set_to_none=True)
+    free_memory(device)
+    return ok
+
+
+def find_micro_batch_size(try_batch, candidates, start):
+    """The largest of `candidates` for which try_batch(b) is True, or None if none is.
+
+    From the largest candidate <= start: double while it fits, or halve while it does not, then
+    bisect between the largest size that fitted and the smallest that did not. Assumes a size
+    fits whenever a larger one does; each size is tried at most once."""
+    candidates = sorted(candidates)
+    n, tried = len(candidates), {}
+
+    def ok(i):
+        if i not in tried:
+            tried[i] = bool(try_batch(candidates[i]))
+        return tried[i]
+
+    def index_at_most(b):  # -1 when every candidate is larger than b
+        return max((i for i, c in enumerate(candidates) if c <= b), default=-1)
+
+    i = max(index_at_most(start), 0)
+    if ok(i):
+        fit, fail = i, n  # fail == n: no size known to fail yet
+        while fit < n - 1:
+            j = next((k for k in range(fit + 1, n) if candidates[k] >= 2 * candidates[fit]), n - 1)
+            if not ok(j):
+                fail = j
+                break
+            fit = j
+    else:
+        fail = i
+        while True:
+            fit = index_at_most(candidates[fail] // 2)
+            if fit < 0:
+                return None
+            if ok(fit):
+                break
+            fail = fit
+    while fail - fit > 1:
+        mid = (fit + fail) // 2
+        if ok(mid):
+            fit = mid
+        else:
+            fail = mid
+    return candidates[fit]
+
+
+def auto_micro_batch_size(make_model, tokens_per_rank, seq_len, device, dtype, start=8):
+    """--micro_batch_size auto: the largest micro batch that fits, among those that divide the
+    sequences each rank processes per optimizer step (so the token batch stays exact).
+
+    CUDA and MPS: probed with real forward and backward passes on a throwaway model, eager (a
+    compiled model needs less memory, so what fits eager fits compiled), while holding memory for
+    AdamW's two moments, which the first optimizer step allocates. All ranks take the smallest
+    answer. CPU: host memory does not fail cleanly (the OS swaps or kills), so nothing is probed.
+    Returns (micro batch size, one line saying how it was chosen)."""
+    sequences = tokens_per_rank // seq_len
+    candidates = [b for b in range(1, sequences + 1) if sequences % b == 0]
+    if device.type == "cpu":
+        chosen = max(b for b in candidates if b <= max(start, 1))
+        return chosen, f"micro batch auto: {chosen} (cpu: host memory is not probed; the largest divisor of {sequences} up to {start})"
+    with device:  # build on the device: faster than on the CPU for large models
+        model = make_model().to(device)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    adam_moments = torch.empty(2 * param_bytes, dtype=torch.uint8, device=device)
+    tried = []
+
+    def try_batch(b):
+        tried.append(b)
+        return fits(model, b, seq_len, device, dtype)
+
+    chosen = find_micro_batch_size(try_batch, candidates, start)
+    del model, adam_moments
+    free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the step log's peak is training's, not the probe's
+    chosen = agree(chosen or 0, "min", device)
+    if chosen == 0:
+        raise DeviceError(f"the model does not fit on {device} even at micro batch size 1 x {seq_len} tokens; "
+                          "try --activation_checkpointing, a shorter --seq_len or a smaller --model")
+    return chosen, (f"micro batch auto: {chosen} (probed on {device}: tried {', '.join(map(str, tried))}; "
+                    f"divisors of {sequences} sequences per rank per step)")
+
+
+_mps_peak = [0]
+
+
+def memory_stats(device):
+    """Device memory in GiB: allocated by tensors, reserved by the allocator, peak allocated since
+    start (on MPS: the largest allocation seen at these calls). {} on CPU."""
+    gib = 2**30
+    if device.type == "cuda":
+        return {"mem_alloc_gib": torch.cuda.memory_allocated(device) / gib,
+                "mem_reserved_gib": torch.cuda.memory_reserved(device) / gib,
+                "mem_peak_gib": torch.cuda.max_memory_allocated(device) / gib}
+    if device.type == "mps":
+        allocated = torch.mps.current_allocated_memory()
+        _mps_peak[0] = max(_mps_peak[0], allocated)
+        return {"mem_alloc_gib": allocated / gib, "mem_reserved_gib": torch.mps.driver_allocated_memory() / gib,
+                "mem_peak_gib": _mps_peak[0] / gib}
+    return {}
+
+
+def oom_message(device, micro_batch_size, seq_len, activation_checkpointing):
+    """What ran out of memory and what to try, for the error line."""
+    stats = memory_stats(device)
+    used = f" ({stats['mem_peak_gib']:.1f} GiB peak allocated)" if stats else ""
+    fixes = []
+    if isinstance(micro_batch_size, int) and micro_batch_size > 1:
+        fixes.append(f"--micro_batch_size {micro_batch_size // 2} (gradient accumulation keeps --total_batch_size)")
+    fixes.append("--micro_batch_size auto (the largest that fits)")
+    if not activation_checkpointing:
+        fixes.append("--activation_checkpointing (about 1/3 more compute, far less memory)")
+    fixes.append("a smaller --model or --seq_len")
+    return (f"out of memory on {device} at micro batch size {micro_batch_size} x {seq_len} tokens{used}; "
+            f"try {', or '.join(fixes)}")
+
+
+# -----------------------------------------------------------------------------
+# Model FLOP utilisation.
 
 # Dense (no sparsity) peak tensor-core FLOP/s by GPU name, from the vendors' datasheets.
 # MFU = achieved model FLOP/s / this. Unknown GPUs get no MFU rather than a wrong one.
@@ -146,23 +467,39 @@ def peak_flops(device, dtype):
     return None
 
 
-def report():
-    """What this machine has and what training would use: the report people ask for in bug reports."""
-    lines = [f"python {sys.version.split()[0]}, torch {torch.__version__}"]
-    lines.append(f"CUDA built: {torch.backends.cuda.is_built()}, CUDA runtime: {torch.version.cuda}, "
-                 f"cuDNN: {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}")
+# -----------------------------------------------------------------------------
+# python device.py: the report people ask for in bug reports.
+
+
+def report(requested="auto"):
+    """What this machine has and what training would use."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    lines = [f"python {sys.version.split()[0]}, torch {torch.__version__}",
+             f"CUDA: built {torch.backends.cuda.is_built()}, runtime {torch.version.cuda}, cuDNN {cudnn}, "
+             f"GPUs visible {torch.cuda.device_count() if torch.cuda.is_available() else 0}"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             lines.append(f"  GPU {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}")
-    else:
-        lines.append("  no CUDA GPU visible")
-    built = torch.backends.mps.is_built() if hasattr(torch.backends, "mps") else False
-    lines.append(f"MPS built: {built}, available: {mps_available()}")
-    chosen = select_device("auto")
-    lines.append(f"would train on: {chosen}, precision {resolve_dtype(chosen)}")
+    lines.append(f"MPS: built {mps_built()}, available {mps_available()}"
+                 + (f", recommended working set {torch.mps.recommended_max_memory() / 2**30:.1f} GiB" if mps_available() else ""))
+    lines.append(f"CPU: {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads")
+    chosen = select_device(requested)
+    preset = ", ".join(f"{k} {v}" for k, v in PRESETS[chosen].items())
+    lines.append(f"would train on: {chosen} (--device {requested}), precision {resolve_dtype(chosen)}")
+    lines.append(f"  preset {chosen}: {preset}")
+    preset_compile = PRESETS[chosen]["compile"]
+    lines.append(f"  compile: preset {preset_compile}: {' -> '.join(compile_chain(preset_compile))}; "
+                 f"--compile max-autotune: {' -> '.join(compile_chain('max-autotune'))}")
+    lines += ["  " + line for line in apply_device_settings(chosen)]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(report())
+    parser = argparse.ArgumentParser(description="Print what this machine has and what train_gpt2.py would use on it.")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device to report on")
+    try:
+        print(report(parser.parse_args().device))
+    except DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

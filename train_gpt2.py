@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
+import device as device_mod  # before torch: it sets environment variables torch reads when it loads
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -24,7 +25,6 @@ from torch.nn import functional as F
 import checkpoint
 import dataloader
 import hellaswag
-import device as device_mod
 import metrics as metrics_mod
 
 # -----------------------------------------------------------------------------
@@ -207,14 +207,24 @@ RECIPE = dict(
 )
 # Without --data_root: tiny Shakespeare, sized so a first run shows the loss fall and a sample in minutes.
 QUICKSTART = {
+    # compile off: 300 eager steps take ~17 s on an H100 (docs/PERFORMANCE.md), less than compiling GPT-2
     "cuda": dict(model="gpt2", seq_len=1024, micro_batch_size=16, total_batch_size=16384, max_steps=300,
-                 warmup_steps=30, max_lr=6e-4, min_lr=6e-5, eval_interval=50, eval_steps=2, checkpoint_interval=300),
+                 warmup_steps=30, max_lr=6e-4, min_lr=6e-5, eval_interval=50, eval_steps=2, checkpoint_interval=300,
+                 compile="none"),
     "mps": dict(model="d6", seq_len=256, micro_batch_size=16, total_batch_size=4096, max_steps=500,
                 warmup_steps=30, max_lr=1e-3, min_lr=1e-4, eval_interval=50, eval_steps=4, checkpoint_interval=500),
     "cpu": dict(model="d4", seq_len=64, micro_batch_size=8, total_batch_size=512, max_steps=300,
                 warmup_steps=20, max_lr=2e-3, min_lr=2e-4, eval_interval=50, eval_steps=4, checkpoint_interval=300),
 }
 DEFAULT_DATA_ROOT = os.path.join("data", "tinyshakespeare")
+
+
+def micro_batch_size_arg(text):
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive number of sequences nor auto")
+    return int(text)
 
 
 def parse_args(argv=None):
@@ -233,7 +243,8 @@ def parse_args(argv=None):
     g.add_argument("--block_size", type=int, default=1024, help="longest sequence the model can take (position table size), tokens")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--total_batch_size", type=int, default=None, help="tokens per optimizer step over all ranks (default 524288 = 2**19)")
-    g.add_argument("--micro_batch_size", type=int, default=None, help="sequences per forward pass per rank (default: device preset)")
+    g.add_argument("--micro_batch_size", type=micro_batch_size_arg, default=None,
+                   help="sequences per forward pass per rank, or auto: the largest that fits the GPU, probed at start (default: device preset)")
     g.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 1024)")
     g.add_argument("--max_steps", type=int, default=None, help="optimizer steps in the run (default 19073: 10B tokens at 2**19)")
     g.add_argument("--warmup_steps", type=int, default=None, help="linear LR warm-up, steps (default 715)")
@@ -244,11 +255,18 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=1337, help="seed for init, data order is fixed by the shards")
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks CUDA > MPS > CPU")
-    g.add_argument("--preset", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="per-device defaults to use (auto: the device's)")
+    g.add_argument("--preset", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="per-device defaults for micro batch, dtype, compile, pin_memory, threads (device.PRESETS; auto: the device's); flags win")
     g.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision (default: bf16 on CUDA/MPS, fp32 on CPU)")
     g.add_argument("--compile", nargs="?", const="default", default=None,
-                   help="torch.compile the model; optional mode: default, reduce-overhead, max-autotune, none")
-    g.add_argument("--num_threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+                   help="torch.compile the model; optional mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs, "
+                        "none. A mode that fails falls back to default, then eager (default: device preset)")
+    g.add_argument("--num_threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, one per physical core)")
+    g.add_argument("--pin_memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="page-locked host batches for faster, asynchronous copies to the GPU (default: on for CUDA)")
+    g.add_argument("--mps_memory_fraction", type=float, default=None,
+                   help="Apple MPS: cap this process at this fraction of the GPU's recommended working set, 0..2 "
+                        "(default: PYTORCH_MPS_HIGH_WATERMARK_RATIO, 1.0 unless you set it)")
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute activations in the backward pass: ~1/3 more compute, far less memory (off: speed first)")
     g = p.add_argument_group("evaluation and logging")
@@ -296,8 +314,8 @@ def resolve_settings(args, device_type):
     layers.append(("quickstart:" + device_type, QUICKSTART[device_type]) if quickstart else ("recipe", RECIPE))
     sources = {}
     for name in ("data_root", "model", "total_batch_size", "micro_batch_size", "seq_len", "max_steps", "warmup_steps",
-                 "max_lr", "min_lr", "weight_decay", "grad_clip", "dtype", "compile", "eval_interval", "eval_steps",
-                 "log_interval", "generate_interval", "checkpoint_interval"):
+                 "max_lr", "min_lr", "weight_decay", "grad_clip", "dtype", "compile", "pin_memory", "num_threads",
+                 "eval_interval", "eval_steps", "log_interval", "generate_interval", "checkpoint_interval"):
         value, source = getattr(args, name), "flag"
         if value is None:
             for layer_name, layer in reversed(layers):  # quickstart/recipe first: they know the run's shape
@@ -305,7 +323,8 @@ def resolve_settings(args, device_type):
                     value, source = layer[name], layer_name
                     break
         if value is None:
-            value, source = {"data_root": DEFAULT_DATA_ROOT, "min_lr": None}.get(name, RECIPE.get(name)), "default"
+            defaults = {"data_root": DEFAULT_DATA_ROOT, "min_lr": None, "pin_memory": False, "num_threads": torch.get_num_threads()}
+            value, source = defaults.get(name, RECIPE.get(name)), "default"
         setattr(args, name, value)
         sources[name] = source
     if args.min_lr is None:
@@ -451,6 +470,26 @@ def train_step(model, optimizer, scaler, loader, grad_accum_steps, lr, grad_clip
     timer.mark("optim")
     return loss_accum, norm
 
+def probe_micro_batch_size(args, model_config, device, dtype, ddp, log):
+    """--micro_batch_size auto: the largest micro batch that fits (the same on every rank); the
+    accumulation steps then make up --total_batch_size."""
+    sequences_per_rank = args.total_batch_size // (args.seq_len * ddp.world_size)
+    if sequences_per_rank < 1 or args.total_batch_size % (args.seq_len * ddp.world_size):
+        raise UserError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len * world_size = "
+                        f"{args.seq_len} * {ddp.world_size}; --micro_batch_size auto needs whole sequences per rank")
+
+    def make_model():
+        model = GPT(model_config)
+        model.activation_checkpointing = args.activation_checkpointing
+        model.loss_chunk_rows = args.loss_chunk_rows
+        return model
+
+    micro_batch_size, line = device_mod.auto_micro_batch_size(make_model, sequences_per_rank * args.seq_len,
+                                                              args.seq_len, device, dtype)
+    log(line)
+    return micro_batch_size
+
+
 def train(args):
     device_type = device_mod.select_device(args.device)
     ddp = init_distributed(device_type)
@@ -458,9 +497,16 @@ def train(args):
     log = print if ddp.master else (lambda *a, **k: None)
     settings = resolve_settings(args, device_type)
     dtype = device_mod.resolve_dtype(device_type, args.dtype)
-    for line in device_mod.apply_device_settings(device_type, args.num_threads):
+    for line in device_mod.apply_device_settings(device_type, args.num_threads, args.mps_memory_fraction):
         log(line)
 
+    model_config = build_model_config(args)
+    if args.seq_len > model_config.block_size:
+        raise UserError(f"--seq_len {args.seq_len} is longer than the model's block size {model_config.block_size}; "
+                        f"use --seq_len {model_config.block_size} or less, or raise --block_size")
+    if args.micro_batch_size == "auto":
+        args.micro_batch_size = probe_micro_batch_size(args, model_config, device, dtype, ddp, log)
+        settings["micro_batch_size"] = (args.micro_batch_size, f"auto ({settings['micro_batch_size'][1]})")
     tokens_per_micro_step = args.micro_batch_size * args.seq_len * ddp.world_size
     if args.total_batch_size % tokens_per_micro_step:
         raise UserError(
@@ -468,10 +514,6 @@ def train(args):
             f"{args.micro_batch_size} * {args.seq_len} * {ddp.world_size} = {tokens_per_micro_step}; "
             f"use a multiple such as {max(1, args.total_batch_size // tokens_per_micro_step) * tokens_per_micro_step}")
     grad_accum_steps = args.total_batch_size // tokens_per_micro_step
-    model_config = build_model_config(args)
-    if args.seq_len > model_config.block_size:
-        raise UserError(f"--seq_len {args.seq_len} is longer than the model's block size {model_config.block_size}; "
-                        f"use --seq_len {model_config.block_size} or less, or raise --block_size")
     if ddp.master:
         os.makedirs(args.log_dir, exist_ok=True)
         print_settings(settings, {"device": f"{device} x {ddp.world_size}", "precision": dtype,
@@ -482,11 +524,10 @@ def train(args):
         dataloader.ensure_tinyshakespeare(args.data_root)
     if ddp.enabled:
         dist.barrier()
-    pin = device_type == "cuda"
     train_loader = dataloader.ShardedDataLoader(args.data_root, "train", args.micro_batch_size, args.seq_len,
-                                                ddp.rank, ddp.world_size, pin_memory=pin)
+                                                ddp.rank, ddp.world_size, pin_memory=args.pin_memory)
     val_loader = dataloader.ShardedDataLoader(args.data_root, "val", args.micro_batch_size, args.seq_len,
-                                              ddp.rank, ddp.world_size, pin_memory=pin)
+                                              ddp.rank, ddp.world_size, pin_memory=args.pin_memory)
 
     torch.manual_seed(args.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     model = GPT(model_config).to(device)
@@ -504,10 +545,12 @@ def train(args):
                              load_optimizer=not args.no_load_optimizer)
     stop = checkpoint.GracefulStop()
 
-    model, compile_mode = device_mod.compile_model(model, device_type, args.compile)
-    if ddp.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)
+    # torch.compile down the fallback chain, each mode checked on one micro batch (under DDP, as trained).
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    wrap = (lambda m: DDP(m, device_ids=[ddp.local_rank] if device_type == "cuda" else None)) if ddp.enabled else None
+    model, compile_mode = device_mod.compile_model(
+        model, device_type, args.compile, wrap=wrap,
+        trial=lambda m: device_mod.forward_backward(m, args.micro_batch_size, args.seq_len, device, dtype))
     metrics = metrics_mod.Metrics(
         args.log_dir, enabled=ddp.master, device_type=device_type, start_step=start_step, total_steps=args.max_steps,
         log_interval=args.log_interval, tokens_per_step=args.total_batch_size, world_size=ddp.world_size,
@@ -529,7 +572,7 @@ def train(args):
         dt = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             raise checkpoint.NonFiniteLoss(step, train_loss, ckpt.latest_path())
-        metrics.log_step(step, dt, loss=train_loss, lr=lr, norm=float(norm))
+        metrics.log_step(step, dt, loss=train_loss, lr=lr, norm=float(norm), **device_mod.memory_stats(device))
 
         val_loss = None
         if (args.eval_interval > 0 and step % args.eval_interval == 0) or last_step:
@@ -561,6 +604,13 @@ def main(argv=None):
     except (UserError, dataloader.DataError, device_mod.DeviceError, checkpoint.CheckpointError,
             metrics_mod.MetricsError, hellaswag.HellaSwagError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as exc:  # torch.OutOfMemoryError, or MPS's RuntimeError saying so
+        if not device_mod.is_oom(exc):
+            raise
+        device = torch.device(device_mod.select_device(args.device))
+        print(f"error: {device_mod.oom_message(device, args.micro_batch_size, args.seq_len, args.activation_checkpointing)}",
+              file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,0 +1,340 @@
+"""Devices as users meet them: which device is picked, what a missing one says, presets that
+never beat a flag, compile that falls back instead of failing, micro batches sized to memory,
+and out-of-memory errors that name the fix. CUDA and MPS are mocked: these run on a CPU."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import device as device_mod
+import train_gpt2
+from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_train
+from train_gpt2 import parse_args, resolve_settings
+
+
+def set_available(monkeypatch, cuda, mps):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+# -----------------------------------------------------------------------------
+# Selection
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [
+    (True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu"),
+])
+def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    set_available(monkeypatch, cuda, mps)
+    assert device_mod.select_device("auto") == expected
+
+
+def test_an_explicit_device_wins_over_auto(monkeypatch):
+    set_available(monkeypatch, cuda=True, mps=True)
+    assert device_mod.select_device("mps") == "mps"
+    assert device_mod.select_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("built, expected", [
+    (False, "built without CUDA"), (True, "CUDA_VISIBLE_DEVICES"),
+])
+def test_missing_cuda_names_the_checks(monkeypatch, built, expected):
+    set_available(monkeypatch, cuda=False, mps=False)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: built)
+    with pytest.raises(device_mod.DeviceError) as err:
+        device_mod.select_device("cuda")
+    assert "nvidia-smi" in str(err.value) and expected in str(err.value) and "--device auto" in str(err.value)
+
+
+@pytest.mark.parametrize("built, expected", [
+    (False, "built without MPS"), (True, "not an Apple-silicon Mac"),
+])
+def test_missing_mps_names_the_checks(monkeypatch, built, expected):
+    set_available(monkeypatch, cuda=False, mps=False)
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: built)
+    with pytest.raises(device_mod.DeviceError) as err:
+        device_mod.select_device("mps")
+    assert expected in str(err.value) and "--device cpu" in str(err.value)
+
+
+def test_more_processes_than_gpus_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(device_mod.DeviceError, match="nproc_per_node 2"):
+        device_mod.torch_device("cuda", local_rank=2)
+
+
+def test_environment_is_set_before_torch_loads_unless_the_user_set_it():
+    # torch 2.9 renamed the allocator variable; device.py sets the name this torch reads.
+    alloc = "PYTORCH_ALLOC_CONF" if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
+    code = (f"import os, device; print(os.environ.get('{alloc}'), os.environ['PYTORCH_ENABLE_MPS_FALLBACK'], "
+            "os.environ['PYTORCH_MPS_HIGH_WATERMARK_RATIO']); print(device.ENVIRONMENT['cuda'][0])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTORCH_")}
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.splitlines()[0] == "expandable_segments:True 1 1.0"
+    assert f"cuda: {alloc}=expandable_segments:True" in fresh.stdout
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"  # the old name, set by the user, is kept and not overridden
+    theirs = subprocess.run([sys.executable, "-c", code.replace(alloc, "PYTORCH_CUDA_ALLOC_CONF")], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True)
+    assert theirs.stdout.splitlines()[0].startswith("max_split_size_mb:128 ")
+    assert "cuda: PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128 (from your environment)" in theirs.stdout
+    assert "PYTORCH_ALLOC_CONF" not in theirs.stdout.replace("PYTORCH_CUDA_ALLOC_CONF", "")
+
+
+def test_mps_memory_fraction_is_applied_checked_or_ignored(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.mps, "set_per_process_memory_fraction", calls.append)
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 16 * 2**30)
+    lines = device_mod.apply_device_settings("mps", mps_memory_fraction=0.5)
+    assert calls == [0.5] and any("8.0 GiB" in line for line in lines)
+    with pytest.raises(device_mod.DeviceError, match="outside 0..2"):
+        device_mod.apply_device_settings("mps", mps_memory_fraction=3)
+    assert any("ignored: training on cpu" in line for line in device_mod.apply_device_settings("cpu", mps_memory_fraction=0.5))
+    assert calls == [0.5]
+
+
+def test_device_report_runs_and_says_what_it_would_use():
+    result = subprocess.run([sys.executable, "device.py"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for text in ("torch " + torch.__version__, "CUDA: built", "cuDNN", "GPUs visible", "MPS: built", "would train on:",
+                 "preset", "compile"):
+        assert text in result.stdout
+    if not torch.cuda.is_available():
+        missing = subprocess.run([sys.executable, "device.py", "--device", "cuda"], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert missing.returncode == 1 and "nvidia-smi" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# -----------------------------------------------------------------------------
+# Presets
+
+
+def test_flags_beat_the_preset_and_the_table_says_where_values_came_from():
+    preset_only = resolve_settings(parse_args(["--data_root", "x", "--preset", "cuda"]), "cpu")
+    assert preset_only["micro_batch_size"] == ("auto", "preset:cuda")
+    assert preset_only["compile"] == ("default", "preset:cuda")
+    assert preset_only["pin_memory"] == (True, "preset:cuda")
+    flags = resolve_settings(parse_args(["--data_root", "x", "--preset", "cuda", "--micro_batch_size", "4",
+                                         "--compile", "none", "--no-pin_memory", "--dtype", "fp32"]), "cpu")
+    assert flags["micro_batch_size"] == (4, "flag") and flags["compile"] == ("none", "flag")
+    assert flags["pin_memory"] == (False, "flag") and flags["dtype"] == ("fp32", "flag")
+    cpu = resolve_settings(parse_args(["--data_root", "x", "--num_threads", "1"]), "cpu")
+    assert cpu["num_threads"] == (1, "flag") and cpu["micro_batch_size"] == (8, "preset:cpu")
+
+
+@pytest.mark.parametrize("preset", sorted(device_mod.PRESETS))
+def test_no_preset_touches_the_learning_rate(preset):
+    assert not {"max_lr", "min_lr", "warmup_steps", "weight_decay", "total_batch_size"} & set(device_mod.PRESETS[preset])
+    settings = resolve_settings(parse_args(["--data_root", "x", "--preset", preset]), "cpu")
+    assert settings["max_lr"] == (6e-4, "recipe")
+    assert resolve_settings(parse_args(["--data_root", "x", "--preset", preset, "--max_lr", "1e-3"]), "cpu")["max_lr"] == (1e-3, "flag")
+
+
+def test_micro_batch_size_flag_takes_a_number_or_auto():
+    assert parse_args(["--micro_batch_size", "auto"]).micro_batch_size == "auto"
+    assert parse_args(["--micro_batch_size", "12"]).micro_batch_size == 12
+    with pytest.raises(SystemExit):
+        parse_args(["--micro_batch_size", "0"])
+
+
+# -----------------------------------------------------------------------------
+# torch.compile fallback
+
+
+class TinyLM(nn.Module):
+    """model(x, y) -> (logits, loss), like GPT, in a few parameters."""
+
+    def __init__(self, oom_above=None):
+        super().__init__()
+        self.emb = nn.Embedding(50257, 8)
+        self.oom_above = oom_above
+
+    def forward(self, idx, targets):
+        if self.oom_above is not None and idx.size(0) > self.oom_above:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {idx.size(0)} GiB")
+        logits = self.emb(idx) @ self.emb.weight.T
+        return logits, nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def trial(model):
+    device_mod.forward_backward(model, 2, 4, torch.device("cpu"), "fp32")
+
+
+def test_compile_chain_per_mode():
+    assert device_mod.compile_chain("max-autotune") == ["max-autotune", "default", "eager"]
+    assert device_mod.compile_chain("default") == ["default", "eager"]
+    assert device_mod.compile_chain("none") == ["eager"]
+    with pytest.raises(device_mod.DeviceError, match="unknown --compile mode 'fast'"):
+        device_mod.compile_chain("fast")
+
+
+def test_compile_that_raises_falls_back_to_eager(monkeypatch, capsys):
+    def broken_compile(model, mode=None):
+        raise RuntimeError(f"no C++ compiler for mode {mode}\nlong inductor trace")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = TinyLM()
+    used, mode = device_mod.compile_model(model, "cpu", "max-autotune", trial=trial)
+    assert used is model and mode == "eager"
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["compile: mode max-autotune failed on cpu (RuntimeError: no C++ compiler for mode max-autotune); using default",
+                   "compile: mode default failed on cpu (RuntimeError: no C++ compiler for mode None); using eager"]
+
+
+class FailsOnFirstCall(nn.Module):
+    """What a lazily compiled model does when the backend cannot handle it: compiles 'fine', fails when called."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        raise RuntimeError("BackendCompilerFailed: triton not found")
+
+
+def test_compile_that_fails_at_the_first_call_falls_back(monkeypatch, capsys):
+    # max-autotune fails when called; default works (here: the model itself, as eager would).
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: FailsOnFirstCall(model) if mode else model)
+    model = TinyLM()
+    used, mode = device_mod.compile_model(model, "cuda", "max-autotune", trial=trial)
+    assert mode == "default" and used is model
+    out = capsys.readouterr().out
+    assert "compile: mode max-autotune failed on cuda (RuntimeError: BackendCompilerFailed: triton not found); using default" in out
+    assert "compile: mode default compiled and checked on one micro batch" in out
+    assert all(p.grad is None for p in model.parameters())  # the trial's gradients do not leak into step 0
+
+
+def test_training_goes_on_eager_when_compile_fails_at_the_first_step(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: FailsOnFirstCall(model))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the trainer's handlers must not outlive this test
+    train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--total_batch_size", "128",
+                                "--max_steps", "2", "--compile", "reduce-overhead"])
+    out = capsys.readouterr().out
+    assert "compile: mode reduce-overhead failed on cpu (RuntimeError: BackendCompilerFailed: triton not found); using default" in out
+    assert "compile: mode default failed on cpu" in out and "using eager" in out
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [0, 1]
+
+
+def test_running_out_of_memory_in_the_compile_trial_is_not_a_compile_failure(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
+    with pytest.raises(torch.OutOfMemoryError):
+        device_mod.compile_model(TinyLM(oom_above=1), "cuda", "default", trial=trial)
+
+
+# -----------------------------------------------------------------------------
+# Micro batch size: the search, the probe, and auto in a real run
+
+
+@pytest.mark.parametrize("limit, candidates, start, expected", [
+    (64, [1, 2, 4, 8, 16, 32, 64], 8, 64),       # everything fits: doubles up to the largest
+    (40, [1, 2, 4, 8, 16, 32, 64], 8, 32),
+    (5, [1, 2, 4, 8, 16, 32, 64], 8, 4),         # the start does not fit: halves
+    (0, [1, 2, 4, 8, 16, 32, 64], 8, None),      # nothing fits
+    (11, [1, 2, 3, 4, 6, 8, 12, 24], 8, 8),      # divisors that are not powers of two
+    (7, [1, 2, 3, 4, 6, 8, 12, 24], 8, 6),
+    (13, [1, 2, 3, 4, 6, 8, 12, 24], 2, 12),     # bisects between 8 (fits) and 24 (does not)
+    (3, [1, 3, 9], 100, 3),                      # a start above every candidate
+])
+def test_micro_batch_search_finds_the_largest_that_fits(limit, candidates, start, expected):
+    tried = []
+
+    def try_batch(b):
+        tried.append(b)
+        return b <= limit
+
+    assert device_mod.find_micro_batch_size(try_batch, candidates, start) == expected
+    assert len(tried) == len(set(tried))  # no size is probed twice
+    assert len(tried) <= 6
+
+
+class BrokenLM(TinyLM):
+    def forward(self, idx, targets):
+        raise ValueError("a bug, not a full GPU")
+
+
+def test_probe_catches_a_real_out_of_memory_and_frees_the_gradients():
+    model = TinyLM(oom_above=4)
+    cpu = torch.device("cpu")
+    assert device_mod.fits(model, 4, 8, cpu, "fp32")
+    assert not device_mod.fits(model, 5, 8, cpu, "fp32")
+    assert all(p.grad is None for p in model.parameters())
+    chosen = device_mod.find_micro_batch_size(lambda b: device_mod.fits(model, b, 8, cpu, "fp32"), [1, 2, 4, 8, 16], 16)
+    assert chosen == 4
+    with pytest.raises(ValueError):  # only out-of-memory errors mean "does not fit"
+        device_mod.fits(BrokenLM(), 2, 8, cpu, "fp32")
+
+
+def test_auto_micro_batch_size_probes_an_accelerator(monkeypatch):
+    # The meta device stands in for a GPU: real forward and backward passes, no memory used.
+    line = device_mod.auto_micro_batch_size(lambda: TinyLM(oom_above=12), 64 * 16, 16, torch.device("meta"), "fp32")
+    assert line[0] == 8  # 12 fits but does not divide 64 sequences; 16 does not fit
+    assert "micro batch auto: 8 (probed on meta: tried 8, 16" in line[1]
+    with pytest.raises(device_mod.DeviceError, match="does not fit .* even at micro batch size 1"):
+        device_mod.auto_micro_batch_size(lambda: TinyLM(oom_above=0), 64 * 16, 16, torch.device("meta"), "fp32")
+
+
+def test_micro_batch_auto_keeps_the_token_batch(tiny_data, tmp_path):
+    args = list(TINY_RUN)
+    args[args.index("--micro_batch_size") + 1] = "auto"
+    result = run_train(args + ["--data_root", tiny_data, "--log_dir", tmp_path, "--total_batch_size", 512, "--max_steps", 1],
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "micro batch auto: 8 (cpu: host memory is not probed" in result.stdout
+    assert "grad_accum_steps     2" in result.stdout  # 512 tokens = 2 x 8 x 32
+    assert "micro_batch_size     8                        auto (flag)" in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# Memory statistics and out-of-memory errors
+
+
+def test_memory_stats_are_empty_on_cpu_and_in_gib_on_cuda(monkeypatch):
+    assert device_mod.memory_stats(torch.device("cpu")) == {}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 4 * 2**30)
+    assert device_mod.memory_stats(torch.device("cuda", 0)) == {"mem_alloc_gib": 2.0, "mem_reserved_gib": 3.0, "mem_peak_gib": 4.0}
+
+
+def test_out_of_memory_is_recognised_on_cuda_and_mps():
+    assert device_mod.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert device_mod.is_oom(RuntimeError("MPS backend out of memory (MPS allocated: 9.07 GiB)"))
+    assert not device_mod.is_oom(RuntimeError("expected scalar type BFloat16 but found Float"))
+
+
+def test_oom_message_names_the_micro_batch_and_the_fixes():
+    message = device_mod.oom_message(torch.device("cpu"), 16, 1024, activation_checkpointing=False)
+    for text in ("micro batch size 16 x 1024 tokens", "--micro_batch_size 8", "--micro_batch_size auto",
+                 "--activation_checkpointing"):
+        assert text in message
+    smallest = device_mod.oom_message(torch.device("cpu"), 1, 1024, activation_checkpointing=True)
+    assert "--micro_batch_size 0" not in smallest and "--activation_checkpointing" not in smallest
+
+
+def test_out_of_memory_in_training_exits_with_one_clear_message(tiny_data, tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train_gpt2, "train_step", out_of_memory)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--max_steps", "1"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory on cpu at micro batch size 4 x 32 tokens")
+    assert "--micro_batch_size 2" in err and "--micro_batch_size auto" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_memory_keys_reach_metrics_jsonl_on_an_accelerator(tiny_data, tmp_path, monkeypatch):
+    # The CPU has no device memory to report; pretend it does, as CUDA would.
+    monkeypatch.setattr(device_mod, "memory_stats", lambda device: {"mem_alloc_gib": 1.5, "mem_reserved_gib": 2.0,
+                                                                    "mem_peak_gib": 2.5})
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--total_batch_size", "128",
+                                "--max_steps", "1"])
+    step = [r for r in read_metrics(tmp_path) if "loss" in r][0]
+    assert (step["mem_alloc_gib"], step["mem_reserved_gib"], step["mem_peak_gib"]) == (1.5, 2.0, 2.5)
