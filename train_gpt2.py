@@ -481,7 +481,6 @@ def probe_micro_batch_size(args, model_config, device, dtype, ddp, log):
     def make_model():
         model = GPT(model_config)
         model.activation_checkpointing = args.activation_checkpointing
-        model.loss_chunk_rows = args.loss_chunk_rows
         return model
 
     micro_batch_size, line = device_mod.auto_micro_batch_size(make_model, sequences_per_rank * args.seq_len,
