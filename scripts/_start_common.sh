@@ -1,0 +1,42 @@
+# Shared by scripts/start_*.sh (sourced, not run): --help, the data check, the dry run.
+# shellcheck shell=bash
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+
+# show_help_if_asked USAGE ARGS...: print USAGE and exit 0 if -h or --help is among ARGS.
+show_help_if_asked() {
+  local usage="$1" arg
+  shift
+  for arg in "$@"; do
+    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+      printf '%s\n' "$usage"
+      exit 0
+    fi
+  done
+}
+
+# require_shards DIR PREPARE_COMMAND: exit 1, naming the command that makes them, unless DIR
+# holds train and val shards (<name>_train_NNNNNN.npy, <name>_val_NNNNNN.npy).
+require_shards() {
+  local root="$1" prepare="$2" split
+  for split in train val; do
+    if ! compgen -G "${root}/*_${split}_*.npy" > /dev/null; then
+      echo "error: no ${split} shards (*_${split}_*.npy) in '${root}'." >&2
+      echo "  make them:  ${prepare}" >&2
+      echo "  or point DATA_ROOT at a folder of shards:  DATA_ROOT=path/to/shards $0" >&2
+      exit 1
+    fi
+  done
+}
+
+# run_command CMD...: print the command (quoted, ready to paste), then run it in place of this
+# shell, unless DRY_RUN=1.
+run_command() {
+  echo "+$(printf ' %q' "$@")"
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    echo "DRY_RUN=1: not running it"
+    exit 0
+  fi
+  exec "$@"
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Train GPT-2 on one NVIDIA GPU with the CUDA preset, resuming automatically. See --help.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_start_common.sh"
+
+USAGE="usage: [DATA_ROOT=dir] [DRY_RUN=1] scripts/start_cuda_optimized_training.sh [train_gpt2.py flags ...]
+
+Trains on one CUDA GPU with --preset cuda: bf16 autocast (fp16 with grad scaling on GPUs
+without bf16), TF32, torch.compile (falls back to eager if it fails), the largest micro batch
+that fits (--micro_batch_size auto, probed at start), pinned memory, expandable allocator
+segments; and --auto_resume: it continues from the newest checkpoint in --log_dir (default log/).
+The recipe is GPT-2 124M on FineWeb-Edu (524,288 tokens per step, 19,073 steps).
+For several GPUs use scripts/start_multi_gpu_training.sh.
+Extra flags go to train_gpt2.py and win over the preset (python train_gpt2.py --help).
+
+environment:
+  DATA_ROOT   folder of <name>_train_NNNNNN.npy / <name>_val_NNNNNN.npy shards (default: data/edu_fineweb10B)
+  DRY_RUN=1   print the command, run nothing
+  PYTHON      the python to use (default: python)
+
+example:
+  DATA_ROOT=data/edu_fineweb10B scripts/start_cuda_optimized_training.sh --compile max-autotune"
+show_help_if_asked "$USAGE" "$@"
+
+DATA_ROOT="${DATA_ROOT:-data/edu_fineweb10B}"
+require_shards "$DATA_ROOT" "python scripts/prepare_data.py --source fineweb-edu   (needs: pip install datasets)"
+run_command "$PYTHON" "$REPO_ROOT/train_gpt2.py" --device cuda --preset cuda --data_root "$DATA_ROOT" --auto_resume "$@"

@@ -1,0 +1,100 @@
+"""The one-command start scripts: help, dry run, flags passed through, the data check, and a real
+(tiny) CPU run that resumes."""
+import os
+import stat
+import subprocess
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, TINY_RUN
+
+SCRIPTS = ["start_cuda_optimized_training.sh", "start_mps_optimized_training.sh", "start_cpu_training.sh",
+           "start_multi_gpu_training.sh"]
+DEVICE = {"start_cuda_optimized_training.sh": "cuda", "start_mps_optimized_training.sh": "mps",
+          "start_cpu_training.sh": "cpu", "start_multi_gpu_training.sh": "cuda"}
+
+
+def run_script(name, args=(), cwd=None, timeout=60, **env):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("DATA_ROOT", "DRY_RUN", "NPROC_PER_NODE", "NNODES")}
+    full_env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()})
+    return subprocess.run([str(REPO_ROOT / "scripts" / name)] + [str(a) for a in args], cwd=cwd or REPO_ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_is_executable_and_strict(name):
+    path = REPO_ROOT / "scripts" / name
+    assert path.stat().st_mode & stat.S_IXUSR
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text and '"$@"' in text
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name):
+    result = run_script(name, ["--help"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:") and "DATA_ROOT" in result.stdout and "DRY_RUN" in result.stdout
+    assert "+ " not in result.stdout  # nothing run
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_dry_run_prints_the_command_with_auto_resume_and_the_extra_flags(name, tiny_data):
+    result = run_script(name, ["--max_steps", 7, "--log_dir", "my runs"], DRY_RUN=1, DATA_ROOT=tiny_data, NPROC_PER_NODE=2)
+    assert result.returncode == 0, result.stderr
+    command = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
+    assert len(command) == 1, result.stdout
+    command = command[0]
+    assert "train_gpt2.py" in command and "--auto_resume" in command
+    assert f"--device {DEVICE[name]} --preset {DEVICE[name]}" in command
+    assert f"--data_root {tiny_data}" in command
+    assert command.endswith("--max_steps 7 --log_dir my\\ runs")  # passed through last, so they win
+    assert "DRY_RUN=1: not running it" in result.stdout
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_missing_data_names_the_prepare_command(name, tmp_path):
+    result = run_script(name, DRY_RUN=1, DATA_ROOT=tmp_path / "nothing_here", NPROC_PER_NODE=2)
+    assert result.returncode == 1
+    assert "no train shards" in result.stderr and "prepare_data.py" in result.stderr and "nothing_here" in result.stderr
+    assert "+ " not in result.stdout
+
+
+@pytest.mark.parametrize("name", ["start_cpu_training.sh", "start_mps_optimized_training.sh"])
+def test_without_data_root_the_quickstart_data_must_exist(name, tmp_path):
+    result = run_script(name, cwd=tmp_path, DRY_RUN=1)
+    assert result.returncode == 1
+    assert "data/tinyshakespeare" in result.stderr and "prepare_data.py --source tinyshakespeare" in result.stderr
+
+
+def test_multi_gpu_rendezvous_from_the_torchrun_variables(tiny_data):
+    single = run_script("start_multi_gpu_training.sh", DRY_RUN=1, DATA_ROOT=tiny_data, NPROC_PER_NODE=8)
+    assert "-m torch.distributed.run --standalone --nproc_per_node=8 " in single.stdout
+    multi = run_script("start_multi_gpu_training.sh", DRY_RUN=1, DATA_ROOT=tiny_data, NPROC_PER_NODE=4, NNODES=2,
+                       NODE_RANK=1, MASTER_ADDR="10.0.0.1", MASTER_PORT=29600)
+    assert ("--nnodes=2 --node_rank=1 --master_addr=10.0.0.1 --master_port=29600 --nproc_per_node=4 "
+            in multi.stdout), multi.stdout
+    missing = run_script("start_multi_gpu_training.sh", DRY_RUN=1, DATA_ROOT=tiny_data, NPROC_PER_NODE=4, NNODES=2)
+    assert missing.returncode == 1 and "NODE_RANK" in missing.stderr and "MASTER_ADDR" in missing.stderr
+    bad = run_script("start_multi_gpu_training.sh", DRY_RUN=1, DATA_ROOT=tiny_data, NPROC_PER_NODE="x")
+    assert bad.returncode == 1 and "not a positive number" in bad.stderr
+
+
+def test_multi_gpu_counts_the_visible_gpus(tiny_data):
+    visible = run_script("start_multi_gpu_training.sh", DRY_RUN=1, DATA_ROOT=tiny_data, CUDA_VISIBLE_DEVICES="0,2,3")
+    assert "--nproc_per_node=3 " in visible.stdout and "NPROC_PER_NODE=3: GPUs found" in visible.stdout
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    none = run_script("start_multi_gpu_training.sh", DRY_RUN=1, DATA_ROOT=tiny_data, CUDA_VISIBLE_DEVICES="")
+    assert none.returncode == 1 and "found no GPU" in none.stderr and "NPROC_PER_NODE" in none.stderr
+
+
+def test_cpu_script_trains_and_resumes(tiny_data, tmp_path):
+    flags = [a for a in TINY_RUN if a not in ("--device", "cpu")] + ["--log_dir", tmp_path / "log", "--total_batch_size", 128,
+                                                                     "--eval_interval", 2, "--checkpoint_interval", 2]
+    first = run_script("start_cpu_training.sh", flags + ["--max_steps", 2], cwd=tmp_path, timeout=300, DATA_ROOT=tiny_data)
+    assert first.returncode == 0, first.stderr
+    assert "preset:cpu" in first.stdout and "step     1" in first.stdout
+    second = run_script("start_cpu_training.sh", flags + ["--max_steps", 4], cwd=tmp_path, timeout=300, DATA_ROOT=tiny_data)
+    assert second.returncode == 0, second.stderr
+    assert "step     0 " not in second.stdout and "step     3" in second.stdout  # resumed at step 2
