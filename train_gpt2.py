@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 import checkpoint
 import dataloader
+import gpt2_hf
 import hellaswag
 import metrics as metrics_mod
 
@@ -151,6 +152,9 @@ class GPT(nn.Module):
                 x = block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
+        # Padding rows of the vocabulary are never tokens: no probability for them, whatever their weights
+        # (zeros for OpenAI's weights, which would otherwise get logit 0, far above real tokens' logits).
+        logits[..., GPT2_VOCAB_SIZE:] = float("-inf")
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
@@ -241,6 +245,9 @@ def parse_args(argv=None):
     g.add_argument("--n_head", type=int, default=None, help="override the preset's attention heads")
     g.add_argument("--n_embd", type=int, default=None, help="override the preset's width")
     g.add_argument("--block_size", type=int, default=1024, help="longest sequence the model can take (position table size), tokens")
+    g.add_argument("--init_from", default=None, metavar="NAME|DIR",
+                   help="start from pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (OpenAI's, via "
+                        "pip install transformers) or a save_pretrained folder; they set the model shape")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--total_batch_size", type=int, default=None, help="tokens per optimizer step over all ranks (default 524288 = 2**19)")
     g.add_argument("--micro_batch_size", type=micro_batch_size_arg, default=None,
@@ -329,6 +336,11 @@ def resolve_settings(args, device_type):
         sources[name] = source
     if args.min_lr is None:
         args.min_lr, sources["min_lr"] = args.max_lr * 0.1, "max_lr/10"
+    if args.init_from:  # the weights set the shape
+        if sources["model"] == "flag" or any(getattr(args, k) is not None for k in ("n_layer", "n_head", "n_embd")):
+            raise UserError("--init_from takes the model shape from the weights; drop --model, --n_layer, "
+                            "--n_head and --n_embd")
+        args.model, sources["model"] = args.init_from, "init_from"
     return {name: (getattr(args, name), src) for name, src in sources.items()}
 
 
@@ -342,6 +354,8 @@ def print_settings(settings, extra):
 
 
 def build_model_config(args):
+    if args.init_from:
+        return gpt2_hf.gpt_config(args.init_from, args.block_size)
     shape = dict(MODEL_PRESETS[args.model])
     for key in ("n_layer", "n_head", "n_embd"):
         if getattr(args, key) is not None:
@@ -529,7 +543,7 @@ def train(args):
                                               ddp.rank, ddp.world_size, pin_memory=args.pin_memory)
 
     torch.manual_seed(args.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = GPT(model_config).to(device)
+    model = (gpt2_hf.from_pretrained(args.init_from, model_config) if args.init_from else GPT(model_config)).to(device)
     model.activation_checkpointing = args.activation_checkpointing
     raw_model = model
     log(f"model: {args.model} {model.num_params() / 1e6:.2f}M parameters (without position embeddings)")
@@ -601,7 +615,7 @@ def main(argv=None):
     try:
         train(args)
     except (UserError, dataloader.DataError, device_mod.DeviceError, checkpoint.CheckpointError,
-            metrics_mod.MetricsError, hellaswag.HellaSwagError) as exc:
+            metrics_mod.MetricsError, hellaswag.HellaSwagError, gpt2_hf.HFError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except RuntimeError as exc:  # torch.OutOfMemoryError, or MPS's RuntimeError saying so

@@ -1,0 +1,192 @@
+"""OpenAI's GPT-2 weights in and out, through Hugging Face transformers (optional: pip install transformers).
+
+Public API:
+    PRETRAINED                                   names transformers downloads: gpt2, gpt2-medium, gpt2-large, gpt2-xl
+    gpt_config(name_or_path, block_size=None) -> GPTConfig   the weights' shape (reads config.json only)
+    from_pretrained(name_or_path, config=None) -> GPT        a name above, or a save_pretrained folder
+    from_hf(hf_model, config=None) -> GPT                    an in-memory GPT2LMHeadModel converted
+    to_hf(model) -> GPT2LMHeadModel                          the other way
+    export(checkpoint_path, out_dir)                         a checkpoint as a GPT2LMHeadModel folder
+    HFError                                                  the message names the fix
+
+    python train_gpt2.py --init_from gpt2 ...                # fine-tune OpenAI's 124M model
+    python gpt2_hf.py export log/model_19072.pt --out gpt2-mine   # then GPT2LMHeadModel.from_pretrained("gpt2-mine")
+
+The parameter names are the same on both sides (transformer.h.0.attn.c_attn.weight, ...). Two things
+differ. transformers' GPT-2 uses Conv1D layers, which store a weight as (in, out), the transpose of
+nn.Linear's (out, in). And this trainer pads the vocabulary from 50257 to 50304 rows for faster
+matmuls: imported models get zero rows there, exports drop them, and GPT.forward gives the padding
+no probability, so losses, samples and HellaSwag scores are those of the original model.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import checkpoint
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# Weights transformers keeps in Conv1D layers: transposed relative to our nn.Linear.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class HFError(Exception):
+    """transformers is missing, or the weights cannot be had or do not fit; the message names the fix."""
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise HFError("GPT-2 weights from or to Hugging Face need the transformers package, which is not "
+                      "installed: pip install transformers") from None
+    return transformers
+
+
+def _check_source(name_or_path):
+    if name_or_path not in PRETRAINED and not Path(name_or_path).is_dir():
+        raise HFError(f"--init_from {name_or_path!r} is neither one of {', '.join(PRETRAINED)} nor a folder "
+                      "written by save_pretrained (config.json + model.safetensors)")
+
+
+def _check_architecture(hf_config, source):
+    """GPT2Config options that would make the weights compute something our GPT does not."""
+    problems = []
+    if getattr(hf_config, "model_type", "gpt2") != "gpt2":
+        problems.append(f"model_type is {hf_config.model_type!r}, not 'gpt2'")
+    if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        problems.append(f"activation_function is {hf_config.activation_function!r} (ours: GELU, tanh approximation)")
+    if hf_config.n_inner not in (None, 4 * hf_config.n_embd):
+        problems.append(f"n_inner is {hf_config.n_inner} (ours: 4 * n_embd)")
+    if abs(hf_config.layer_norm_epsilon - 1e-5) > 1e-12:
+        problems.append(f"layer_norm_epsilon is {hf_config.layer_norm_epsilon} (ours: 1e-5)")
+    if not hf_config.scale_attn_weights or hf_config.scale_attn_by_inverse_layer_idx:
+        problems.append("attention scaling is not GPT-2's 1/sqrt(head size)")
+    if not getattr(hf_config, "tie_word_embeddings", True):
+        problems.append("the output layer is not tied to the token embedding")
+    if hf_config.n_embd % hf_config.n_head:
+        problems.append(f"n_embd {hf_config.n_embd} is not divisible by n_head {hf_config.n_head}")
+    if problems:
+        raise HFError(f"{source} is not a GPT-2 this trainer can hold: {'; '.join(problems)}")
+
+
+def _gpt_config_from_hf(hf_config, source, block_size=None):
+    from train_gpt2 import GPTConfig  # here, not at the top: train_gpt2 imports this module
+
+    _check_architecture(hf_config, source)
+    padded_vocab = GPTConfig.vocab_size
+    if hf_config.vocab_size > padded_vocab:
+        raise HFError(f"{source} has {hf_config.vocab_size} tokens, more than this trainer's {padded_vocab}")
+    return GPTConfig(block_size=min(block_size or hf_config.n_positions, hf_config.n_positions),
+                     vocab_size=padded_vocab, n_layer=hf_config.n_layer, n_head=hf_config.n_head,
+                     n_embd=hf_config.n_embd)
+
+
+def gpt_config(name_or_path, block_size=None):
+    """The GPTConfig that holds these weights: their shape, the padded vocabulary, and a position table
+    of block_size (at most the weights' n_positions; shorter keeps the first rows)."""
+    _check_source(name_or_path)
+    transformers = import_transformers()
+    try:
+        hf_config = transformers.GPT2Config.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise HFError(f"cannot load the config of {name_or_path!r} ({str(exc).splitlines()[0]}). Offline? Run "
+                      f"GPT2LMHeadModel.from_pretrained({name_or_path!r}).save_pretrained(DIR) where the hub is "
+                      "reachable and pass --init_from DIR") from None
+    return _gpt_config_from_hf(hf_config, name_or_path, block_size)
+
+
+def from_hf(hf_model, config=None):
+    """Our GPT with the weights of a transformers GPT2LMHeadModel (fp32, CPU)."""
+    from train_gpt2 import GPT
+
+    source = getattr(hf_model, "name_or_path", None) or "the GPT2LMHeadModel"
+    config = config or _gpt_config_from_hf(hf_model.config, source)
+    hf_state = hf_model.state_dict()
+    model = GPT(config)
+    with torch.no_grad():
+        for name, target in model.state_dict().items():  # views of the parameters: copy_ fills the model
+            if name == "lm_head.weight":
+                continue  # the same tensor as transformer.wte.weight
+            if name not in hf_state:
+                raise HFError(f"{source} has no tensor {name}; is it a GPT-2 checkpoint?")
+            weight = hf_state[name].float()
+            if name.endswith(CONV1D):
+                weight = weight.t()
+            if name == "transformer.wte.weight":
+                target.zero_()  # padding rows: never real tokens
+                target[:weight.size(0)].copy_(weight)
+            elif name == "transformer.wpe.weight":
+                target.copy_(weight[:config.block_size])
+            else:
+                target.copy_(weight)
+    return model
+
+
+def from_pretrained(name_or_path, config=None):
+    """Our GPT holding OpenAI's weights (downloaded and cached by transformers) or those of a
+    save_pretrained folder. config: from gpt_config(), to choose a shorter block size."""
+    _check_source(name_or_path)
+    transformers = import_transformers()
+    try:
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise HFError(f"cannot load the weights of {name_or_path!r} ({str(exc).splitlines()[0]}). Offline? Run "
+                      f"GPT2LMHeadModel.from_pretrained({name_or_path!r}).save_pretrained(DIR) where the hub is "
+                      "reachable and pass --init_from DIR") from None
+    return from_hf(hf_model, config or _gpt_config_from_hf(hf_model.config, name_or_path))
+
+
+def to_hf(model):
+    """A transformers GPT2LMHeadModel (eval mode) with the weights of our GPT, without the vocabulary padding."""
+    from train_gpt2 import GPT2_VOCAB_SIZE
+
+    transformers = import_transformers()
+    cfg = model.config
+    hf_config = transformers.GPT2Config(vocab_size=min(GPT2_VOCAB_SIZE, cfg.vocab_size), n_positions=cfg.block_size,
+                                        n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                        activation_function="gelu_new", tie_word_embeddings=True)
+    hf_model = transformers.GPT2LMHeadModel(hf_config)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, target in hf_model.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to transformer.wte.weight
+            weight = state[name].float()
+            if name.endswith(CONV1D):
+                weight = weight.t()
+            if name == "transformer.wte.weight":
+                weight = weight[:hf_config.vocab_size]
+            target.copy_(weight)
+    return hf_model.eval()
+
+
+def export(checkpoint_path, out_dir):
+    """Write a training checkpoint or export as a GPT2LMHeadModel folder (config.json, model.safetensors)."""
+    import_transformers()  # before reading a large checkpoint
+    model, _ = checkpoint.load_model(checkpoint_path, "cpu")
+    hf_model = to_hf(model)
+    hf_model.save_pretrained(out_dir)
+    return hf_model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert this trainer's checkpoints to Hugging Face transformers' GPT-2.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("export", help="a checkpoint as a GPT2LMHeadModel folder (save_pretrained)")
+    s.add_argument("checkpoint", help="model_*.pt, best_model.pt or an export of checkpoint.py")
+    s.add_argument("--out", required=True, help="folder to write config.json and model.safetensors to")
+    args = p.parse_args(argv)
+    try:
+        export(args.checkpoint, args.out)
+    except (HFError, checkpoint.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} to {args.out}: GPT2LMHeadModel.from_pretrained({args.out!r}); "
+          "the tokenizer is GPT-2's: AutoTokenizer.from_pretrained('gpt2') or tiktoken's r50k_base")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
