@@ -179,9 +179,10 @@ class Metrics:
         if tensorboard:
             summary_writer = summary_writer_class()  # every rank: all stop together if it is missing
             if enabled:
-                self.writer = summary_writer(log_dir=os.path.join(log_dir, "tensorboard"))
-                print(f"tensorboard: writing to {os.path.join(log_dir, 'tensorboard')} "
-                      f"(view with: tensorboard --logdir {os.path.join(log_dir, 'tensorboard')})", file=self.stream)
+                tensorboard_dir = os.path.join(log_dir, "tensorboard")
+                self.writer = summary_writer(log_dir=tensorboard_dir)
+                print(f"tensorboard: writing to {tensorboard_dir} (view with: tensorboard --logdir {tensorboard_dir})",
+                      file=self.stream)
         if not enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
@@ -231,9 +232,12 @@ class Metrics:
             line += f" | MFU {r['mfu']:.1%}"
         if "data_ms" in r:
             line += " | data/fwd_bwd/optim " + "/".join(f"{r[f'{phase}_ms']:.1f}" for phase in PHASES) + " ms"
+        memory = {key[4:-4]: value for key, value in r.items() if key.startswith("mem_") and key.endswith("_gib")}
+        if memory:  # device.memory_stats: mem_alloc_gib, mem_peak_gib, ... -> "mem alloc/peak 1.2/3.4 GiB"
+            line += f" | mem {'/'.join(memory)} {'/'.join(f'{value:.1f}' for value in memory.values())} GiB"
         known = {"step", "loss", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"} | {f"{p}_ms" for p in PHASES}
         for key, value in r.items():
-            if key not in known:
+            if key not in known and f"mem_{key[4:-4]}_gib" != key:
                 line += f" | {key} {format_value(value)}"
         return line
 

@@ -22,7 +22,7 @@ def test_step_records_hold_throughput_mfu_and_any_extra_keys(tmp_path):
     out = io.StringIO()
     m = Metrics(tmp_path, total_steps=3, tokens_per_step=1000, flops_per_token=1e8, peak_flops=1e12, world_size=2,
                 stream=out)
-    m.log_step(0, 0.5, loss=4.0, lr=1e-3, norm=0.5, mem_allocated_gib=1.25, mem_peak_gib=2.5)
+    m.log_step(0, 0.5, loss=4.0, lr=1e-3, norm=0.5, mem_alloc_gib=1.25, mem_peak_gib=2.5, grad_scale=1024.0)
     m.log(0, val_loss=3.5)
     m.log(0, hellaswag_acc=0.25, hellaswag_acc_norm=0.5, hellaswag_n=12)
     m.close()
@@ -31,11 +31,11 @@ def test_step_records_hold_throughput_mfu_and_any_extra_keys(tmp_path):
     assert step["dt_ms"] == pytest.approx(500) and step["tok_per_sec"] == pytest.approx(2000)
     # 1e8 FLOPs/token * 1000 tokens in 0.5 s on 2 devices of 1e12 FLOP/s each: 10%
     assert step["mfu"] == pytest.approx(0.1)
-    assert step["mem_allocated_gib"] == 1.25 and step["mem_peak_gib"] == 2.5
+    assert step["mem_alloc_gib"] == 1.25 and step["mem_peak_gib"] == 2.5 and step["grad_scale"] == 1024.0
     assert val == {"step": 0, "val_loss": 3.5}
     assert hellaswag == {"step": 0, "hellaswag_acc": 0.25, "hellaswag_acc_norm": 0.5, "hellaswag_n": 12}
     printed = out.getvalue()
-    assert "MFU 10.0%" in printed and "mem_peak_gib 2.5000" in printed
+    assert "MFU 10.0%" in printed and "| mem alloc/peak 1.2/2.5 GiB | grad_scale 1024.0000\n" in printed
     assert "step     0 | val loss 3.5000" in printed and "hellaswag acc norm 0.5000" in printed
 
 
