@@ -104,7 +104,56 @@ class Block(nn.Module):
         return x
 
 
+def matmul_dtype(device_type, dtype):
+    """The dtype a matmul runs in here: autocast's when it is on, else the tensors' own."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T against targets, a chunk of rows at a time,
+    with the gradients of x and weight worked out in the same pass when they are needed.
+
+    The same math as F.cross_entropy(lm_head(x).float(), targets): logits rounded to the matmul
+    dtype (bf16 under autocast), softmax in fp32. But the full logits never exist: for 64 x 1024
+    tokens they are 6.6 GB in bf16 (and 6.6 GB more for their gradient), and each chunk's logits
+    are read once, not twice (once for the loss in forward, again for its gradient in backward).
+    The backward pass only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows, compute_dtype):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        rows_total = x.size(0)
+        xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(xc) if needs_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        for start in range(0, rows_total, chunk_rows):
+            x_chunk, t_chunk = xc[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = (x_chunk @ wc.t()).float()
+            logits[:, GPT2_VOCAB_SIZE:] = float("-inf")  # padding rows are never tokens (see GPT.forward)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            loss_sum = loss_sum + (lse.squeeze(1) - logits.gather(1, t_chunk[:, None]).squeeze(1)).sum()
+            if needs_grad:
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / rows_total
+                dlogits = (logits - lse).exp().scatter_add(1, t_chunk[:, None], logits.new_full((len(t_chunk), 1), -1.0))
+                dlogits = (dlogits / rows_total).to(compute_dtype)
+                grad_x[start:start + chunk_rows] = dlogits @ wc
+                grad_w += (dlogits.t() @ x_chunk).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return loss_sum / rows_total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        return (grad_x * grad_loss).to(x_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None
+
+
 class GPT(nn.Module):
+    loss_chunk_rows_default = 0  # speed first: see --loss_chunk_rows
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -120,6 +169,8 @@ class GPT(nn.Module):
         # Recompute each block's activations in the backward pass instead of storing them:
         # about a third more compute for much less memory. A run-time choice, not part of the shape.
         self.activation_checkpointing = False
+        # Rows of logits the loss works on at a time; 0 materialises all B*T x vocab logits first.
+        self.loss_chunk_rows = self.loss_chunk_rows_default
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -151,6 +202,11 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.loss_chunk_rows:
+            # Training and validation: the loss without the full logits (see LinearCrossEntropy).
+            loss = LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.view(-1),
+                                            self.loss_chunk_rows, matmul_dtype(x.device.type, x.dtype))
+            return None, loss
         logits = self.lm_head(x)
         # Padding rows of the vocabulary are never tokens: no probability for them, whatever their weights
         # (zeros for OpenAI's weights, which would otherwise get logit 0, far above real tokens' logits).
@@ -276,6 +332,10 @@ def parse_args(argv=None):
                         "(default: PYTORCH_MPS_HIGH_WATERMARK_RATIO, 1.0 unless you set it)")
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute activations in the backward pass: ~1/3 more compute, far less memory (off: speed first)")
+    g.add_argument("--loss_chunk_rows", type=int, default=0, metavar="ROWS",
+                   help="compute the loss ROWS token positions at a time, never holding all B*T x vocab logits: "
+                        "gpt2 at 64 x 1024 on an H100 peaks at 25.8 instead of 40.8 GiB, 1.7%% slower compiled, "
+                        "14%% slower eager (0: off, speed first; try 8192)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval_interval", type=int, default=None, help="validation loss every N steps, and at the last step (default 250)")
     g.add_argument("--eval_steps", type=int, default=None, help="validation batches of --total_batch_size tokens each, the same tokens at any world size (default 20)")
@@ -495,6 +555,7 @@ def probe_micro_batch_size(args, model_config, device, dtype, ddp, log):
     def make_model():
         model = GPT(model_config)
         model.activation_checkpointing = args.activation_checkpointing
+        model.loss_chunk_rows = args.loss_chunk_rows
         return model
 
     micro_batch_size, line = device_mod.auto_micro_batch_size(make_model, sequences_per_rank * args.seq_len,
@@ -517,6 +578,8 @@ def train(args):
     if args.seq_len > model_config.block_size:
         raise UserError(f"--seq_len {args.seq_len} is longer than the model's block size {model_config.block_size}; "
                         f"use --seq_len {model_config.block_size} or less, or raise --block_size")
+    if args.loss_chunk_rows < 0:
+        raise UserError(f"--loss_chunk_rows {args.loss_chunk_rows} is negative; use 0 (off) or a row count such as 8192")
     if args.micro_batch_size == "auto":
         args.micro_batch_size = probe_micro_batch_size(args, model_config, device, dtype, ddp, log)
         settings["micro_batch_size"] = (args.micro_batch_size, f"auto ({settings['micro_batch_size'][1]})")
@@ -545,6 +608,7 @@ def train(args):
     torch.manual_seed(args.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     model = (gpt2_hf.from_pretrained(args.init_from, model_config) if args.init_from else GPT(model_config)).to(device)
     model.activation_checkpointing = args.activation_checkpointing
+    model.loss_chunk_rows = args.loss_chunk_rows
     raw_model = model
     log(f"model: {args.model} {model.num_params() / 1e6:.2f}M parameters (without position embeddings)")
     optimizer = raw_model.configure_optimizer(args.weight_decay, args.max_lr, device_type)

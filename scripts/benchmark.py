@@ -13,6 +13,7 @@ datasheet peak for the precision (device.PEAK_FLOPS); blank where the peak is un
 """
 import argparse
 import itertools
+import random
 import statistics
 import sys
 import time
@@ -49,10 +50,11 @@ def synchronize(dev):
         torch.mps.synchronize()
 
 
-def bench_config(args, model_name, micro_batch_size, compile_mode, dev, dtype):
+def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_rows, dev, dtype):
     shape = MODEL_PRESETS[model_name]
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=max(1024, args.seq_len), **shape)).to(dev)
+    model.loss_chunk_rows = loss_chunk_rows
     optimizer = model.configure_optimizer(0.1, 6e-4, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=(dtype == "fp16"))
     compiled, used_mode = device_mod.compile_model(model, dev.type, compile_mode)
@@ -85,7 +87,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, dev, dtype):
     mfu = model.flops_per_token(args.seq_len) * tokens_per_step / dt / peak if peak else None
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     row = dict(model=model_name, B=micro_batch_size, T=args.seq_len, accum=args.grad_accum_steps, compile=used_mode,
-               dtype=dtype, ms=dt * 1000, steps_s=1 / dt, tok_s=tokens_per_step / dt, mfu=mfu, mem=mem,
+               chunk=loss_chunk_rows, dtype=dtype, ms=dt * 1000, steps_s=1 / dt, tok_s=tokens_per_step / dt, mfu=mfu, mem=mem,
                spread=(max(times) - min(times)) / dt, loss=losses[-1])
     del compiled, model, optimizer
     if dev.type == "cuda":
@@ -133,6 +135,35 @@ def bench_loader(args, micro_batch_size):
     return n * micro_batch_size * args.seq_len / (time.perf_counter() - t0)
 
 
+def bench_hellaswag(args, dev, dtype):
+    """Seconds for HellaSwag over --hellaswag synthetic examples of the validation set's shape
+    (random tokens; context 20-110 tokens, 4 endings of 8-60), with the first --model, untrained."""
+    import hellaswag
+
+    rng = random.Random(0)
+    examples = [hellaswag.RenderedExample([rng.randrange(dataloader.EOT_TOKEN) for _ in range(rng.randint(20, 110))],
+                                          [[rng.randrange(dataloader.EOT_TOKEN) for _ in range(rng.randint(8, 60))]
+                                           for _ in range(4)], rng.randrange(4))
+                for _ in range(args.hellaswag)]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**MODEL_PRESETS[args.model[0]])).to(dev)
+    results = []
+    for mode, batch_examples in itertools.product(args.compile, args.hellaswag_batch):
+        scored, used_mode = device_mod.compile_model(model, dev.type, mode)
+        runs = []
+        for _ in range(2):  # the first pass includes compilation (one graph per padded length)
+            synchronize(dev)
+            t0 = time.perf_counter()
+            hellaswag.evaluate(scored, examples, dev, dtype, batch_examples=batch_examples)
+            synchronize(dev)
+            runs.append(time.perf_counter() - t0)
+        results.append((used_mode, batch_examples, runs))
+    print(f"HellaSwag, {args.hellaswag} synthetic examples, {args.model[0]}, {dtype}:")
+    for used_mode, batch_examples, (first, second) in results:
+        print(f"  compile {used_mode:<15} {batch_examples:>4} examples/batch: {second:6.2f} s "
+              f"({args.hellaswag / second:,.0f} examples/s; first pass {first:.2f} s)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["gpt2"], choices=sorted(MODEL_PRESETS), help="one or more presets")
@@ -146,8 +177,13 @@ def main():
     p.add_argument("--sdpa_backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                    help="attention kernel family (auto: PyTorch's choice)")
     p.add_argument("--profile", action="store_true", help="after timing, print the top kernels of 3 profiled steps")
+    p.add_argument("--hellaswag", type=int, default=0, metavar="N",
+                   help="instead of training steps, time HellaSwag on N synthetic examples (10042: the validation set)")
+    p.add_argument("--hellaswag_batch", type=int, nargs="+", default=[16], help="examples per forward pass for --hellaswag")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    p.add_argument("--loss_chunk_rows", type=int, nargs="+", default=[GPT.loss_chunk_rows_default],
+                   help="rows of logits the loss takes at a time; 0: the full logits, then F.cross_entropy")
     args = p.parse_args()
 
     try:
@@ -160,22 +196,29 @@ def main():
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     print(f"device: {name}, torch {torch.__version__}, data: {args.data_root or 'synthetic'}, "
           f"attention: {args.sdpa_backend}")
-    header = f"{'model':<12}{'B':>4}{'T':>6}{'accum':>6}  {'compile':<15}{'dtype':<6}{'ms/step':>9}{'steps/s':>9}" \
+    if args.hellaswag:
+        bench_hellaswag(args, dev, dtype)
+        return
+    header = f"{'model':<12}{'B':>4}{'T':>6}{'accum':>6}  {'compile':<15}{'chunk':>6} {'dtype':<6}{'ms/step':>9}{'steps/s':>9}" \
              f"{'tok/s':>11}{'MFU':>7}{'peak GiB':>9}{'spread':>8}{'loss':>8}"
     rows = []
-    for model_name, B, mode in itertools.product(args.model, args.micro_batch_size, args.compile):
+    for model_name, B, mode, chunk in itertools.product(args.model, args.micro_batch_size, args.compile,
+                                                        args.loss_chunk_rows):
         try:
-            rows.append(bench_config(args, model_name, B, mode, dev, dtype))
+            rows.append(bench_config(args, model_name, B, mode, chunk, dev, dtype))
         except torch.OutOfMemoryError:
             print(f"{model_name} B={B} {mode}: out of memory")
             torch.cuda.empty_cache()
+            continue
+        except Exception as exc:  # one failing configuration (say a compile mode) must not end the table
+            print(f"{model_name} B={B} {mode} chunk={chunk}: failed: {type(exc).__name__}: {str(exc)[:300]}")
             continue
         r = rows[-1]
         if len(rows) == 1:
             print(header)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         mem = f"{r['mem']:.1f}" if r["mem"] else "-"
-        print(f"{r['model']:<12}{r['B']:>4}{r['T']:>6}{r['accum']:>6}  {r['compile']:<15}{r['dtype']:<6}{r['ms']:>9.1f}"
+        print(f"{r['model']:<12}{r['B']:>4}{r['T']:>6}{r['accum']:>6}  {r['compile']:<15}{r['chunk']:>6} {r['dtype']:<6}{r['ms']:>9.1f}"
               f"{r['steps_s']:>9.2f}{r['tok_s']:>11,.0f}{mfu:>7}{mem:>9}{r['spread']:>8.1%}{r['loss']:>8.3f}", flush=True)
     rate = bench_loader(args, args.micro_batch_size[0])
     if rate:
