@@ -1,6 +1,7 @@
 """Devices as users meet them: which device is picked, what a missing one says, presets that
 never beat a flag, compile that falls back instead of failing, micro batches sized to memory,
 and out-of-memory errors that name the fix. CUDA and MPS are mocked: these run on a CPU."""
+import json
 import os
 import signal
 import subprocess
@@ -223,6 +224,36 @@ def test_running_out_of_memory_in_the_compile_trial_is_not_a_compile_failure(mon
     with pytest.raises(torch.OutOfMemoryError):
         device_mod.compile_model(TinyLM(oom_above=1), "cuda", "default", trial=trial)
 
+
+def test_ranks_agree_on_the_compile_mode_and_the_micro_batch(tmp_path):
+    """Two gloo ranks under torchrun: compile fails on rank 1 only, so both run eager; and the
+    micro batch every rank uses is the smallest any rank found."""
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+        "import torch, torch.distributed as dist\n"
+        "import device\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "def compile_fails_on_rank_1(model, mode=None):\n"
+        "    if rank == 1:\n"
+        "        raise RuntimeError('no compiler on this node')\n"
+        "    return model\n"
+        "torch.compile = compile_fails_on_rank_1\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "_, mode = device.compile_model(model, 'cpu', 'default', trial=lambda m: None)\n"
+        "result = dict(mode=mode, min=device.agree(10 + rank, 'min', torch.device('cpu')),\n"
+        "              max=device.agree(10 + rank, 'max', torch.device('cpu')))\n"
+        f"open({str(tmp_path)!r} + f'/rank{{rank}}.json', 'w').write(json.dumps(result))\n"
+        "dist.barrier()  # neither rank tears gloo down while the other still talks\n"
+        "dist.destroy_process_group()\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert results == [{"mode": "eager", "min": 10, "max": 11}] * 2
+    assert proc.stdout.count("compile: mode default failed on cpu (it failed on another rank); using eager") == 1
 
 # -----------------------------------------------------------------------------
 # Micro batch size: the search, the probe, and auto in a real run
