@@ -230,7 +230,7 @@ def test_ranks_agree_on_the_compile_mode_and_the_micro_batch(tmp_path):
     micro batch every rank uses is the smallest any rank found."""
     script = tmp_path / "agree.py"
     script.write_text(
-        "import json, sys\n"
+        "import json, os, sys\n"
         f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
         "import torch, torch.distributed as dist\n"
         "import device\n"
@@ -245,9 +245,12 @@ def test_ranks_agree_on_the_compile_mode_and_the_micro_batch(tmp_path):
         "_, mode = device.compile_model(model, 'cpu', 'default', trial=lambda m: None)\n"
         "result = dict(mode=mode, min=device.agree(10 + rank, 'min', torch.device('cpu')),\n"
         "              max=device.agree(10 + rank, 'max', torch.device('cpu')))\n"
-        f"open({str(tmp_path)!r} + f'/rank{{rank}}.json', 'w').write(json.dumps(result))\n"
-        "dist.barrier()  # neither rank tears gloo down while the other still talks\n"
-        "dist.destroy_process_group()\n")
+        f"with open({str(tmp_path)!r} + f'/rank{{rank}}.json', 'w') as f:\n"
+        "    f.write(json.dumps(result))\n"
+        "dist.barrier()\n"
+        "dist.destroy_process_group()\n"
+        "sys.stdout.flush()\n"
+        "os._exit(0)  # skip interpreter teardown, where gloo's threads now and then abort (not what this tests)\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
