@@ -441,3 +441,17 @@ def test_export_to_safetensors_without_the_package_says_how_to_install_it(data, 
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     assert checkpoint.main(["export", str(step_path(log_dir, 1)), "--out", str(tmp_path / "w.safetensors")]) == 2
     assert "pip install safetensors" in capsys.readouterr().err
+
+
+def test_rng_state_of_a_cuda_or_mps_run_restores_on_a_cpu_machine(tmp_path):
+    """A checkpoint from a GPU run carries CUDA / MPS generator states; on a machine without that
+    device they are skipped and the CPU streams still continue exactly."""
+    torch.manual_seed(3)
+    state = checkpoint.capture_rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    state["mps"] = torch.zeros(16, dtype=torch.uint8)
+    checkpoint.save_file({"rng": state}, tmp_path / "gpu_rng.pt")
+    expected = torch.rand(3).tolist()
+    torch.manual_seed(9)
+    checkpoint.restore_rng_state(load_checkpoint(tmp_path / "gpu_rng.pt")["rng"])
+    assert torch.rand(3).tolist() == expected
