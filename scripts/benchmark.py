@@ -182,7 +182,7 @@ def main():
     p.add_argument("--hellaswag_batch", type=int, nargs="+", default=[16], help="examples per forward pass for --hellaswag")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
-    p.add_argument("--loss_chunk_rows", type=int, nargs="+", default=[GPT.loss_chunk_rows_default],
+    p.add_argument("--loss_chunk_rows", type=int, nargs="+", default=[0],
                    help="rows of logits the loss takes at a time; 0: the full logits, then F.cross_entropy")
     args = p.parse_args()
 
