@@ -91,9 +91,9 @@ PRESETS = {
     "cuda": dict(micro_batch_size="auto", dtype="auto", compile="default", pin_memory=True),
     # torch.compile on MPS is young: opt in with --compile (it falls back to eager if it fails).
     "mps": dict(micro_batch_size=8, dtype="auto", compile="none", pin_memory=False),
-    # torch's own thread count is one per physical core (OMP_NUM_THREADS overrides); compiling
-    # a small CPU model costs more time than it saves in a short run.
-    "cpu": dict(micro_batch_size=8, dtype="fp32", compile="none", pin_memory=False, num_threads=torch.get_num_threads()),
+    # Compiling a small CPU model costs more time than it saves in a short run. Threads: torch's
+    # own count (one per physical core; OMP_NUM_THREADS or --num_threads override it).
+    "cpu": dict(micro_batch_size=8, dtype="fp32", compile="none", pin_memory=False),
 }
 
 
@@ -411,9 +411,12 @@ def memory_stats(device):
     start (on MPS: the largest allocation seen at these calls). {} on CPU."""
     gib = 2**30
     if device.type == "cuda":
-        return {"mem_alloc_gib": torch.cuda.memory_allocated(device) / gib,
-                "mem_reserved_gib": torch.cuda.memory_reserved(device) / gib,
-                "mem_peak_gib": torch.cuda.max_memory_allocated(device) / gib}
+        # One read of the caching allocator's host-side counters (no device sync); memory_allocated,
+        # memory_reserved and max_memory_allocated would each build this whole dict again.
+        stats = torch.cuda.memory_stats(device)
+        return {"mem_alloc_gib": stats.get("allocated_bytes.all.current", 0) / gib,
+                "mem_reserved_gib": stats.get("reserved_bytes.all.current", 0) / gib,
+                "mem_peak_gib": stats.get("allocated_bytes.all.peak", 0) / gib}
     if device.type == "mps":
         allocated = torch.mps.current_allocated_memory()
         _mps_peak[0] = max(_mps_peak[0], allocated)

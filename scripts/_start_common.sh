@@ -3,6 +3,11 @@
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
+# The end of every script's --help.
+RUN_ENV_HELP="  DRY_RUN=1       print the command, run nothing
+  PYTHON          the python to use (default: python)"
+# How to make shards from your own text, for the scripts whose default is the quickstart.
+PREPARE_TEXT="python scripts/prepare_data.py --source text --input 'your/*.txt' --name NAME   (then DATA_ROOT=data/NAME)"
 
 # show_help_if_asked USAGE ARGS...: print USAGE and exit 0 if -h or --help is among ARGS.
 show_help_if_asked() {
@@ -28,6 +33,14 @@ require_shards() {
       exit 1
     fi
   done
+}
+
+# check_data_root PREPARE_COMMAND: require_shards "$DATA_ROOT" when it is set. Unset means the
+# quickstart, whose tiny Shakespeare shards train_gpt2.py prepares itself on first use.
+check_data_root() {
+  if [[ -n "${DATA_ROOT:-}" ]]; then
+    require_shards "$DATA_ROOT" "$1"
+  fi
 }
 
 # run_command CMD...: print the command (quoted, ready to paste), then run it in place of this

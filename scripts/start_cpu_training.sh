@@ -7,25 +7,19 @@ USAGE="usage: [DATA_ROOT=dir] [DRY_RUN=1] scripts/start_cpu_training.sh [train_g
 
 Trains on the CPU with --preset cpu (fp32, one thread per core, micro batch 8, no compile)
 and --auto_resume: it continues from the newest checkpoint in --log_dir (default log/).
-Without DATA_ROOT it runs the quickstart: tiny Shakespeare on a d4 model sized for a CPU.
-With DATA_ROOT it runs the GPT-2 recipe on those shards: add a small --model (d4, d6).
-Extra flags go to train_gpt2.py and win over the preset (python train_gpt2.py --help).
+Without DATA_ROOT it runs the quickstart: tiny Shakespeare (prepared on first use) on a d4
+model sized for a CPU. With DATA_ROOT it runs the GPT-2 recipe on those shards: add a small
+--model (d4, d6). Extra flags go to train_gpt2.py and win over the preset (python train_gpt2.py --help).
 
 environment:
-  DATA_ROOT   folder of <name>_train_NNNNNN.npy / <name>_val_NNNNNN.npy shards
-              (default: data/tinyshakespeare, the quickstart's)
-  DRY_RUN=1   print the command, run nothing
-  PYTHON      the python to use (default: python)
+  DATA_ROOT       folder of <name>_train_NNNNNN.npy / <name>_val_NNNNNN.npy shards
+                  (default: none, the quickstart)
+$RUN_ENV_HELP
 
 example:
   scripts/start_cpu_training.sh --max_steps 100 --num_threads 4"
 show_help_if_asked "$USAGE" "$@"
 
-data_args=()
-if [[ -n "${DATA_ROOT:-}" ]]; then
-  require_shards "$DATA_ROOT" "python scripts/prepare_data.py --source text --input 'your/*.txt' --name NAME   (then DATA_ROOT=data/NAME)"
-  data_args=(--data_root "$DATA_ROOT")
-else
-  require_shards data/tinyshakespeare "python scripts/prepare_data.py --source tinyshakespeare"
-fi
-run_command "$PYTHON" "$REPO_ROOT/train_gpt2.py" --device cpu --preset cpu "${data_args[@]}" --auto_resume "$@"
+check_data_root "$PREPARE_TEXT"
+run_command "$PYTHON" "$REPO_ROOT/train_gpt2.py" --device cpu --preset cpu ${DATA_ROOT:+--data_root "$DATA_ROOT"} \
+  --auto_resume "$@"

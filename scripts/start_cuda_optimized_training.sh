@@ -14,14 +14,13 @@ For several GPUs use scripts/start_multi_gpu_training.sh.
 Extra flags go to train_gpt2.py and win over the preset (python train_gpt2.py --help).
 
 environment:
-  DATA_ROOT   folder of <name>_train_NNNNNN.npy / <name>_val_NNNNNN.npy shards (default: data/edu_fineweb10B)
-  DRY_RUN=1   print the command, run nothing
-  PYTHON      the python to use (default: python)
+  DATA_ROOT       folder of <name>_train_NNNNNN.npy / <name>_val_NNNNNN.npy shards (default: data/edu_fineweb10B)
+$RUN_ENV_HELP
 
 example:
   DATA_ROOT=data/edu_fineweb10B scripts/start_cuda_optimized_training.sh --compile max-autotune"
 show_help_if_asked "$USAGE" "$@"
 
 DATA_ROOT="${DATA_ROOT:-data/edu_fineweb10B}"
-require_shards "$DATA_ROOT" "python scripts/prepare_data.py --source fineweb-edu   (needs: pip install datasets)"
+check_data_root "python scripts/prepare_data.py --source fineweb-edu   (needs: pip install datasets)"
 run_command "$PYTHON" "$REPO_ROOT/train_gpt2.py" --device cuda --preset cuda --data_root "$DATA_ROOT" --auto_resume "$@"

@@ -12,15 +12,14 @@ Several machines: run it on each with the same NNODES, MASTER_ADDR and MASTER_PO
 Extra flags go to train_gpt2.py and win over the preset (python train_gpt2.py --help).
 
 environment:
-  NPROC_PER_NODE  processes (GPUs) per machine (default: the GPUs in CUDA_VISIBLE_DEVICES,
-                  else those nvidia-smi lists, else those torch sees)
+  NPROC_PER_NODE  processes (GPUs) per machine (default: the GPUs torch sees, which
+                  honours CUDA_VISIBLE_DEVICES)
   NNODES          machines (default: 1, a standalone run on this one)
   NODE_RANK       this machine's index, 0 .. NNODES-1 (needed when NNODES > 1)
   MASTER_ADDR     address of the machine with NODE_RANK 0 (needed when NNODES > 1)
   MASTER_PORT     a free port there (default: 29500)
   DATA_ROOT       folder of <name>_train_NNNNNN.npy / <name>_val_NNNNNN.npy shards (default: data/edu_fineweb10B)
-  DRY_RUN=1       print the command, run nothing
-  PYTHON          the python to use (default: python)
+$RUN_ENV_HELP
 
 examples:
   scripts/start_multi_gpu_training.sh
@@ -28,24 +27,15 @@ examples:
   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 scripts/start_multi_gpu_training.sh    # on the second"
 show_help_if_asked "$USAGE" "$@"
 
-count_gpus() {
-  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
-    tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .
-  elif command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi --list-gpus > /dev/null 2>&1; then
-    nvidia-smi --list-gpus | grep -c '^GPU'
-  else
-    "$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2> /dev/null || echo 0
-  fi
-}
-
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE="$(count_gpus)"
+  # torch's count is the one train_gpt2.py checks each LOCAL_RANK against, CUDA_VISIBLE_DEVICES applied.
+  NPROC_PER_NODE="$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2> /dev/null || echo 0)"
   if [[ "$NPROC_PER_NODE" -lt 1 ]]; then
-    echo "error: found no GPU (CUDA_VISIBLE_DEVICES, nvidia-smi and torch see none); check nvidia-smi," >&2
+    echo "error: torch sees no GPU (CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES-unset}'); check nvidia-smi," >&2
     echo "  set NPROC_PER_NODE=N, or train on the CPU with scripts/start_cpu_training.sh" >&2
     exit 1
   fi
-  echo "NPROC_PER_NODE=${NPROC_PER_NODE}: GPUs found on this machine"
+  echo "NPROC_PER_NODE=${NPROC_PER_NODE}: GPUs torch sees on this machine"
 fi
 if ! [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: NPROC_PER_NODE='${NPROC_PER_NODE}' is not a positive number of processes" >&2
@@ -65,7 +55,7 @@ else
 fi
 
 DATA_ROOT="${DATA_ROOT:-data/edu_fineweb10B}"
-require_shards "$DATA_ROOT" "python scripts/prepare_data.py --source fineweb-edu   (needs: pip install datasets; on every machine)"
+check_data_root "python scripts/prepare_data.py --source fineweb-edu   (needs: pip install datasets; on every machine)"
 # python -m torch.distributed.run is torchrun, run by this python.
 run_command "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" \
   "$REPO_ROOT/train_gpt2.py" --device cuda --preset cuda --data_root "$DATA_ROOT" --auto_resume "$@"

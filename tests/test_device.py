@@ -1,6 +1,7 @@
 """Devices as users meet them: which device is picked, what a missing one says, presets that
 never beat a flag, compile that falls back instead of failing, micro batches sized to memory,
 and out-of-memory errors that name the fix. CUDA and MPS are mocked: these run on a CPU."""
+import contextlib
 import json
 import os
 import signal
@@ -40,26 +41,16 @@ def test_an_explicit_device_wins_over_auto(monkeypatch):
     assert device_mod.select_device("cpu") == "cpu"
 
 
-@pytest.mark.parametrize("built, expected", [
-    (False, "built without CUDA"), (True, "CUDA_VISIBLE_DEVICES"),
+@pytest.mark.parametrize("requested, built, expected", [
+    ("cuda", False, "built without CUDA"), ("cuda", True, "CUDA_VISIBLE_DEVICES"),
+    ("mps", False, "built without MPS"), ("mps", True, "not an Apple-silicon Mac"),
 ])
-def test_missing_cuda_names_the_checks(monkeypatch, built, expected):
+def test_missing_device_names_the_checks(monkeypatch, requested, built, expected):
     set_available(monkeypatch, cuda=False, mps=False)
-    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: built)
+    monkeypatch.setattr(getattr(torch.backends, requested), "is_built", lambda: built)
     with pytest.raises(device_mod.DeviceError) as err:
-        device_mod.select_device("cuda")
-    assert "nvidia-smi" in str(err.value) and expected in str(err.value) and "--device auto" in str(err.value)
-
-
-@pytest.mark.parametrize("built, expected", [
-    (False, "built without MPS"), (True, "not an Apple-silicon Mac"),
-])
-def test_missing_mps_names_the_checks(monkeypatch, built, expected):
-    set_available(monkeypatch, cuda=False, mps=False)
-    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: built)
-    with pytest.raises(device_mod.DeviceError) as err:
-        device_mod.select_device("mps")
-    assert expected in str(err.value) and "--device cpu" in str(err.value)
+        device_mod.select_device(requested)
+    assert expected in str(err.value) and "--device auto" in str(err.value)
 
 
 def test_more_processes_than_gpus_is_an_error(monkeypatch):
@@ -72,11 +63,13 @@ def test_environment_is_set_before_torch_loads_unless_the_user_set_it():
     # torch 2.9 renamed the allocator variable; device.py sets the name this torch reads.
     alloc = "PYTORCH_ALLOC_CONF" if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
     code = (f"import os, device; print(os.environ.get('{alloc}'), os.environ['PYTORCH_ENABLE_MPS_FALLBACK'], "
-            "os.environ['PYTORCH_MPS_HIGH_WATERMARK_RATIO']); print(device.ENVIRONMENT['cuda'][0])")
+            "os.environ['PYTORCH_MPS_HIGH_WATERMARK_RATIO'], os.environ['PYTORCH_MPS_LOW_WATERMARK_RATIO']); "
+            "print(device.ENVIRONMENT['cuda'][0])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTORCH_")}
     fresh = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert fresh.returncode == 0, fresh.stderr
-    assert fresh.stdout.splitlines()[0] == "expandable_segments:True 1 1.0"
+    # MPS refuses to start if the low mark is above the high one (its default low mark is 1.4 on Apple silicon).
+    assert fresh.stdout.splitlines()[0] == "expandable_segments:True 1 1.0 0.8"
     assert f"cuda: {alloc}=expandable_segments:True" in fresh.stdout
     env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"  # the old name, set by the user, is kept and not overridden
     theirs = subprocess.run([sys.executable, "-c", code.replace(alloc, "PYTORCH_CUDA_ALLOC_CONF")], cwd=REPO_ROOT, env=env,
@@ -170,6 +163,32 @@ def test_compile_chain_per_mode():
     assert device_mod.compile_chain("none") == ["eager"]
     with pytest.raises(device_mod.DeviceError, match="unknown --compile mode 'fast'"):
         device_mod.compile_chain("fast")
+
+
+def test_the_trial_pass_does_not_sync_gradients_across_ranks():
+    # Under DDP a rank whose compile failed never reaches backward: a gradient all-reduce in the
+    # trial would hang the others, so forward and backward run inside DDP's no_sync().
+    class DDPLike(TinyLM):
+        def __init__(self):
+            super().__init__()
+            self.syncing, self.seen = True, []
+            self.emb.weight.register_hook(lambda grad: self.seen.append(("backward", self.syncing)))
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.syncing = False
+            try:
+                yield
+            finally:
+                self.syncing = True
+
+        def forward(self, idx, targets):
+            self.seen.append(("forward", self.syncing))
+            return super().forward(idx, targets)
+
+    model = DDPLike()
+    trial(model)
+    assert model.seen == [("forward", False), ("backward", False)]
 
 
 def test_compile_that_raises_falls_back_to_eager(monkeypatch, capsys):
@@ -337,12 +356,22 @@ def test_micro_batch_auto_keeps_the_token_batch(tiny_data, tmp_path):
 # Memory statistics and out-of-memory errors
 
 
-def test_memory_stats_are_empty_on_cpu_and_in_gib_on_cuda(monkeypatch):
+def test_memory_stats_are_empty_on_cpu_and_in_gib_on_cuda_and_mps(monkeypatch):
     assert device_mod.memory_stats(torch.device("cpu")) == {}
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 2 * 2**30)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * 2**30)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 4 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda d: {"allocated_bytes.all.current": 2 * 2**30,
+                                                               "reserved_bytes.all.current": 3 * 2**30,
+                                                               "allocated_bytes.all.peak": 4 * 2**30})
     assert device_mod.memory_stats(torch.device("cuda", 0)) == {"mem_alloc_gib": 2.0, "mem_reserved_gib": 3.0, "mem_peak_gib": 4.0}
+    # MPS has no peak counter: the peak is the most allocated at any call so far.
+    monkeypatch.setattr(device_mod, "_mps_peak", [0])
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 8 * 2**30)
+    peaks = []
+    for allocated in (3, 5, 1):
+        monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda a=allocated: a * 2**30)
+        stats = device_mod.memory_stats(torch.device("mps"))
+        assert stats["mem_alloc_gib"] == allocated and stats["mem_reserved_gib"] == 8.0
+        peaks.append(stats["mem_peak_gib"])
+    assert peaks == [3.0, 5.0, 5.0]
 
 
 def test_out_of_memory_is_recognised_on_cuda_and_mps():
