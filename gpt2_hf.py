@@ -44,10 +44,18 @@ def import_transformers():
     return transformers
 
 
-def _check_source(name_or_path):
+def _from_pretrained(class_name, what, name_or_path):
+    """transformers.<class_name>.from_pretrained(name_or_path), or an HFError naming the fix."""
     if name_or_path not in PRETRAINED and not Path(name_or_path).is_dir():
         raise HFError(f"--init_from {name_or_path!r} is neither one of {', '.join(PRETRAINED)} nor a folder "
                       "written by save_pretrained (config.json + model.safetensors)")
+    transformers = import_transformers()
+    try:
+        return getattr(transformers, class_name).from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise HFError(f"cannot load the {what} of {name_or_path!r} ({str(exc).splitlines()[0]}). Offline? Run "
+                      f"GPT2LMHeadModel.from_pretrained({name_or_path!r}).save_pretrained(DIR) where the hub is "
+                      "reachable and pass --init_from DIR") from None
 
 
 def _check_architecture(hf_config, source):
@@ -86,14 +94,7 @@ def _gpt_config_from_hf(hf_config, source, block_size=None):
 def gpt_config(name_or_path, block_size=None):
     """The GPTConfig that holds these weights: their shape, the padded vocabulary, and a position table
     of block_size (at most the weights' n_positions; shorter keeps the first rows)."""
-    _check_source(name_or_path)
-    transformers = import_transformers()
-    try:
-        hf_config = transformers.GPT2Config.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise HFError(f"cannot load the config of {name_or_path!r} ({str(exc).splitlines()[0]}). Offline? Run "
-                      f"GPT2LMHeadModel.from_pretrained({name_or_path!r}).save_pretrained(DIR) where the hub is "
-                      "reachable and pass --init_from DIR") from None
+    hf_config = _from_pretrained("GPT2Config", "config", name_or_path)
     return _gpt_config_from_hf(hf_config, name_or_path, block_size)
 
 
@@ -127,15 +128,7 @@ def from_hf(hf_model, config=None):
 def from_pretrained(name_or_path, config=None):
     """Our GPT holding OpenAI's weights (downloaded and cached by transformers) or those of a
     save_pretrained folder. config: from gpt_config(), to choose a shorter block size."""
-    _check_source(name_or_path)
-    transformers = import_transformers()
-    try:
-        hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise HFError(f"cannot load the weights of {name_or_path!r} ({str(exc).splitlines()[0]}). Offline? Run "
-                      f"GPT2LMHeadModel.from_pretrained({name_or_path!r}).save_pretrained(DIR) where the hub is "
-                      "reachable and pass --init_from DIR") from None
-    return from_hf(hf_model, config or _gpt_config_from_hf(hf_model.config, name_or_path))
+    return from_hf(_from_pretrained("GPT2LMHeadModel", "weights", name_or_path), config)
 
 
 def to_hf(model):

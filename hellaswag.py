@@ -305,7 +305,7 @@ def positive_int(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag validation accuracy of a checkpoint; prints one JSON line.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file written by train_gpt2.py (model_*.pt, best_model.pt)")
+    p.add_argument("--checkpoint", required=True, help="model_*.pt, best_model.pt, or an export (.pt / .safetensors)")
     p.add_argument("--data_file", default=None,
                    help=f"local hellaswag_val.jsonl (default: download {VAL_URL} once into $HELLASWAG_CACHE_DIR "
                         f"or {DEFAULT_CACHE_DIR})")

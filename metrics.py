@@ -150,11 +150,9 @@ def is_terminal(stream):
 
 
 def format_value(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    return str(value)
 
 
 class Metrics:
@@ -232,12 +230,13 @@ class Metrics:
             line += f" | MFU {r['mfu']:.1%}"
         if "data_ms" in r:
             line += " | data/fwd_bwd/optim " + "/".join(f"{r[f'{phase}_ms']:.1f}" for phase in PHASES) + " ms"
-        memory = {key[4:-4]: value for key, value in r.items() if key.startswith("mem_") and key.endswith("_gib")}
+        memory = {key: value for key, value in r.items() if key.startswith("mem_") and key.endswith("_gib")}
         if memory:  # device.memory_stats: mem_alloc_gib, mem_peak_gib, ... -> "mem alloc/peak 1.2/3.4 GiB"
-            line += f" | mem {'/'.join(memory)} {'/'.join(f'{value:.1f}' for value in memory.values())} GiB"
+            line += (f" | mem {'/'.join(key[4:-4] for key in memory)} "
+                     f"{'/'.join(f'{value:.1f}' for value in memory.values())} GiB")
         known = {"step", "loss", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"} | {f"{p}_ms" for p in PHASES}
         for key, value in r.items():
-            if key not in known and f"mem_{key[4:-4]}_gib" != key:
+            if key not in known and key not in memory:
                 line += f" | {key} {format_value(value)}"
         return line
 

@@ -86,6 +86,44 @@ def test_step_timer_splits_each_step_into_data_fwd_bwd_and_optim(monkeypatch):
     assert timer.report() == {}  # reset after each report
 
 
+def test_step_timer_on_cuda_waits_only_at_the_report_and_reuses_its_events(monkeypatch):
+    """The GPU path without a GPU: events stand in for torch.cuda.Event. Marking a step must never wait
+    for the device (that would stall the host every step); only report() reads the events."""
+    import torch
+
+    clock = FakeClock()
+    created, waits = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            created.append(self)
+
+        def record(self):
+            self.at = clock.now
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1000
+
+        def synchronize(self):
+            waits.append(self)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: pytest.fail("the CUDA timer read the host clock"))
+    timer = StepTimer("cuda")
+    for interval in range(2):
+        for _ in range(3):
+            timer.start()
+            for phase, seconds in (("data", 0.001), ("fwd_bwd", 0.010), ("optim", 0.002)):
+                clock.now += seconds
+                timer.mark(phase)
+            clock.now += 1.0  # between steps: not counted
+        assert len(waits) == interval  # marking the steps waited for nothing
+        assert timer.report() == pytest.approx({"data_ms": 1.0, "fwd_bwd_ms": 10.0, "optim_ms": 2.0})
+        assert len(waits) == interval + 1  # one wait per report, on the last event
+    assert len(created) == 4 * 3  # the second interval reused the first one's events
+
+
 def test_timer_phases_join_the_record_every_log_interval(tmp_path, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(metrics.time, "perf_counter", clock)
