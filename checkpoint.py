@@ -30,6 +30,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import device as device_mod  # before torch: it sets environment variables torch reads when it loads
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -687,12 +688,11 @@ class GracefulStop:
         """True when any rank was signalled; every rank gets the same answer."""
         if ddp is None or not ddp.enabled:
             return self._flag
-        device = torch.device("cuda", ddp.local_rank) if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1 if self._flag else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.signal_name is None:
+        device = torch.device("cuda", ddp.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        signalled = bool(device_mod.agree(self._flag, "max", device))  # one all-reduce, one host sync
+        if signalled and self.signal_name is None:
             self.signal_name = "a signal on another rank"
-        return bool(flag.item())
+        return signalled
 
 
 # -----------------------------------------------------------------------------
