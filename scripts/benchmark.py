@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
+import metrics  # noqa: E402
 from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, Dist, train_step  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_ro
 
     def step():
         loss, _ = train_step(compiled, optimizer, scaler, loader, args.grad_accum_steps, 6e-4, 1.0, dev, dtype, Dist())
-        losses.append(loss.item())  # the trainer's one host sync per step, kept so timings match training
+        losses.append(loss.item())  # one host sync per step, as the trainer's (loss and norm in one read)
 
     with sdpa_backend(args.sdpa_backend):
         for i in range(args.warmup + args.steps):
@@ -84,7 +85,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_ro
             profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}")
     dt = statistics.median(times)
     peak = device_mod.peak_flops(dev, dtype)
-    mfu = model.flops_per_token(args.seq_len) * tokens_per_step / dt / peak if peak else None
+    mfu = metrics.mfu(model.flops_per_token(args.seq_len), tokens_per_step, dt, peak)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     row = dict(model=model_name, B=micro_batch_size, T=args.seq_len, accum=args.grad_accum_steps, compile=used_mode,
                chunk=loss_chunk_rows, dtype=dtype, ms=dt * 1000, steps_s=1 / dt, tok_s=tokens_per_step / dt, mfu=mfu, mem=mem,
