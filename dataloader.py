@@ -9,10 +9,12 @@ so no rank ever holds a whole 100M-token shard in RAM.
                                rank=rank, world_size=world_size)
     x, y = loader.next_batch()        # int64 (B, T); y is x shifted left by one token
     state = loader.get_state()        # plain ints/strs/lists: fine for weights_only=True
+    loader.close()                    # stops the read-ahead thread (prefetch=True; on by default with pin_memory)
 """
 import os
 import re
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -187,9 +189,18 @@ class ShardedDataLoader:
     (within a shard), and a run resumed with another world size carries on where it stopped.
     A window that would run past the end of a shard moves to the next shard at token 0
     (the tail is dropped); past the last shard the loader wraps to the first, epoch += 1.
+
+    prefetch reads one batch ahead on a background thread: after next_batch returns, the
+    next step's window is sliced, widened to int64 and pinned while the GPU works, so the
+    next call only hands it over. The read-ahead is keyed by the (shard, position) it was
+    made for and used only if that is still where the loader stands (after load_state or
+    reset it is not: that call reads in the caller's thread), so the batches and get_state()
+    are exactly those of prefetch=False. Default (None): on when pin_memory is, i.e. on CUDA;
+    on the CPU there is no asynchronous device to hide the read behind.
     """
 
-    def __init__(self, data_root, split, batch_size, seq_len, rank=0, world_size=1, pin_memory=False):
+    def __init__(self, data_root, split, batch_size, seq_len, rank=0, world_size=1, pin_memory=False,
+                 prefetch=None):
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"batch size and sequence length must be positive, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
@@ -205,6 +216,9 @@ class ShardedDataLoader:
             if rank == 0:
                 print("dataloader: pinned memory needs CUDA, which is not available; using pageable memory")
             self.pin_memory = False
+        self.prefetch = self.pin_memory if prefetch is None else bool(prefetch)
+        self._executor = None  # started on the first read-ahead
+        self._ahead = None  # ((shard_index, position), Future of that step's (x, y))
         self.shards = find_shards(self.data_root, split)
         step_desc = f"micro batch {batch_size} x seq_len {seq_len} x world size {world_size}"
         self.shard_lengths = [_shard_length(p, self.tokens_per_step + 1, step_desc) for p in self.shards]
@@ -233,17 +247,51 @@ class ShardedDataLoader:
             self._open_shard(next_index)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        here = (self.shard_index, self.position)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == here:
+            x, y = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].cancel()  # read for a position the loader has left (load_state, reset)
+            x, y = self._read(self.tokens, self.position)
+        self.position += self.tokens_per_step
+        self._skip_exhausted_shard()
+        if self.prefetch:
+            # The task gets this shard's memory map itself: a later shard switch cannot change what it reads.
+            future = self._start_executor().submit(self._read, self.tokens, self.position)
+            self._ahead = ((self.shard_index, self.position), future)
+        return x, y
+
+    def _read(self, tokens, position):
+        """This rank's (x, y) for the step starting at position in tokens. It touches no loader
+        state, so the read-ahead thread can run it while the loop moves on."""
         B, T = self.batch_size, self.seq_len
-        start = self.position + self.rank * B * T
+        start = position + self.rank * B * T
         # astype copies the window out of the memory map; build-nanogpt reads uint16 -> int64 too
-        window = torch.from_numpy(self.tokens[start : start + B * T + 1].astype(np.int64))
+        window = torch.from_numpy(tokens[start : start + B * T + 1].astype(np.int64))
         x = window[:-1].view(B, T)
         y = window[1:].view(B, T)
         if self.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()
-        self.position += self.tokens_per_step
-        self._skip_exhausted_shard()
         return x, y
+
+    def _start_executor(self):
+        if self._executor is None:
+            # Pin on the caller's GPU, as torch's DataLoader pin thread does (a new thread starts on GPU 0).
+            gpu = (torch.cuda.current_device(),) if self.pin_memory else None
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"dataloader-{self.split}-prefetch",
+                                                initializer=torch.cuda.set_device if gpu else None, initargs=gpu or ())
+        return self._executor
+
+    def close(self):
+        """Stop the read-ahead thread, after the read in flight. The loader still works, without prefetch.
+        Not calling it is safe too: the thread ends with the loader or at interpreter exit."""
+        self.prefetch = False
+        self._ahead = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
 
     def get_state(self) -> dict:
         return {

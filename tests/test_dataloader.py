@@ -1,6 +1,7 @@
 """The shard format and ShardedDataLoader: what training, DDP and exact resume rely on."""
 import io
 import re
+import threading
 import urllib.error
 import urllib.request
 
@@ -48,10 +49,11 @@ def test_batch_is_int64_window_and_its_shift(tmp_path):
     assert y.flatten().tolist() == tokens[1 : B * T + 1].astype(np.int64).tolist()
 
 
-def test_two_ranks_read_disjoint_windows_that_one_rank_reads_in_two_calls(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_two_ranks_read_disjoint_windows_that_one_rank_reads_in_two_calls(tmp_path, prefetch):
     make_shards(tmp_path, [100])
-    rank0 = ShardedDataLoader(tmp_path, "train", B, T, rank=0, world_size=2)
-    rank1 = ShardedDataLoader(tmp_path, "train", B, T, rank=1, world_size=2)
+    rank0 = ShardedDataLoader(tmp_path, "train", B, T, rank=0, world_size=2, prefetch=prefetch)
+    rank1 = ShardedDataLoader(tmp_path, "train", B, T, rank=1, world_size=2, prefetch=prefetch)
     single = ShardedDataLoader(tmp_path, "train", B, T)  # world 1, 2 grad-accumulation calls
     for _ in range(3):
         (x0, y0), (x1, y1) = rank0.next_batch(), rank1.next_batch()
@@ -62,9 +64,10 @@ def test_two_ranks_read_disjoint_windows_that_one_rank_reads_in_two_calls(tmp_pa
     assert rank0.get_state() == rank1.get_state() == single.get_state()
 
 
-def test_moves_to_next_shard_then_wraps_to_first_with_epoch(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_moves_to_next_shard_then_wraps_to_first_with_epoch(tmp_path, prefetch):
     shard0, shard1 = make_shards(tmp_path, [50, 35])
-    loader = ShardedDataLoader(tmp_path, "train", B, T)
+    loader = ShardedDataLoader(tmp_path, "train", B, T, prefetch=prefetch)
     starts = []
     for _ in range(11):
         state = loader.get_state()
@@ -77,15 +80,16 @@ def test_moves_to_next_shard_then_wraps_to_first_with_epoch(tmp_path):
     assert loader.get_state()["epoch"] == 1
 
 
-def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path, prefetch):
     make_shards(tmp_path / "data", [50, 35, 40])
-    loader = ShardedDataLoader(tmp_path / "data", "train", B, T)
+    loader = ShardedDataLoader(tmp_path / "data", "train", B, T, prefetch=prefetch)
     batches(loader, 5)
     torch.save({"loader": loader.get_state()}, tmp_path / "ckpt.pt")
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
     assert set(state) >= {"shard_index", "position", "epoch", "shards"}
 
-    resumed = ShardedDataLoader(tmp_path / "data", "train", B, T)
+    resumed = ShardedDataLoader(tmp_path / "data", "train", B, T, prefetch=prefetch)
     resumed.load_state(state)
     # 6 + 4 + 4 windows per epoch: 20 more steps cross both shard boundaries and the wrap
     for (x, y), (rx, ry) in zip(batches(loader, 20), batches(resumed, 20)):
@@ -104,10 +108,11 @@ def test_reset_goes_back_to_the_very_start(tmp_path):
     assert torch.equal(loader.next_batch()[0], first[0])
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("world_size_after", [1, 4])
-def test_resume_with_another_world_size_neither_repeats_nor_skips(tmp_path, world_size_after):
+def test_resume_with_another_world_size_neither_repeats_nor_skips(tmp_path, world_size_after, prefetch):
     (stream,) = make_shards(tmp_path, [400])
-    ranks = [ShardedDataLoader(tmp_path, "train", B, T, rank=r, world_size=2) for r in range(2)]
+    ranks = [ShardedDataLoader(tmp_path, "train", B, T, rank=r, world_size=2, prefetch=prefetch) for r in range(2)]
     read = []
     for _ in range(3):
         for loader in ranks:  # rank order = stream order
@@ -115,7 +120,7 @@ def test_resume_with_another_world_size_neither_repeats_nor_skips(tmp_path, worl
     state = ranks[0].get_state()
     assert state == ranks[1].get_state()  # the state is global: any rank's copy will do
 
-    ranks = [ShardedDataLoader(tmp_path, "train", B, T, rank=r, world_size=world_size_after)
+    ranks = [ShardedDataLoader(tmp_path, "train", B, T, rank=r, world_size=world_size_after, prefetch=prefetch)
              for r in range(world_size_after)]
     for loader in ranks:
         loader.load_state(state)
@@ -134,6 +139,102 @@ def test_resumed_position_past_a_shorter_shard_end_moves_on(tmp_path):
     big.load_state(small.get_state())
     assert big.get_state()["shard_index"] == 1 and big.get_state()["position"] == 0
     assert big.next_batch()[0].flatten().tolist() == shard1[: B * T].tolist()
+
+
+# -----------------------------------------------------------------------------
+# Prefetch: one batch read ahead on a thread, never a different stream
+
+
+def assert_same_batches_and_states(loader, reference, steps):
+    for step in range(steps):
+        (x, y), (rx, ry) = loader.next_batch(), reference.next_batch()
+        assert torch.equal(x, rx) and torch.equal(y, ry), f"step {step}"
+        assert loader.get_state() == reference.get_state(), f"step {step}"  # returned batches, not the read-ahead
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_prefetch_gives_the_same_batches_and_state_across_shards_and_the_wrap(tmp_path, rank):
+    make_shards(tmp_path, [50, 35, 40])  # 2 ranks: 3 + 2 + 2 steps per epoch
+    loader = ShardedDataLoader(tmp_path, "train", B, T, rank=rank, world_size=2, prefetch=True)
+    reference = ShardedDataLoader(tmp_path, "train", B, T, rank=rank, world_size=2, prefetch=False)
+    assert_same_batches_and_states(loader, reference, 16)  # past both boundaries and two wraps
+    assert loader.get_state()["epoch"] == 2
+    loader.close()
+
+
+def test_prefetch_reads_ahead_on_its_own_thread(tmp_path, monkeypatch):
+    """Only the first batch, and the first after load_state, are read in the caller's thread."""
+    make_shards(tmp_path, [50, 35])
+    reads = []  # (read in the caller's thread, position)
+    read = ShardedDataLoader._read
+
+    def spy(self, tokens, position):
+        reads.append((threading.current_thread() is threading.main_thread(), position))
+        return read(self, tokens, position)
+
+    monkeypatch.setattr(ShardedDataLoader, "_read", spy)
+    loader = ShardedDataLoader(tmp_path, "train", B, T, prefetch=True)
+    start = loader.get_state()
+    batches(loader, 12)
+    loader.load_state(start)
+    loader.next_batch()
+    loader.close()
+    assert [position for in_caller, position in reads if in_caller] == [0, 0]
+    assert sum(not in_caller for in_caller, _ in reads) >= 11  # steps 2..12 came from the thread
+
+
+def test_prefetch_is_not_used_after_load_state_or_reset_moves_the_loader(tmp_path):
+    """The batch read ahead for (shard 1, position 16) must not answer a resume at (shard 0, 16)."""
+    shard0, _ = make_shards(tmp_path, [50, 50])
+    loader = ShardedDataLoader(tmp_path, "train", B, T, prefetch=True)
+    batches(loader, 2)
+    saved = loader.get_state()
+    batches(loader, 6)  # 6 windows fit in shard 0: now at shard 1, position 16, that batch read ahead
+    assert (saved["shard_index"], saved["position"]) == (0, 16)
+    assert (loader.get_state()["shard_index"], loader.get_state()["position"]) == (1, 16)
+
+    loader.load_state(saved)
+    assert loader.next_batch()[0].flatten().tolist() == shard0[16:24].tolist()
+    reference = ShardedDataLoader(tmp_path, "train", B, T, prefetch=False)
+    reference.load_state(loader.get_state())
+    assert_same_batches_and_states(loader, reference, 14)  # into shard 1 and over the wrap
+
+    loader.reset()
+    assert loader.next_batch()[0].flatten().tolist() == shard0[:8].tolist()
+    loader.close()
+
+
+def test_state_saved_with_prefetch_resumes_a_fresh_loader_exactly(tmp_path):
+    make_shards(tmp_path, [50, 35, 40])
+    loader = ShardedDataLoader(tmp_path, "train", B, T, prefetch=True)
+    reference = ShardedDataLoader(tmp_path, "train", B, T, prefetch=False)
+    assert_same_batches_and_states(loader, reference, 7)  # mid shard 1, with step 8 read ahead
+    resumed = ShardedDataLoader(tmp_path, "train", B, T, prefetch=True)
+    resumed.load_state(loader.get_state())
+    assert_same_batches_and_states(resumed, reference, 20)
+    loader.close()
+    resumed.close()
+
+
+def test_close_stops_the_prefetch_thread_and_the_loader_still_reads(tmp_path):
+    (shard,) = make_shards(tmp_path, [50])
+    loader = ShardedDataLoader(tmp_path, "train", B, T, prefetch=True)
+    before = set(threading.enumerate())
+    loader.next_batch()
+    (thread,) = set(threading.enumerate()) - before
+    assert thread.name.startswith("dataloader-train-prefetch")
+    loader.close()
+    assert not thread.is_alive()
+    assert loader.next_batch()[0].flatten().tolist() == shard[8:16].tolist()
+    loader.close()  # twice is fine
+
+
+def test_prefetch_defaults_to_on_with_pinned_memory_only(tmp_path, monkeypatch):
+    make_shards(tmp_path, [50])
+    assert ShardedDataLoader(tmp_path, "train", B, T).prefetch is False  # CPU: nothing to overlap with
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # constructing pins nothing yet
+    assert ShardedDataLoader(tmp_path, "train", B, T, pin_memory=True).prefetch is True
+    assert ShardedDataLoader(tmp_path, "train", B, T, pin_memory=True, prefetch=False).prefetch is False
 
 
 def test_reads_build_nanogpt_fineweb_layout(tmp_path):
