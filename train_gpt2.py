@@ -26,6 +26,7 @@ import checkpoint
 import dataloader
 import gpt2_hf
 import hellaswag
+import kernels
 import metrics as metrics_mod
 
 # -----------------------------------------------------------------------------
@@ -169,6 +170,8 @@ class GPT(nn.Module):
         self.activation_checkpointing = False
         # Rows of logits the loss works on at a time; 0 materialises all B*T x vocab logits first.
         self.loss_chunk_rows = 0
+        # The loss in Triton kernels (kernels.py, CUDA): its gradient overwrites the logits, no second buffer.
+        self.fused_loss = False
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -206,6 +209,9 @@ class GPT(nn.Module):
                                             self.loss_chunk_rows, matmul_dtype(x.device.type, x.dtype))
             return None, loss
         logits = self.lm_head(x)
+        if targets is not None and self.fused_loss:
+            # The logits are not returned: after backward() they hold their gradient (kernels.py).
+            return None, kernels.cross_entropy(logits, targets, min(GPT2_VOCAB_SIZE, logits.size(-1)))
         # Padding rows of the vocabulary are never tokens: no probability for them, whatever their weights
         # (zeros for OpenAI's weights, which would otherwise get logit 0, far above real tokens' logits).
         logits[..., GPT2_VOCAB_SIZE:] = float("-inf")
@@ -335,6 +341,9 @@ def parse_args(argv=None):
                    help="compute the loss ROWS token positions at a time, never holding all B*T x vocab logits: "
                         "gpt2 at 64 x 1024 on an H100 peaks at 25.8 instead of 40.8 GiB, 1.7%% slower compiled, "
                         "14%% slower eager (0: off, speed first; try 8192)")
+    g.add_argument("--fused_loss", choices=["auto", "on", "off"], default="auto",
+                   help="the loss in Triton kernels whose gradient overwrites the logits: no second B*T x vocab buffer "
+                        "(auto: on for CUDA with Triton, unless --loss_chunk_rows is set)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval_interval", type=int, default=None, help="validation loss every N steps, and at the last step (default 250)")
     g.add_argument("--eval_steps", type=int, default=None, help="validation batches of --total_batch_size tokens each, the same tokens at any world size (default 20)")
@@ -543,6 +552,7 @@ def train_step(model, optimizer, scaler, loader, grad_accum_steps, lr, grad_clip
     timer.mark("optim")
     return loss_accum, norm
 
+
 def probe_micro_batch_size(args, model_config, device, dtype, ddp, log):
     """--micro_batch_size auto: the largest micro batch that fits (the same on every rank); the
     accumulation steps then make up --total_batch_size."""
@@ -551,16 +561,34 @@ def probe_micro_batch_size(args, model_config, device, dtype, ddp, log):
         raise UserError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len * world_size = "
                         f"{args.seq_len} * {ddp.world_size}; --micro_batch_size auto needs whole sequences per rank")
 
-    def make_model():
-        model = GPT(model_config)
-        model.activation_checkpointing = args.activation_checkpointing
-        model.loss_chunk_rows = args.loss_chunk_rows
-        return model
-
-    micro_batch_size, line = device_mod.auto_micro_batch_size(make_model, sequences_per_rank * args.seq_len,
-                                                              args.seq_len, device, dtype)
+    micro_batch_size, line = device_mod.auto_micro_batch_size(lambda: apply_run_options(GPT(model_config), args),
+                                                              sequences_per_rank * args.seq_len, args.seq_len, device, dtype)
     log(line)
     return micro_batch_size
+
+
+def apply_run_options(model, args):
+    """Run-time choices that change how the model computes, not what: not part of its shape or checkpoints."""
+    model.activation_checkpointing = args.activation_checkpointing
+    model.loss_chunk_rows = args.loss_chunk_rows
+    model.fused_loss = args.fused_loss == "on"
+    return model
+
+
+def resolve_fused_loss(args, device, log):
+    """--fused_loss auto -> on or off (one line says which and why); on where it cannot run -> UserError."""
+    usable, why_not = kernels.available(device)
+    if args.fused_loss == "on" and not usable:
+        raise UserError(f"--fused_loss on: {why_not}; use --fused_loss off")
+    if args.fused_loss == "on" and args.loss_chunk_rows:
+        raise UserError("--fused_loss on and --loss_chunk_rows are two ways to compute the loss; drop one of them")
+    if args.fused_loss == "auto":
+        args.fused_loss = "on" if usable and not args.loss_chunk_rows else "off"
+        if args.fused_loss == "on":
+            log("loss: Triton kernels, the gradient overwrites the logits (--fused_loss auto on CUDA)")
+        else:
+            log(f"loss: {'chunked' if args.loss_chunk_rows else 'PyTorch cross-entropy'} (--fused_loss auto: "
+                f"{'--loss_chunk_rows is set' if args.loss_chunk_rows else why_not})")
 
 
 def train(args):
@@ -579,6 +607,7 @@ def train(args):
                         f"use --seq_len {model_config.block_size} or less, or raise --block_size")
     if args.loss_chunk_rows < 0:
         raise UserError(f"--loss_chunk_rows {args.loss_chunk_rows} is negative; use 0 (off) or a row count such as 8192")
+    resolve_fused_loss(args, device, log)
     if args.micro_batch_size == "auto":
         args.micro_batch_size = probe_micro_batch_size(args, model_config, device, dtype, ddp, log)
         settings["micro_batch_size"] = (args.micro_batch_size, f"auto ({settings['micro_batch_size'][1]})")
@@ -606,8 +635,7 @@ def train(args):
 
     torch.manual_seed(args.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     model = (gpt2_hf.from_pretrained(args.init_from, model_config) if args.init_from else GPT(model_config)).to(device)
-    model.activation_checkpointing = args.activation_checkpointing
-    model.loss_chunk_rows = args.loss_chunk_rows
+    apply_run_options(model, args)
     raw_model = model
     log(f"model: {args.model} {model.num_params() / 1e6:.2f}M parameters (without position embeddings)")
     optimizer = raw_model.configure_optimizer(args.weight_decay, args.max_lr, device_type)

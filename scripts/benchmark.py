@@ -17,6 +17,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
+import kernels  # noqa: E402
 import metrics  # noqa: E402
 from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, Dist, train_step  # noqa: E402
 
@@ -51,11 +53,16 @@ def synchronize(dev):
         torch.mps.synchronize()
 
 
-def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_rows, dev, dtype):
+def loss_name(loss_chunk_rows, fused_loss):
+    return f"chunk{loss_chunk_rows}" if loss_chunk_rows else "fused" if fused_loss else "torch"
+
+
+def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_rows, fused_loss, dev, dtype):
     shape = MODEL_PRESETS[model_name]
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=max(1024, args.seq_len), **shape)).to(dev)
     model.loss_chunk_rows = loss_chunk_rows
+    model.fused_loss = fused_loss
     optimizer = model.configure_optimizer(0.1, 6e-4, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=(dtype == "fp16"))
     compiled, used_mode = device_mod.compile_model(model, dev.type, compile_mode)
@@ -88,12 +95,33 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_ro
     mfu = metrics.mfu(model.flops_per_token(args.seq_len), tokens_per_step, dt, peak)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     row = dict(model=model_name, B=micro_batch_size, T=args.seq_len, accum=args.grad_accum_steps, compile=used_mode,
-               chunk=loss_chunk_rows, dtype=dtype, ms=dt * 1000, steps_s=1 / dt, tok_s=tokens_per_step / dt, mfu=mfu, mem=mem,
+               loss_kind=loss_name(loss_chunk_rows, fused_loss), dtype=dtype, ms=dt * 1000, steps_s=1 / dt, tok_s=tokens_per_step / dt, mfu=mfu, mem=mem,
                spread=(max(times) - min(times)) / dt, loss=losses[-1])
     del compiled, model, optimizer
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def set_inductor_config(setting):
+    """--inductor KEY=VALUE: set one torch._inductor.config attribute (triton.cudagraphs: a sub-config's)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, text = setting.partition("=")
+    *parents, name = key.split(".")
+    target = inductor_config
+    for parent in parents:
+        target = getattr(target, parent, None)
+    if not sep or target is None or not hasattr(target, name):
+        sys.exit(f"error: --inductor {setting!r}: want KEY=VALUE with KEY in torch._inductor.config, "
+                 f"e.g. coordinate_descent_tuning=True")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a plain string such as a backend name
+    setattr(target, name, value)
 
 
 def sdpa_backend(name):
@@ -109,7 +137,7 @@ def sdpa_backend(name):
     return sdpa_kernel(backends[name])
 
 
-def profile_steps(step, dev, title, n_steps=3, top=25):
+def profile_steps(step, dev, title, n_steps=3, top=40):
     """Where a step's device time goes: the top kernels by total time over n_steps."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -184,7 +212,11 @@ def main():
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--loss_chunk_rows", type=int, nargs="+", default=[0],
-                   help="rows of logits the loss takes at a time; 0: the full logits, then F.cross_entropy")
+                   help="rows of logits the loss takes at a time; 0: the full logits, then the loss below")
+    p.add_argument("--fused_loss", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+                   help="the Triton loss of kernels.py (auto: on where it can run, as train_gpt2.py)")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
     args = p.parse_args()
 
     try:
@@ -194,32 +226,41 @@ def main():
         sys.exit(f"error: {exc}")
     for line in device_mod.apply_device_settings(dev.type):
         print(line)
+    fused_usable, why_not = kernels.available(dev)
+    if "on" in args.fused_loss and not fused_usable:
+        sys.exit(f"error: --fused_loss on: {why_not}")
+    fused_choices = sorted({fused_usable if choice == "auto" else choice == "on" for choice in args.fused_loss})
+    for setting in args.inductor:
+        set_inductor_config(setting)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     print(f"device: {name}, torch {torch.__version__}, data: {args.data_root or 'synthetic'}, "
-          f"attention: {args.sdpa_backend}")
+          f"attention: {args.sdpa_backend}, inductor: {' '.join(args.inductor) or 'defaults'}")
     if args.hellaswag:
         bench_hellaswag(args, dev, dtype)
         return
-    header = f"{'model':<12}{'B':>4}{'T':>6}{'accum':>6}  {'compile':<15}{'chunk':>6} {'dtype':<6}{'ms/step':>9}{'steps/s':>9}" \
+    header = f"{'model':<12}{'B':>4}{'T':>6}{'accum':>6}  {'compile':<17}{'loss':<10}{'dtype':<6}{'ms/step':>9}{'steps/s':>9}" \
              f"{'tok/s':>11}{'MFU':>7}{'peak GiB':>9}{'spread':>8}{'loss':>8}"
     rows = []
-    for model_name, B, mode, chunk in itertools.product(args.model, args.micro_batch_size, args.compile,
-                                                        args.loss_chunk_rows):
+    for model_name, B, mode, chunk, fused in itertools.product(args.model, args.micro_batch_size, args.compile,
+                                                               args.loss_chunk_rows, fused_choices):
+        if chunk and fused:
+            continue  # two ways to compute the loss: the chunked one wins in the model, so the row would repeat
         try:
-            rows.append(bench_config(args, model_name, B, mode, chunk, dev, dtype))
+            rows.append(bench_config(args, model_name, B, mode, chunk, fused, dev, dtype))
         except torch.OutOfMemoryError:
             print(f"{model_name} B={B} {mode}: out of memory")
             torch.cuda.empty_cache()
             continue
         except Exception as exc:  # one failing configuration (say a compile mode) must not end the table
-            print(f"{model_name} B={B} {mode} chunk={chunk}: failed: {type(exc).__name__}: {str(exc)[:300]}")
+            print(f"{model_name} B={B} {mode} loss={loss_name(chunk, fused)}: failed: {type(exc).__name__}: {str(exc)[:300]}")
+            traceback.print_exc(limit=-8)
             continue
         r = rows[-1]
         if len(rows) == 1:
             print(header)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         mem = f"{r['mem']:.1f}" if r["mem"] else "-"
-        print(f"{r['model']:<12}{r['B']:>4}{r['T']:>6}{r['accum']:>6}  {r['compile']:<15}{r['chunk']:>6} {r['dtype']:<6}{r['ms']:>9.1f}"
+        print(f"{r['model']:<12}{r['B']:>4}{r['T']:>6}{r['accum']:>6}  {r['compile']:<17}{r['loss_kind']:<10}{r['dtype']:<6}{r['ms']:>9.1f}"
               f"{r['steps_s']:>9.2f}{r['tok_s']:>11,.0f}{mfu:>7}{mem:>9}{r['spread']:>8.1%}{r['loss']:>8.3f}", flush=True)
     rate = bench_loader(args, args.micro_batch_size[0])
     if rate:

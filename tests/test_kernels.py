@@ -1,0 +1,98 @@
+"""The Triton loss (kernels.py), run on CPU tensors through Triton's interpreter (set in conftest):
+the same values and gradients as PyTorch's cross-entropy, with the gradient written over the logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt2
+from conftest import TINY_RUN
+from train_gpt2 import GPT, GPTConfig
+
+pytest.importorskip("triton", reason="Triton is not installed: pip install triton (CI does)")
+import kernels  # noqa: E402
+
+
+def loss_and_grads(model, idx, targets, fused, autocast_dtype=None):
+    model.zero_grad()
+    model.fused_loss = fused
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits, loss = model(idx, targets)
+    loss.backward()
+    return logits, loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))  # vocabulary padded to 50304
+    idx = torch.randint(0, 50257, (2, 16))
+    targets = torch.randint(0, 50257, (2, 16))
+    return model, idx, targets
+
+
+def test_fused_loss_equals_plain_cross_entropy_in_fp32(batch):
+    model, idx, targets = batch
+    plain_logits, plain_loss, plain_grads = loss_and_grads(model, idx, targets, False)
+    logits, loss, grads = loss_and_grads(model, idx, targets, True)
+    assert plain_logits is not None and logits is None  # they hold the gradient after backward: not returned
+    assert torch.allclose(loss, plain_loss, rtol=1e-6)
+    for name, grad in grads.items():
+        assert (grad - plain_grads[name]).norm() <= 1e-5 * plain_grads[name].norm(), name
+
+
+def test_fused_loss_under_bf16_autocast_is_within_bf16_rounding(batch):
+    model, idx, targets = batch
+    _, plain_loss, plain_grads = loss_and_grads(model, idx, targets, False, torch.bfloat16)
+    _, loss, grads = loss_and_grads(model, idx, targets, True, torch.bfloat16)
+    assert torch.allclose(loss, plain_loss, rtol=1e-3)
+    for name, grad in grads.items():
+        assert (grad - plain_grads[name]).norm() <= 1e-2 * plain_grads[name].norm(), name
+
+
+def test_fused_loss_without_grad_gives_the_same_value(batch):
+    model, idx, targets = batch
+    with torch.no_grad():
+        _, plain = model(idx, targets)
+        model.fused_loss = True
+        _, fused = model(idx, targets)
+    assert torch.allclose(plain, fused, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_overwrites_the_logits_and_padding_gets_none(monkeypatch, dtype):
+    monkeypatch.setattr(kernels, "BLOCK_COLS", 16)  # rows of 4 blocks, the last one partly padding
+    torch.manual_seed(1)
+    n_valid, width = 50, 64
+    source = (torch.randn(3, 5, width) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, n_valid, (3, 5))
+    targets[0, 0] = n_valid - 1  # the last real column
+    logits = source * 1  # not a leaf, as lm_head's output
+    seen = {}
+    logits.register_hook(lambda grad: seen.update(grad=grad))
+    loss = kernels.cross_entropy(logits, targets, n_valid)
+    (loss * 0.25).backward()  # an upstream scale, as gradient accumulation gives
+    assert seen["grad"].data_ptr() == logits.data_ptr()  # no second logits-sized buffer
+
+    reference = source.detach().float().requires_grad_()
+    masked = reference.masked_fill(torch.arange(width) >= n_valid, float("-inf"))
+    expected = F.cross_entropy(masked.view(-1, width), targets.view(-1))
+    (expected * 0.25).backward()
+    assert torch.allclose(loss.float(), expected, rtol=1e-5)
+    tolerance = 1e-7 if dtype == torch.float32 else 2e-4  # the gradient is stored in the logits' dtype
+    assert (source.grad.float() - reference.grad).abs().max() <= tolerance
+    assert (source.grad[..., n_valid:] == 0).all()
+
+
+def test_fused_loss_on_a_cpu_run_is_refused_before_anything_is_written(tmp_path, tiny_data, capsys):
+    log_dir = tmp_path / "log"
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(log_dir), "--fused_loss", "on"])
+    assert exit_info.value.code == 1
+    assert "--fused_loss on: Triton kernels need a CUDA device" in capsys.readouterr().err
+    assert not log_dir.exists()
+
+
+def test_fused_loss_auto_says_what_it_chose_on_the_cpu(tmp_path, tiny_data, capsys):
+    train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--max_steps", "1",
+                                "--total_batch_size", "128"])
+    assert "loss: PyTorch cross-entropy (--fused_loss auto: Triton kernels need a CUDA device" in capsys.readouterr().out
