@@ -21,13 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import device as device_mod  # noqa: E402  before torch: it sets environment variables torch reads when it loads
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 import checkpoint  # noqa: E402
 import dataloader  # noqa: E402
-import device as device_mod  # noqa: E402
 from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, Dist, train_step  # noqa: E402
 
 
@@ -58,8 +58,9 @@ def build(args, device, device_type):
 
 
 def main():
+    args = parse_args()  # outside the redirect, or --help would print nothing
     with contextlib.redirect_stdout(io.StringIO()):  # the manager's "saved ..." lines: only the table is wanted
-        rows, header = measure(parse_args())
+        rows, header = measure(args)
     print(header)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

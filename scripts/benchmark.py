@@ -20,11 +20,11 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import device as device_mod  # noqa: E402  before torch: it sets environment variables torch reads when it loads
+import torch  # noqa: E402
+
 import dataloader  # noqa: E402
-import device as device_mod  # noqa: E402
 import kernels  # noqa: E402
 import metrics  # noqa: E402
 from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, Dist, train_step  # noqa: E402

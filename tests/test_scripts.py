@@ -98,3 +98,12 @@ def test_cpu_script_trains_and_resumes(tiny_data, tmp_path):
     second = run_script("start_cpu_training.sh", flags + ["--max_steps", 4], cwd=tmp_path, timeout=300, DATA_ROOT=tiny_data)
     assert second.returncode == 0, second.stderr
     assert "step     0 " not in second.stdout and "step     3" in second.stdout  # resumed at step 2
+
+
+@pytest.mark.parametrize("name", ["benchmark.py", "bench_checkpoint.py", "plot_metrics.py", "prepare_data.py",
+                                  "sample.py", "../train_gpt2.py", "../checkpoint.py", "../hellaswag.py"])
+def test_every_python_cli_prints_its_usage_on_help(name):
+    result = subprocess.run(["python", str(REPO_ROOT / "scripts" / name), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:"), result.stdout[:200]
