@@ -5,7 +5,7 @@ Public API (the training loop makes one call per concern):
     start_step = ckpt.resume(auto=True, path=None, load_optimizer=True)   # 0 when starting fresh
     ckpt.maybe_save(step, train_loss=..., val_loss=..., force=False)     # interval, last step, best, signals
     ckpt.close()                                                         # waits for a background write
-    stop = GracefulStop(); stop.agreed(ddp)                              # SIGTERM / Ctrl-C: save, then exit
+    with GracefulStop() as stop: ... stop.agreed(ddp)                    # SIGTERM / Ctrl-C: save, then exit
     load_checkpoint(path) -> dict                                        # mmap, weights_only: never runs code
     load_model(path, device) -> (GPT in eval mode, config dict)          # checkpoints and exports alike
 
@@ -666,14 +666,28 @@ class CheckpointManager:
 
 
 class GracefulStop:
-    """First SIGTERM/SIGINT: finish the current step, save, exit cleanly. Second Ctrl-C: exit at once."""
+    """First SIGTERM/SIGINT: finish the current step, save, exit cleanly. Second Ctrl-C: exit at once.
+
+    A context manager: the handlers are installed on entry and the previous ones put back on exit,
+    so a process that goes on after training (a notebook, a test, a forked worker) gets its own
+    Ctrl-C and SIGTERM back."""
 
     def __init__(self):
         self.signal_name = None
         self._flag = False
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handle)
-            signal.signal(signal.SIGINT, self._handle)
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
 
     def _handle(self, signum, frame):
         if self._flag and signum == signal.SIGINT:

@@ -647,8 +647,6 @@ def train(args):
         save_optimizer=args.save_optimizer, async_save=args.async_checkpoint, ddp=ddp, scaler=scaler)
     start_step = ckpt.resume(auto=args.auto_resume, path=args.checkpoint_path if args.resume else None,
                              load_optimizer=not args.no_load_optimizer)
-    stop = checkpoint.GracefulStop()
-
     # torch.compile down the fallback chain, each mode checked on one micro batch (under DDP, as trained).
     from torch.nn.parallel import DistributedDataParallel as DDP
     wrap = (lambda m: DDP(m, device_ids=[ddp.local_rank] if device_type == "cuda" else None)) if ddp.enabled else None
@@ -666,36 +664,37 @@ def train(args):
     enc = dataloader.get_tokenizer()
 
     val_loss = None
-    for step in range(start_step, args.max_steps):
-        last_step = step == args.max_steps - 1
-        t0 = time.perf_counter()
-        lr = get_lr(step, args)
-        loss, norm = train_step(model, optimizer, scaler, train_loader, grad_accum_steps, lr, args.grad_clip,
-                                device, dtype, ddp, timer=metrics.timer)
-        # The step's one host sync, for loss and norm together. It waits for the backward pass and the
-        # clipping; the optimizer kernels queued after them finish within the next step's time.
-        train_loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
-        dt = time.perf_counter() - t0
-        if not math.isfinite(train_loss):
-            raise checkpoint.NonFiniteLoss(step, train_loss, ckpt.latest_path())
-        metrics.log_step(step, dt, loss=train_loss, lr=lr, norm=norm, **device_mod.memory_stats(device))
+    with checkpoint.GracefulStop() as stop:  # SIGTERM / Ctrl-C: finish the step, save, stop; handlers restored after
+        for step in range(start_step, args.max_steps):
+            last_step = step == args.max_steps - 1
+            t0 = time.perf_counter()
+            lr = get_lr(step, args)
+            loss, norm = train_step(model, optimizer, scaler, train_loader, grad_accum_steps, lr, args.grad_clip,
+                                    device, dtype, ddp, timer=metrics.timer)
+            # The step's one host sync, for loss and norm together. It waits for the backward pass and the
+            # clipping; the optimizer kernels queued after them finish within the next step's time.
+            train_loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
+            dt = time.perf_counter() - t0
+            if not math.isfinite(train_loss):
+                raise checkpoint.NonFiniteLoss(step, train_loss, ckpt.latest_path())
+            metrics.log_step(step, dt, loss=train_loss, lr=lr, norm=norm, **device_mod.memory_stats(device))
 
-        val_loss = None
-        if (args.eval_interval > 0 and step % args.eval_interval == 0) or last_step:
-            val_loss = evaluate_loss(model, val_loader, args.eval_steps * grad_accum_steps, device, dtype, ddp)
-            metrics.log(step, val_loss=val_loss)
-        if hellaswag_eval.due(step, last_step):
-            metrics.log(step, **hellaswag_eval.run(model))
-        if args.generate_interval > 0 and step > 0 and step % args.generate_interval == 0:
-            print_samples(raw_model, enc, args, device, dtype, step, ddp)
-        stopping = stop.agreed(ddp)
-        ckpt.maybe_save(step, train_loss=train_loss, val_loss=val_loss, force=last_step or stopping)
-        if stopping:
-            log(f"stopped by {stop.signal_name} after step {step}; resume with --auto_resume")
-            break
-    else:
-        if start_step < args.max_steps and ddp.master:
-            print_samples(raw_model, enc, args, device, dtype, args.max_steps - 1, ddp)
+            val_loss = None
+            if (args.eval_interval > 0 and step % args.eval_interval == 0) or last_step:
+                val_loss = evaluate_loss(model, val_loader, args.eval_steps * grad_accum_steps, device, dtype, ddp)
+                metrics.log(step, val_loss=val_loss)
+            if hellaswag_eval.due(step, last_step):
+                metrics.log(step, **hellaswag_eval.run(model))
+            if args.generate_interval > 0 and step > 0 and step % args.generate_interval == 0:
+                print_samples(raw_model, enc, args, device, dtype, step, ddp)
+            stopping = stop.agreed(ddp)
+            ckpt.maybe_save(step, train_loss=train_loss, val_loss=val_loss, force=last_step or stopping)
+            if stopping:
+                log(f"stopped by {stop.signal_name} after step {step}; resume with --auto_resume")
+                break
+        else:
+            if start_step < args.max_steps and ddp.master:
+                print_samples(raw_model, enc, args, device, dtype, args.max_steps - 1, ddp)
     ckpt.close()
     metrics.close()
     if ddp.enabled:

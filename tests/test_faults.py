@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import checkpoint
+import train_gpt2
+from conftest import TINY_RUN
 from dataloader import shard_path, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,9 +197,22 @@ def test_single_process_to_ddp_and_back_continues_the_data_stream(data, referenc
         assert all(abs(got[s] - want[s]) < 1e-4 for s in want), [(s, got[s], want[s]) for s in want]
 
 
+def test_training_gives_the_signal_handlers_back(tmp_path, tiny_data):
+    # Left installed, a finished run's handler would swallow the SIGTERM that ends a forked worker
+    # (a multiprocessing pool's terminate() then waits forever) and a notebook's Ctrl-C.
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--total_batch_size", "128",
+                                "--max_steps", "2"])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with pytest.raises(SystemExit):  # and when the loop ends in an error: an infinite LR, a NaN loss at step 1
+        train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path / "nan"),
+                                    "--total_batch_size", "128", "--max_steps", "3", "--max_lr", "inf"])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import checkpoint\n"
-              "stop = checkpoint.GracefulStop(); print('ready', flush=True)\n"
+              "stop = checkpoint.GracefulStop().__enter__(); print('ready', flush=True)\n"
               "while not stop.agreed(): time.sleep(0.01)\n"
               "print('saving', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(REPO)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
