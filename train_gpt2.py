@@ -698,6 +698,12 @@ def train(args):
     ckpt.close()
     metrics.close()
     if ddp.enabled:
+        # Free DDP before the process group, or a rank can hang at exit. DDP's Reducer holds the group
+        # and is freed holding the GIL; were its reference the last, ~ProcessGroupGloo would wait for
+        # gloo's worker threads while one of them, freeing ckpt.close()'s broadcast and its tensors,
+        # waits for the GIL. Freed in this order, destroy_process_group() drops the last reference with
+        # the GIL released and the workers finish.
+        del model
         dist.destroy_process_group()
     return val_loss
 
