@@ -31,7 +31,7 @@ _kernels = None  # (forward, backward) once built: importing triton costs ~1 s, 
 def available(device):
     """(True, "") when cross_entropy can run fast on this device, else (False, why not)."""
     if torch.device(device).type != "cuda":
-        return False, f"Triton kernels need a CUDA device (this run is on {torch.device(device).type})"
+        return False, f"Triton kernels need a CUDA device; this run is on {torch.device(device).type}"
     try:
         import triton  # noqa: F401
     except ImportError:
