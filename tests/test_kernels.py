@@ -96,3 +96,21 @@ def test_fused_loss_auto_says_what_it_chose_on_the_cpu(tmp_path, tiny_data, caps
     train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--max_steps", "1",
                                 "--total_batch_size", "128"])
     assert "loss: PyTorch cross-entropy (--fused_loss auto: Triton kernels need a CUDA device" in capsys.readouterr().out
+
+
+def test_bench_loss_checks_the_kernels_against_pytorch_and_times_them():
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_loss.py"), "--device", "cpu", "--rows", "16",
+                             "--cols", "80", "--valid_cols", "70", "--check_rows", "8", "--blocks", "32:4", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=120)  # TRITON_INTERPRET=1 comes from conftest
+    assert result.returncode == 0, result.stderr
+    check = re.search(r"loss ([\d.]+) vs PyTorch ([\d.]+); gradient max abs difference ([\d.e+-]+).*all zero: True",
+                      result.stdout)
+    assert check, result.stdout
+    assert abs(float(check[1]) - float(check[2])) < 1e-4 and float(check[3]) < 1e-3
+    assert "Triton, 32 columns per block, 4 warps:" in result.stdout and "PyTorch compiled:" in result.stdout

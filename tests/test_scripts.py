@@ -100,7 +100,7 @@ def test_cpu_script_trains_and_resumes(tiny_data, tmp_path):
     assert "step     0 " not in second.stdout and "step     3" in second.stdout  # resumed at step 2
 
 
-@pytest.mark.parametrize("name", ["benchmark.py", "bench_checkpoint.py", "plot_metrics.py", "prepare_data.py",
+@pytest.mark.parametrize("name", ["benchmark.py", "bench_checkpoint.py", "bench_loss.py", "plot_metrics.py", "prepare_data.py",
                                   "sample.py", "../train_gpt2.py", "../checkpoint.py", "../hellaswag.py"])
 def test_every_python_cli_prints_its_usage_on_help(name):
     result = subprocess.run(["python", str(REPO_ROOT / "scripts" / name), "--help"], capture_output=True, text=True,
