@@ -87,7 +87,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # fill flags the user did not give (train_gpt2.resolve_settings), and none of them is a learning rate.
 PRESETS = {
     # micro batch "auto": the largest that fits this GPU (probed at start); compile: 1.14x the eager
-    # tokens/s on an H100 with the Triton loss, 1.46x with PyTorch's (docs/PERFORMANCE.md).
+    # tokens/s on an H100 with the Triton loss, 1.45x with PyTorch's (docs/PERFORMANCE.md).
     "cuda": dict(micro_batch_size="auto", dtype="auto", compile="default", pin_memory=True),
     # torch.compile on MPS is young: opt in with --compile (it falls back to eager if it fails).
     "mps": dict(micro_batch_size=8, dtype="auto", compile="none", pin_memory=False),
