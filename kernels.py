@@ -36,6 +36,9 @@ def available(device):
         import triton  # noqa: F401
     except ImportError:
         return False, "Triton is not installed (it ships with PyTorch's CUDA builds: pip install triton)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (7, 0):  # Triton compiles for Volta and newer; on a Pascal GPU the first step would fail
+        return False, f"Triton needs a GPU of compute capability 7.0 or newer; this one is {capability[0]}.{capability[1]}"
     return True, ""
 
 

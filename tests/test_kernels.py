@@ -1,61 +1,15 @@
 """The Triton loss (kernels.py), run on CPU tensors through Triton's interpreter (set in conftest):
-the same values and gradients as PyTorch's cross-entropy, with the gradient written over the logits."""
+the same values and gradients as PyTorch's cross-entropy, with the gradient written over the logits.
+Through the whole model: tests/test_model.py."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt2
 from conftest import TINY_RUN
-from train_gpt2 import GPT, GPTConfig
 
 pytest.importorskip("triton", reason="Triton is not installed: pip install triton (CI does)")
 import kernels  # noqa: E402
-
-
-def loss_and_grads(model, idx, targets, fused, autocast_dtype=None):
-    model.zero_grad()
-    model.fused_loss = fused
-    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        logits, loss = model(idx, targets)
-    loss.backward()
-    return logits, loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-@pytest.fixture
-def batch():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))  # vocabulary padded to 50304
-    idx = torch.randint(0, 50257, (2, 16))
-    targets = torch.randint(0, 50257, (2, 16))
-    return model, idx, targets
-
-
-def test_fused_loss_equals_plain_cross_entropy_in_fp32(batch):
-    model, idx, targets = batch
-    plain_logits, plain_loss, plain_grads = loss_and_grads(model, idx, targets, False)
-    logits, loss, grads = loss_and_grads(model, idx, targets, True)
-    assert plain_logits is not None and logits is None  # they hold the gradient after backward: not returned
-    assert torch.allclose(loss, plain_loss, rtol=1e-6)
-    for name, grad in grads.items():
-        assert (grad - plain_grads[name]).norm() <= 1e-5 * plain_grads[name].norm(), name
-
-
-def test_fused_loss_under_bf16_autocast_is_within_bf16_rounding(batch):
-    model, idx, targets = batch
-    _, plain_loss, plain_grads = loss_and_grads(model, idx, targets, False, torch.bfloat16)
-    _, loss, grads = loss_and_grads(model, idx, targets, True, torch.bfloat16)
-    assert torch.allclose(loss, plain_loss, rtol=1e-3)
-    for name, grad in grads.items():
-        assert (grad - plain_grads[name]).norm() <= 1e-2 * plain_grads[name].norm(), name
-
-
-def test_fused_loss_without_grad_gives_the_same_value(batch):
-    model, idx, targets = batch
-    with torch.no_grad():
-        _, plain = model(idx, targets)
-        model.fused_loss = True
-        _, fused = model(idx, targets)
-    assert torch.allclose(plain, fused, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -114,3 +68,15 @@ def test_bench_loss_checks_the_kernels_against_pytorch_and_times_them():
     assert check, result.stdout
     assert abs(float(check[1]) - float(check[2])) < 1e-4 and float(check[3]) < 1e-3
     assert "Triton, 32 columns per block, 4 warps:" in result.stdout and "PyTorch compiled:" in result.stdout
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "on"), ((6, 1), "off")])
+def test_fused_loss_auto_is_on_for_a_triton_capable_gpu_only(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    args = train_gpt2.parse_args(["--device", "cuda"])
+    lines = []
+    train_gpt2.resolve_fused_loss(args, torch.device("cuda"), lines.append)
+    assert args.fused_loss == expected and len(lines) == 1
+    assert ("Triton kernels" if expected == "on" else "compute capability 7.0 or newer; this one is 6.1") in lines[0]
+    model = train_gpt2.apply_run_options(train_gpt2.GPT(train_gpt2.GPTConfig(**train_gpt2.MODEL_PRESETS["d2"])), args)
+    assert model.fused_loss == (expected == "on")

@@ -1,13 +1,23 @@
-"""The model's loss paths: the chunked linear + cross-entropy must be the plain loss, values and gradients."""
+"""The model's loss paths: the chunked linear + cross-entropy (--loss_chunk_rows) and the Triton
+kernels (--fused_loss, run through Triton's interpreter on the CPU, see conftest) must be the plain
+loss, values and gradients, and neither returns the full logits."""
+import importlib.util
+
 import pytest
 import torch
 
 from train_gpt2 import GPT, GPTConfig
 
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed: pip install triton (CI does)")
+# uneven chunks, exact, all rows, more than all rows; then the Triton kernels
+LOSS_PATHS = [dict(loss_chunk_rows=7), dict(loss_chunk_rows=32), dict(loss_chunk_rows=96), dict(loss_chunk_rows=1000),
+              pytest.param(dict(fused_loss=True), marks=needs_triton, id="fused")]
 
-def loss_and_grads(model, idx, targets, chunk_rows, autocast_dtype=None):
+
+def loss_and_grads(model, idx, targets, autocast_dtype=None, loss_chunk_rows=0, fused_loss=False):
     model.zero_grad()
-    model.loss_chunk_rows = chunk_rows
+    model.loss_chunk_rows, model.fused_loss = loss_chunk_rows, fused_loss
     with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         logits, loss = model(idx, targets)
     loss.backward()
@@ -17,37 +27,39 @@ def loss_and_grads(model, idx, targets, chunk_rows, autocast_dtype=None):
 @pytest.fixture
 def batch():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64))
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64))  # vocabulary padded to 50304
     idx = torch.randint(0, 50257, (3, 32))
     targets = torch.randint(0, 50257, (3, 32))
     return model, idx, targets
 
 
-@pytest.mark.parametrize("chunk_rows", [7, 32, 96, 1000])  # uneven, exact, all rows, more than all rows
-def test_chunked_loss_equals_plain_cross_entropy_in_fp32(batch, chunk_rows):
+@pytest.mark.parametrize("path", LOSS_PATHS)
+def test_loss_path_equals_plain_cross_entropy_in_fp32(batch, path):
     model, idx, targets = batch
-    plain_logits, plain_loss, plain_grads = loss_and_grads(model, idx, targets, 0)
-    logits, loss, grads = loss_and_grads(model, idx, targets, chunk_rows)
-    assert plain_logits is not None and logits is None  # the point: no full logits
+    plain_logits, plain_loss, plain_grads = loss_and_grads(model, idx, targets)
+    logits, loss, grads = loss_and_grads(model, idx, targets, **path)
+    assert plain_logits is not None and logits is None  # no full logits (chunked), or they hold the gradient (fused)
     assert torch.allclose(loss, plain_loss, rtol=1e-6)
     for name, grad in grads.items():
         assert (grad - plain_grads[name]).norm() <= 1e-5 * plain_grads[name].norm(), name
 
 
-def test_chunked_loss_under_bf16_autocast_is_within_bf16_rounding(batch):
+@pytest.mark.parametrize("path", [dict(loss_chunk_rows=16), LOSS_PATHS[-1]])
+def test_loss_path_under_bf16_autocast_is_within_bf16_rounding(batch, path):
     model, idx, targets = batch
-    _, plain_loss, plain_grads = loss_and_grads(model, idx, targets, 0, torch.bfloat16)
-    _, loss, grads = loss_and_grads(model, idx, targets, 16, torch.bfloat16)
+    _, plain_loss, plain_grads = loss_and_grads(model, idx, targets, torch.bfloat16)
+    _, loss, grads = loss_and_grads(model, idx, targets, torch.bfloat16, **path)
     assert torch.allclose(loss, plain_loss, rtol=1e-3)
     for name, grad in grads.items():
         assert (grad - plain_grads[name]).norm() <= 1e-2 * plain_grads[name].norm(), name
 
 
-def test_chunked_loss_without_grad_gives_the_same_value(batch):
+@pytest.mark.parametrize("path", [dict(loss_chunk_rows=10), LOSS_PATHS[-1]])
+def test_loss_path_without_grad_gives_the_same_value(batch, path):
     model, idx, targets = batch
-    model.loss_chunk_rows = 0
     with torch.no_grad():
         _, plain = model(idx, targets)
-        model.loss_chunk_rows = 10
-        _, chunked = model(idx, targets)
-    assert torch.allclose(plain, chunked, rtol=1e-6)
+        for name, value in path.items():
+            setattr(model, name, value)
+        logits, other = model(idx, targets)
+    assert logits is None and torch.allclose(plain, other, rtol=1e-6)
