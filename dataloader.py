@@ -192,10 +192,9 @@ class ShardedDataLoader:
 
     prefetch reads one batch ahead on a background thread: after next_batch returns, the
     next step's window is sliced, widened to int64 and pinned while the GPU works, so the
-    next call only hands it over. The read-ahead is keyed by the (shard, position) it was
-    made for and used only if that is still where the loader stands (after load_state or
-    reset it is not: that call reads in the caller's thread), so the batches and get_state()
-    are exactly those of prefetch=False. Default (None): on when pin_memory is, i.e. on CUDA;
+    next call only hands it over. Anything that moves the loader (load_state, reset) drops
+    the read-ahead, so the batches and get_state() are exactly those of prefetch=False.
+    Default (None): on when pin_memory is, i.e. on CUDA;
     on the CPU there is no asynchronous device to hide the read behind.
     """
 
@@ -218,7 +217,7 @@ class ShardedDataLoader:
             self.pin_memory = False
         self.prefetch = self.pin_memory if prefetch is None else bool(prefetch)
         self._executor = None  # started on the first read-ahead
-        self._ahead = None  # ((shard_index, position), Future of that step's (x, y))
+        self._ahead = None  # Future of the next step's (x, y), read ahead
         self.shards = find_shards(self.data_root, split)
         step_desc = f"micro batch {batch_size} x seq_len {seq_len} x world size {world_size}"
         self.shard_lengths = [_shard_length(p, self.tokens_per_step + 1, step_desc) for p in self.shards]
@@ -233,6 +232,7 @@ class ShardedDataLoader:
         self._open_shard(0)
 
     def _open_shard(self, index, position=0):
+        self._ahead = None  # read for where the loader was; next_batch reads the new place itself
         self.shard_index = index
         self.position = position
         self.tokens = np.load(self.shards[index], mmap_mode="r")
@@ -247,20 +247,13 @@ class ShardedDataLoader:
             self._open_shard(next_index)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        here = (self.shard_index, self.position)
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == here:
-            x, y = ahead[1].result()
-        else:
-            if ahead is not None:
-                ahead[1].cancel()  # read for a position the loader has left (load_state, reset)
-            x, y = self._read(self.tokens, self.position)
+        x, y = ahead.result() if ahead is not None else self._read(self.tokens, self.position)
         self.position += self.tokens_per_step
         self._skip_exhausted_shard()
         if self.prefetch:
             # The task gets this shard's memory map itself: a later shard switch cannot change what it reads.
-            future = self._start_executor().submit(self._read, self.tokens, self.position)
-            self._ahead = ((self.shard_index, self.position), future)
+            self._ahead = self._start_executor().submit(self._read, self.tokens, self.position)
         return x, y
 
     def _read(self, tokens, position):

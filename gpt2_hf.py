@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import device  # noqa: F401  before torch: it sets environment variables torch reads when it loads
 import torch
 
 import checkpoint
@@ -108,8 +109,8 @@ def from_hf(hf_model, config=None):
     model = GPT(config)
     with torch.no_grad():
         for name, target in model.state_dict().items():  # views of the parameters: copy_ fills the model
-            if name == "lm_head.weight":
-                continue  # the same tensor as transformer.wte.weight
+            if name in checkpoint.TIED_WEIGHTS:
+                continue  # the same tensor as the weight it is tied to
             if name not in hf_state:
                 raise HFError(f"{source} has no tensor {name}; is it a GPT-2 checkpoint?")
             weight = hf_state[name].float()
@@ -144,8 +145,8 @@ def to_hf(model):
     state = model.state_dict()
     with torch.no_grad():
         for name, target in hf_model.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied to transformer.wte.weight
+            if name in checkpoint.TIED_WEIGHTS:
+                continue  # tied to the input embedding
             weight = state[name].float()
             if name.endswith(CONV1D):
                 weight = weight.t()

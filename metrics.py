@@ -200,7 +200,7 @@ class Metrics:
 
     def log_step(self, step, dt, loss, lr, norm, **extra):
         """One training step that took dt seconds. Timer phases join the record every log_interval
-        steps and at the last step; extra keys (e.g. mem_allocated_gib) are recorded as given."""
+        steps and at the last step; extra keys (e.g. mem_alloc_gib) are recorded as given."""
         tok_per_sec = self.tokens_per_step / dt if dt > 0 else 0.0
         record = dict(step=step, loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_sec=tok_per_sec)
         step_mfu = mfu(self.flops_per_token or 0, self.tokens_per_step, dt, self.peak_flops, self.world_size)

@@ -324,7 +324,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks CUDA > MPS > CPU")
     g.add_argument("--preset", default="auto", choices=["auto", "cuda", "mps", "cpu"],
-                   help="per-device defaults for micro batch, dtype, compile, pin_memory, threads (device.PRESETS; auto: the device's); flags win")
+                   help="per-device defaults for micro batch, dtype, compile, pin_memory (device.PRESETS; auto: the device's); flags win")
     g.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision (default: bf16 on CUDA/MPS, fp32 on CPU)")
     g.add_argument("--compile", nargs="?", const="default", default=None,
                    help="torch.compile the model; optional mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs, "
@@ -631,7 +631,8 @@ def train(args):
     train_loader = dataloader.ShardedDataLoader(args.data_root, "train", args.micro_batch_size, args.seq_len,
                                                 ddp.rank, ddp.world_size, pin_memory=args.pin_memory)
     val_loader = dataloader.ShardedDataLoader(args.data_root, "val", args.micro_batch_size, args.seq_len,
-                                              ddp.rank, ddp.world_size, pin_memory=args.pin_memory)
+                                              ddp.rank, ddp.world_size, pin_memory=args.pin_memory,
+                                              prefetch=False)  # each evaluation starts with reset(): nothing to read ahead
 
     torch.manual_seed(args.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     model = (gpt2_hf.from_pretrained(args.init_from, model_config) if args.init_from else GPT(model_config)).to(device)

@@ -109,7 +109,7 @@ def plot(runs, out):
     ax_loss.set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     ax_hellaswag.set(title="HellaSwag", xlabel="step", ylabel="acc_norm")
     ax_speed.set(title="throughput", xlabel="step", ylabel="tokens/s")
-    ax_speed.text(0.99, 0.02, "first step of each run left out (compilation, warm-up)", ha="right", va="bottom",
+    ax_speed.text(0.99, 0.02, "first logged step left out (compilation, warm-up)", ha="right", va="bottom",
                   transform=ax_speed.transAxes, color="gray", fontsize="small")
     accs = [acc for series in runs.values() for acc in series.get("hellaswag_acc_norm", {}).values()]
     if accs:

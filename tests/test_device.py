@@ -329,16 +329,21 @@ def test_auto_micro_batch_size_probes_an_accelerator(monkeypatch):
         device_mod.auto_micro_batch_size(lambda: TinyLM(oom_above=0), 64 * 16, 16, torch.device("meta"), "fp32")
 
 
-def test_auto_probes_the_model_training_builds():
+def test_auto_probes_the_model_training_builds(monkeypatch):
     # GPT itself on the meta device (real passes, no memory): everything fits, so the largest divisor.
     args = parse_args(["--data_root", "x", "--model", "d2", "--seq_len", "32", "--total_batch_size", "1024",
                        "--micro_batch_size", "auto", "--activation_checkpointing"])
     resolve_settings(args, "cpu")
+    probed = []  # the run options change the memory a step takes: the probe must use training's
+    real_fits = device_mod.fits
+    monkeypatch.setattr(device_mod, "fits", lambda model, *rest: probed.append(
+        model.activation_checkpointing) or real_fits(model, *rest))
     lines = []
     chosen = train_gpt2.probe_micro_batch_size(args, train_gpt2.build_model_config(args), torch.device("meta"), "fp32",
                                                train_gpt2.Dist(), lines.append)
     assert chosen == 32 and lines == ["micro batch auto: 32 (probed on meta: tried 8, 16, 32; divisors of 32 sequences "
                                       "per rank per step)"]
+    assert probed and all(probed)
 
 
 def test_micro_batch_auto_keeps_the_token_batch(tiny_data, tmp_path):
