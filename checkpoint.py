@@ -347,17 +347,27 @@ def capture_rng_state():
 
 
 def restore_rng_state(state):
+    """Every generator the checkpoint holds that this machine has; returns the names of those it
+    skipped (a CUDA or MPS run resumed where that device is missing: nothing here draws from them)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": np.array(n["key"], dtype=np.uint32),
                          "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():  # a CUDA checkpoint on a CPU machine: nothing to restore
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
-    if "mps" in state and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
+    skipped = []
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s, i)
+        else:
+            skipped.append("cuda")
+    if "mps" in state:
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(state["mps"])
+        else:
+            skipped.append("mps")
+    return skipped
 
 
 # -----------------------------------------------------------------------------
@@ -486,7 +496,10 @@ class CheckpointManager:
         else:
             self._say("weights loaded with a fresh optimizer (--reset_optimizer)")
         self.train_loader.load_state(ckpt["dataloader"])
-        restore_rng_state(ckpt["rng"])
+        skipped = restore_rng_state(ckpt["rng"])
+        if skipped:
+            self._say(f"the checkpoint's {' and '.join(skipped)} random state is not restored: no such device here "
+                      f"(the CPU, Python and NumPy streams are)")
         self.history = {"train": [list(x) for x in ckpt["history"]["train"]], "val": [list(x) for x in ckpt["history"]["val"]]}
         self.best_val_loss = ckpt.get("best_val_loss", float("inf"))
         old_args, step = ckpt.get("run_args", {}), ckpt["step"]

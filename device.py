@@ -109,6 +109,17 @@ def mps_built():
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_built()
 
 
+DEVICE_CHOICES = ["auto", "cuda", "mps", "cpu"]
+DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
+
+
+def add_device_arguments(parser, dtype_default="auto", dtype_help=""):
+    """--device and --dtype, the same in every command line of the project."""
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto picks CUDA > MPS > CPU")
+    parser.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES,
+                        help="autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU)" + dtype_help)
+
+
 def select_device(requested="auto"):
     """CUDA if present, else Apple MPS, else CPU; an explicit request must exist."""
     if requested == "auto":
@@ -191,6 +202,14 @@ def resolve_dtype(device_type, requested="auto"):
     return "fp32"
 
 
+def synchronize(device):
+    """Wait for the device's queued work (timing); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def autocast(device_type, dtype):
     """Mixed precision for the forward pass; fp32 runs without autocast."""
     if dtype == "fp32":
@@ -247,21 +266,27 @@ def compile_model(model, device_type, mode="default", trial=None, wrap=None):
     chain = compile_chain(mode)
     device = next(model.parameters()).device
     for i, candidate in enumerate(chain[:-1]):
-        error, t0 = None, time.perf_counter()
+        compiled, error, t0 = None, None, time.perf_counter()
         try:
-            compiled = wrap(torch.compile(model, mode=None if candidate == "default" else candidate))
-            if trial is not None:
-                trial(compiled)
+            compiled = torch.compile(model, mode=None if candidate == "default" else candidate)
         except Exception as exc:  # any compile failure falls back; the run goes on
-            if is_oom(exc):
-                raise  # not a compile problem, and eager needs more memory still: the caller explains
             error = exc
-        finally:
-            model.zero_grad(set_to_none=True)  # the trial's gradients must not reach the first step
+        # DDP's constructor is a collective: the ranks agree that compile worked before any of them wraps.
         if not agree(error is not None, "max", device):
-            if _is_main_process() and trial is not None:
-                print(f"compile: mode {candidate} compiled and checked on one micro batch in {time.perf_counter() - t0:.1f} s")
-            return compiled, candidate
+            try:
+                compiled = wrap(compiled)
+                if trial is not None:
+                    trial(compiled)
+            except Exception as exc:
+                if is_oom(exc):
+                    raise  # not a compile problem, and eager needs more memory still: the caller explains
+                error = exc
+            finally:
+                model.zero_grad(set_to_none=True)  # the trial's gradients must not reach the first step
+            if not agree(error is not None, "max", device):
+                if _is_main_process() and trial is not None:
+                    print(f"compile: mode {candidate} compiled and checked on one micro batch in {time.perf_counter() - t0:.1f} s")
+                return compiled, candidate
         if _is_main_process():
             reason = f"{type(error).__name__}: {_first_line(error)}" if error else "it failed on another rank"
             print(f"compile: mode {candidate} failed on {device_type} ({reason}); using {chain[i + 1]}")
@@ -500,7 +525,7 @@ def report(requested="auto"):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Print what this machine has and what train_gpt2.py would use on it.")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device to report on")
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="device to report on")
     try:
         print(report(parser.parse_args().device))
     except DeviceError as exc:

@@ -7,7 +7,7 @@ Public API:
              block_size=None, model_config=None) -> {"acc", "acc_norm", "n"}   (global over DDP ranks)
     count_correct(...) -> {"correct", "correct_norm", "n"}                     (this rank's share only)
     score(...) -> (sum_losses, mean_losses), each (len(examples), 4)           (per-ending losses)
-    TrainingEval(interval, data_file, limit, device, dtype, rank, world_size, model_config)
+    TrainingEval(interval, data_file, limit, device, dtype, rank, world_size)
         .due(step, last_step) / .run(model) -> {"hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"}
     HellaSwagError
 
@@ -272,10 +272,10 @@ class TrainingEval:
     result over all examples."""
 
     def __init__(self, interval, data_file=None, limit=None, device="cpu", dtype="fp32", rank=0, world_size=1,
-                 model_config=None, batch_examples=16):
+                 batch_examples=16):
         self.interval = interval
         self.device, self.dtype, self.rank, self.world_size = device, dtype, rank, world_size
-        self.model_config, self.batch_examples = model_config, batch_examples
+        self.batch_examples = batch_examples
         self.examples = render_examples(load_examples(data_file, limit=limit)) if interval > 0 else []
 
     def due(self, step, last_step=False):
@@ -287,7 +287,7 @@ class TrainingEval:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module  # the (possibly compiled) model inside: scoring needs no gradient hooks
         result = evaluate(model, self.examples, self.device, self.dtype, self.batch_examples, self.rank,
-                          self.world_size, model_config=self.model_config)
+                          self.world_size)  # the block size comes from the model under its wrappers
         return {f"hellaswag_{key}": value for key, value in result.items()}
 
 
@@ -309,9 +309,7 @@ def parse_args(argv=None):
     p.add_argument("--data_file", default=None,
                    help=f"local hellaswag_val.jsonl (default: download {VAL_URL} once into $HELLASWAG_CACHE_DIR "
                         f"or {DEFAULT_CACHE_DIR})")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks CUDA > MPS > CPU")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU); losses are always summed in fp32")
+    device_mod.add_device_arguments(p, dtype_help="; losses are always summed in fp32")
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples (default: all 10042)")
     p.add_argument("--batch_examples", type=positive_int, default=16, help="examples per forward pass (4 rows each)")
     return p.parse_args(argv)

@@ -322,10 +322,9 @@ def parse_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=None, help="clip the global gradient norm to this; 0 disables (default 1.0)")
     g.add_argument("--seed", type=int, default=1337, help="seed for init, data order is fixed by the shards")
     g = p.add_argument_group("device")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks CUDA > MPS > CPU")
-    g.add_argument("--preset", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    g.add_argument("--preset", default="auto", choices=device_mod.DEVICE_CHOICES,
                    help="per-device defaults for micro batch, dtype, compile, pin_memory (device.PRESETS; auto: the device's); flags win")
-    g.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision (default: bf16 on CUDA/MPS, fp32 on CPU)")
+    device_mod.add_device_arguments(g, dtype_default=None)
     g.add_argument("--compile", nargs="?", const="default", default=None,
                    help="torch.compile the model; optional mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs, "
                         "none. A mode that fails falls back to default, then eager (default: device preset)")
@@ -341,6 +340,8 @@ def parse_args(argv=None):
                    help="compute the loss ROWS token positions at a time, never holding all B*T x vocab logits; for "
                         "where --fused_loss cannot run: gpt2 at 64 x 1024 on an H100 peaks at 25.8 instead of 40.8 GiB "
                         "with PyTorch's loss, 1.7%% slower compiled, 14%% slower eager (0: off; try 8192)")
+    g.add_argument("--ddp_bucket_cap_mb", type=float, default=25.0, metavar="MB",
+                   help="DDP: gradient MB per all-reduce bucket; smaller buckets start communicating sooner, larger ones send fewer messages (25 is PyTorch's default)")
     g.add_argument("--fused_loss", choices=["auto", "on", "off"], default="auto",
                    help="the loss in Triton kernels whose gradient overwrites the logits: no second B*T x vocab buffer "
                         "(auto: on for CUDA with Triton, unless --loss_chunk_rows is set)")
@@ -473,6 +474,17 @@ def init_distributed(device_type):
     return ddp
 
 
+def wrap_ddp(model, ddp, device_type, bucket_cap_mb, bucket_view=True):
+    """DDP whose gradients are views into its all-reduce buckets (bucket_view): no second fp32
+    copy of the gradients (one more model-sized buffer otherwise, 0.5 GB for 124M, 6.2 GB for
+    1.5B). train_step zeroes them in place so they stay views, also through no_sync accumulation.
+    bucket_view=False is PyTorch's default, kept for scripts/benchmark.py to compare."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[ddp.local_rank] if device_type == "cuda" else None,
+               bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=bucket_view)
+
+
 @torch.no_grad()
 def evaluate_loss(model, loader, steps, device, dtype, ddp):
     """Mean validation loss over `steps` micro batches per rank, from the start of the val split.
@@ -526,7 +538,7 @@ def train_step(model, optimizer, scaler, loader, grad_accum_steps, lr, grad_clip
     timer (metrics.StepTimer) marks where the data, forward+backward and optimizer phases end."""
     timer = timer or metrics_mod.StepTimer(enabled=False)
     timer.start()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not ddp.enabled)  # DDP: in place, the gradients stay views into its buckets
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
@@ -605,6 +617,8 @@ def train(args):
     if args.seq_len > model_config.block_size:
         raise UserError(f"--seq_len {args.seq_len} is longer than the model's block size {model_config.block_size}; "
                         f"use --seq_len {model_config.block_size} or less, or raise --block_size")
+    if args.ddp_bucket_cap_mb <= 0:
+        raise UserError(f"--ddp_bucket_cap_mb {args.ddp_bucket_cap_mb} is not positive; use PyTorch's 25, or a size such as 100")
     if args.loss_chunk_rows < 0:
         raise UserError(f"--loss_chunk_rows {args.loss_chunk_rows} is negative; use 0 (off) or a row count such as 8192")
     resolve_fused_loss(args, device, log)
@@ -649,8 +663,7 @@ def train(args):
     start_step = ckpt.resume(auto=args.auto_resume, path=args.checkpoint_path if args.resume else None,
                              load_optimizer=not args.no_load_optimizer)
     # torch.compile down the fallback chain, each mode checked on one micro batch (under DDP, as trained).
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    wrap = (lambda m: DDP(m, device_ids=[ddp.local_rank] if device_type == "cuda" else None)) if ddp.enabled else None
+    wrap = (lambda m: wrap_ddp(m, ddp, device_type, args.ddp_bucket_cap_mb)) if ddp.enabled else None
     model, compile_mode = device_mod.compile_model(
         model, device_type, args.compile, wrap=wrap,
         trial=lambda m: device_mod.forward_backward(m, args.micro_batch_size, args.seq_len, device, dtype))
@@ -661,7 +674,7 @@ def train(args):
         peak_flops=device_mod.peak_flops(device, dtype),  # None where unknown: no MFU rather than a wrong one
         tensorboard=args.tensorboard)
     hellaswag_eval = hellaswag.TrainingEval(args.hellaswag_interval, args.hellaswag_file, args.hellaswag_limit,
-                                            device, dtype, ddp.rank, ddp.world_size, asdict(model_config))
+                                            device, dtype, ddp.rank, ddp.world_size)
     enc = dataloader.get_tokenizer()
 
     val_loss = None
@@ -705,6 +718,7 @@ def train(args):
         # waits for the GIL. Freed in this order, destroy_process_group() drops the last reference with
         # the GIL released and the workers finish.
         del model
+        dist.barrier()  # every rank done communicating before any closes its end of the group
         dist.destroy_process_group()
     return val_loss
 

@@ -70,8 +70,7 @@ def main():
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="d2", choices=sorted(MODEL_PRESETS), help="model preset")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision")
+    device_mod.add_device_arguments(p)
     p.add_argument("--micro_batch_size", type=int, default=2, help="sequences per training step")
     p.add_argument("--seq_len", type=int, default=32, help="tokens per sequence")
     p.add_argument("--saves", type=int, default=3, help="saves timed in each mode; the median is reported")

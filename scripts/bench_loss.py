@@ -86,14 +86,18 @@ def main():
         fn(logits, t, args.valid_cols).backward()
 
     print(f"forward + backward, {args.rows} x {args.cols} bf16 on {dev}:")
+    default = kernels.BLOCK_COLS, kernels.NUM_WARPS
     for block in args.blocks:
         kernels.BLOCK_COLS, kernels.NUM_WARPS = (int(v) for v in block.split(":"))
         kernels._kernels = None
         s = median_seconds(ours, dev, args.repeats)
         print(f"  Triton, {kernels.BLOCK_COLS} columns per block, {kernels.NUM_WARPS} warps: {s * 1e3:8.2f} ms "
               f"({gigabytes / s:,.0f} GB/s over the {gigabytes:.1f} GB it must move)")
+    kernels.BLOCK_COLS, kernels.NUM_WARPS = default
+    kernels._kernels = None
     compiled = torch.compile(torch_loss)
-    for name, fn in (("PyTorch eager", torch_loss), ("PyTorch compiled", compiled), ("Triton (last config)", None)):
+    triton_name = f"Triton ({default[0]}:{default[1]}, the default)"
+    for name, fn in (("PyTorch eager", torch_loss), ("PyTorch compiled", compiled), (triton_name, None)):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

@@ -5,6 +5,11 @@ compile as configured) and print one table row per configuration.
     python scripts/benchmark.py --model gpt2 --micro_batch_size 64 --seq_len 1024 --compile none default
     python scripts/benchmark.py --model d4 --micro_batch_size 8 --seq_len 64 --device cpu
     python scripts/benchmark.py --model gpt2 --data_root data/edu_fineweb10B     # real shards instead of random tokens
+    torchrun --nproc_per_node=2 scripts/benchmark.py --model gpt2 --compile default --ddp_bucket_cap_mb 25 100
+
+Under torchrun each configuration runs in DDP as train_gpt2.py does (one micro batch per rank per
+step unless --grad_accum_steps); rows give tokens/s per GPU and for all GPUs, to compare with
+one GPU's row for the scaling efficiency.
 
 Each configuration runs --warmup steps (compilation, cuDNN autotuning, allocator growth)
 then --steps timed steps; the median step time is reported. MFU = model FLOPs per second
@@ -13,6 +18,7 @@ datasheet peak for the precision (device.PEAK_FLOPS); blank where the peak is un
 """
 import argparse
 import itertools
+import os
 import random
 import statistics
 import sys
@@ -27,7 +33,7 @@ import torch  # noqa: E402
 import dataloader  # noqa: E402
 import kernels  # noqa: E402
 import metrics  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, Dist, train_step  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, init_distributed, train_step, wrap_ddp  # noqa: E402
 
 
 class SyntheticLoader:
@@ -46,18 +52,12 @@ class SyntheticLoader:
         return next(self.cycle)
 
 
-def synchronize(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    elif dev.type == "mps":
-        torch.mps.synchronize()
-
-
 def loss_name(loss_chunk_rows, fused_loss):
     return f"chunk{loss_chunk_rows}" if loss_chunk_rows else "fused" if fused_loss else "torch"
 
 
-def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_rows, fused_loss, dev, dtype):
+def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_rows, fused_loss, bucket_mb, bucket_view,
+                 dev, dtype, ddp):
     shape = MODEL_PRESETS[model_name]
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=max(1024, args.seq_len), **shape)).to(dev)
@@ -65,10 +65,12 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_ro
     model.fused_loss = fused_loss
     optimizer = model.configure_optimizer(0.1, 6e-4, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=(dtype == "fp16"))
-    compiled, used_mode = device_mod.compile_model(model, dev.type, compile_mode)
+    wrap = (lambda m: wrap_ddp(m, ddp, dev.type, bucket_mb, bucket_view)) if ddp.enabled else None
+    compiled, used_mode = device_mod.compile_model(model, dev.type, compile_mode, wrap=wrap)
     pin = dev.type == "cuda"
     if args.data_root:
-        loader = dataloader.ShardedDataLoader(args.data_root, "train", micro_batch_size, args.seq_len, pin_memory=pin)
+        loader = dataloader.ShardedDataLoader(args.data_root, "train", micro_batch_size, args.seq_len,
+                                              ddp.rank, ddp.world_size, pin_memory=pin)
     else:
         loader = SyntheticLoader(micro_batch_size, args.seq_len, pin)
     tokens_per_step = micro_batch_size * args.seq_len * args.grad_accum_steps
@@ -77,26 +79,27 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_ro
     times, losses = [], []
 
     def step():
-        loss, _ = train_step(compiled, optimizer, scaler, loader, args.grad_accum_steps, 6e-4, 1.0, dev, dtype, Dist())
+        loss, _ = train_step(compiled, optimizer, scaler, loader, args.grad_accum_steps, 6e-4, 1.0, dev, dtype, ddp)
         losses.append(loss.item())  # one host sync per step, as the trainer's (loss and norm in one read)
 
     with sdpa_backend(args.sdpa_backend):
         for i in range(args.warmup + args.steps):
-            synchronize(dev)
+            device_mod.synchronize(dev)
             t0 = time.perf_counter()
             step()
-            synchronize(dev)
+            device_mod.synchronize(dev)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         if args.profile:
-            profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}")
+            profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}", show=ddp.master)
     dt = statistics.median(times)
     peak = device_mod.peak_flops(dev, dtype)
     mfu = metrics.mfu(model.flops_per_token(args.seq_len), tokens_per_step, dt, peak)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     row = dict(model=model_name, B=micro_batch_size, T=args.seq_len, accum=args.grad_accum_steps, compile=used_mode,
-               loss_kind=loss_name(loss_chunk_rows, fused_loss), dtype=dtype, ms=dt * 1000, steps_s=1 / dt, tok_s=tokens_per_step / dt, mfu=mfu, mem=mem,
-               spread=(max(times) - min(times)) / dt, loss=losses[-1])
+               loss_kind=loss_name(loss_chunk_rows, fused_loss), dtype=dtype, ms=dt * 1000, steps_s=1 / dt,
+               tok_s=tokens_per_step / dt, mfu=mfu, mem=mem, spread=(max(times) - min(times)) / dt, loss=losses[-1],
+               ddp=f"{bucket_mb:g} MB{'' if bucket_view else ', copies'}" if ddp.enabled else "-")
     del compiled, model, optimizer
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -137,7 +140,7 @@ def sdpa_backend(name):
     return sdpa_kernel(backends[name])
 
 
-def profile_steps(step, dev, title, n_steps=3, top=40):
+def profile_steps(step, dev, title, n_steps=3, top=40, show=True):
     """Where a step's device time goes: the top kernels by total time over n_steps."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -145,7 +148,9 @@ def profile_steps(step, dev, title, n_steps=3, top=40):
     with profile(activities=activities) as prof:
         for _ in range(n_steps):
             step()
-        synchronize(dev)
+        device_mod.synchronize(dev)
+    if not show:
+        return
     sort_key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
     print(f"profile of {n_steps} steps, {title}:")
     print(prof.key_averages().table(sort_by=sort_key, row_limit=top, max_name_column_width=70))
@@ -181,10 +186,10 @@ def bench_hellaswag(args, dev, dtype):
         scored, used_mode = device_mod.compile_model(model, dev.type, mode)
         runs = []
         for _ in range(2):  # the first pass includes compilation (one graph per padded length)
-            synchronize(dev)
+            device_mod.synchronize(dev)
             t0 = time.perf_counter()
             hellaswag.evaluate(scored, examples, dev, dtype, batch_examples=batch_examples)
-            synchronize(dev)
+            device_mod.synchronize(dev)
             runs.append(time.perf_counter() - t0)
         results.append((used_mode, batch_examples, runs))
     print(f"HellaSwag, {args.hellaswag} synthetic examples, {args.model[0]}, {dtype}:")
@@ -200,8 +205,7 @@ def main():
     p.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--grad_accum_steps", type=int, default=1, help="micro batches per optimizer step")
     p.add_argument("--compile", nargs="+", default=["none"], help="compile modes: none, default, reduce-overhead, max-autotune")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    device_mod.add_device_arguments(p)
     p.add_argument("--data_root", default=None, help="time on real shards instead of random tokens")
     p.add_argument("--sdpa_backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                    help="attention kernel family (auto: PyTorch's choice)")
@@ -215,15 +219,23 @@ def main():
                    help="rows of logits the loss takes at a time; 0: the full logits, then the loss below")
     p.add_argument("--fused_loss", nargs="+", default=["auto"], choices=["auto", "on", "off"],
                    help="the Triton loss of kernels.py (auto: on where it can run, as train_gpt2.py)")
+    p.add_argument("--ddp_bucket_cap_mb", type=float, nargs="+", default=[25.0], metavar="MB",
+                   help="under torchrun: DDP gradient MB per all-reduce bucket (train_gpt2.py's flag of that name)")
+    p.add_argument("--ddp_bucket_view", nargs="+", default=["on"], choices=["on", "off"],
+                   help="under torchrun: gradients as views into DDP's buckets (on: train_gpt2.py's choice) or copies (off: PyTorch's default)")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
     args = p.parse_args()
 
     try:
-        dev = device_mod.torch_device(device_mod.select_device(args.device))
+        device_type = device_mod.select_device(args.device)
+        ddp = init_distributed(device_type)
+        dev = device_mod.torch_device(device_type, ddp.local_rank)
         dtype = device_mod.resolve_dtype(dev.type, args.dtype)
     except device_mod.DeviceError as exc:
         sys.exit(f"error: {exc}")
+    if not ddp.master:
+        sys.stdout = open(os.devnull, "w")  # one table, rank 0's; every rank runs every configuration
     for line in device_mod.apply_device_settings(dev.type):
         print(line)
     fused_usable, why_not = kernels.available(dev)
@@ -233,20 +245,28 @@ def main():
     for setting in args.inductor:
         set_inductor_config(setting)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    print(f"device: {name}, torch {torch.__version__}, data: {args.data_root or 'synthetic'}, "
+    print(f"device: {name} x {ddp.world_size}, torch {torch.__version__}, data: {args.data_root or 'synthetic'}, "
           f"attention: {args.sdpa_backend}, inductor: {' '.join(args.inductor) or 'defaults'}")
+    if not ddp.enabled and (args.ddp_bucket_cap_mb != [25.0] or args.ddp_bucket_view != ["on"]):
+        print("ddp: --ddp_bucket_cap_mb / --ddp_bucket_view apply under torchrun only; this is one process")
+    buckets = list(itertools.product(args.ddp_bucket_cap_mb, [v == "on" for v in args.ddp_bucket_view]))
+    if not ddp.enabled:
+        buckets = [(25.0, True)]
     if args.hellaswag:
+        if ddp.enabled:
+            sys.exit("error: --hellaswag times one GPU; run it with python, not torchrun")
         bench_hellaswag(args, dev, dtype)
         return
     header = f"{'model':<12}{'B':>4}{'T':>6}{'accum':>6}  {'compile':<17}{'loss':<10}{'dtype':<6}{'ms/step':>9}{'steps/s':>9}" \
-             f"{'tok/s':>11}{'MFU':>7}{'peak GiB':>9}{'spread':>8}{'loss':>8}"
+             f"{'tok/s/GPU' if ddp.enabled else 'tok/s':>11}{'MFU':>7}{'peak GiB':>9}{'spread':>8}{'loss':>8}" \
+             + (f"{'tok/s all':>12}  ddp buckets" if ddp.enabled else "")
     rows = []
-    for model_name, B, mode, chunk, fused in itertools.product(args.model, args.micro_batch_size, args.compile,
-                                                               args.loss_chunk_rows, fused_choices):
+    for model_name, B, mode, chunk, fused, (bucket_mb, bucket_view) in itertools.product(
+            args.model, args.micro_batch_size, args.compile, args.loss_chunk_rows, fused_choices, buckets):
         if chunk and fused:
             continue  # two ways to compute the loss: the chunked one wins in the model, so the row would repeat
         try:
-            rows.append(bench_config(args, model_name, B, mode, chunk, fused, dev, dtype))
+            rows.append(bench_config(args, model_name, B, mode, chunk, fused, bucket_mb, bucket_view, dev, dtype, ddp))
         except torch.OutOfMemoryError:
             print(f"{model_name} B={B} {mode}: out of memory")
             torch.cuda.empty_cache()
@@ -261,10 +281,14 @@ def main():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         mem = f"{r['mem']:.1f}" if r["mem"] else "-"
         print(f"{r['model']:<12}{r['B']:>4}{r['T']:>6}{r['accum']:>6}  {r['compile']:<17}{r['loss_kind']:<10}{r['dtype']:<6}{r['ms']:>9.1f}"
-              f"{r['steps_s']:>9.2f}{r['tok_s']:>11,.0f}{mfu:>7}{mem:>9}{r['spread']:>8.1%}{r['loss']:>8.3f}", flush=True)
+              f"{r['steps_s']:>9.2f}{r['tok_s']:>11,.0f}{mfu:>7}{mem:>9}{r['spread']:>8.1%}{r['loss']:>8.3f}"
+              + (f"{r['tok_s'] * ddp.world_size:>12,.0f}  {r['ddp']}" if ddp.enabled else ""), flush=True)
     rate = bench_loader(args, args.micro_batch_size[0])
     if rate:
         print(f"data loader alone: {rate:,.0f} tokens/s (micro batch {args.micro_batch_size[0]} x {args.seq_len})")
+    if ddp.enabled:
+        torch.distributed.barrier()  # every rank done communicating before any closes the group
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,14 +16,8 @@ import device as device_mod  # noqa: E402  (first, as in train_gpt2.py)
 import checkpoint  # noqa: E402
 import dataloader  # noqa: E402
 import torch  # noqa: E402
+from hellaswag import positive_int  # noqa: E402
 from train_gpt2 import sample_texts  # noqa: E402
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv=None):
@@ -36,9 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this: < 1 is more conservative")
     p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens; 0: all of them")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks CUDA > MPS > CPU")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU)")
+    device_mod.add_device_arguments(p)
     args = p.parse_args(argv)
     if args.temperature <= 0:
         p.error(f"--temperature must be above 0, got {args.temperature}; use a small value such as 0.1 for near-greedy text")

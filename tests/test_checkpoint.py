@@ -453,5 +453,8 @@ def test_rng_state_of_a_cuda_or_mps_run_restores_on_a_cpu_machine(tmp_path):
     checkpoint.save_file({"rng": state}, tmp_path / "gpu_rng.pt")
     expected = torch.rand(3).tolist()
     torch.manual_seed(9)
-    checkpoint.restore_rng_state(load_checkpoint(tmp_path / "gpu_rng.pt")["rng"])
+    skipped = checkpoint.restore_rng_state(load_checkpoint(tmp_path / "gpu_rng.pt")["rng"])
     assert torch.rand(3).tolist() == expected
+    expected_skips = [name for name, here in (("cuda", torch.cuda.is_available()),
+                                              ("mps", torch.backends.mps.is_available())) if not here]
+    assert skipped == expected_skips

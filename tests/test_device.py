@@ -244,37 +244,44 @@ def test_running_out_of_memory_in_the_compile_trial_is_not_a_compile_failure(mon
         device_mod.compile_model(TinyLM(oom_above=1), "cuda", "default", trial=trial)
 
 
-def test_ranks_agree_on_the_compile_mode_and_the_micro_batch(tmp_path):
-    """Two gloo ranks under torchrun: compile fails on rank 1 only, so both run eager; and the
-    micro batch every rank uses is the smallest any rank found."""
+@pytest.mark.parametrize("fails_in", ["compile", "trial"])
+def test_ranks_agree_on_the_compile_mode_and_the_micro_batch(tmp_path, fails_in):
+    """Two gloo ranks under torchrun, the model wrapped in DDP as training wraps it: compile (or the
+    trial step) fails on rank 1 only, so both run eager, and neither waits in DDP's constructor for
+    the other; and the micro batch every rank uses is the smallest any rank found."""
     script = tmp_path / "agree.py"
     script.write_text(
         "import json, os, sys\n"
         f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
         "import torch, torch.distributed as dist\n"
+        "from torch.nn.parallel import DistributedDataParallel as DDP\n"
         "import device\n"
         "dist.init_process_group('gloo')\n"
         "rank = dist.get_rank()\n"
         "def compile_fails_on_rank_1(model, mode=None):\n"
-        "    if rank == 1:\n"
+        f"    if rank == 1 and {fails_in!r} == 'compile':\n"
         "        raise RuntimeError('no compiler on this node')\n"
         "    return model\n"
+        "def trial(model):\n"
+        f"    if rank == 1 and {fails_in!r} == 'trial':\n"
+        "        raise RuntimeError('the first call failed on this node')\n"
+        "    with model.no_sync():  # as device.forward_backward: the trial syncs nothing\n"
+        "        model(torch.ones(1, 2)).sum().backward()\n"
         "torch.compile = compile_fails_on_rank_1\n"
         "model = torch.nn.Linear(2, 2)\n"
-        "_, mode = device.compile_model(model, 'cpu', 'default', trial=lambda m: None)\n"
-        "result = dict(mode=mode, min=device.agree(10 + rank, 'min', torch.device('cpu')),\n"
+        "wrapped, mode = device.compile_model(model, 'cpu', 'default', trial=trial, wrap=DDP)\n"
+        "result = dict(mode=mode, ddp=isinstance(wrapped, DDP), min=device.agree(10 + rank, 'min', torch.device('cpu')),\n"
         "              max=device.agree(10 + rank, 'max', torch.device('cpu')))\n"
         f"with open({str(tmp_path)!r} + f'/rank{{rank}}.json', 'w') as f:\n"
         "    f.write(json.dumps(result))\n"
         "dist.barrier()\n"
-        "dist.destroy_process_group()\n"
-        "sys.stdout.flush()\n"
-        "os._exit(0)  # skip interpreter teardown, where gloo's threads now and then abort (not what this tests)\n")
+        "del wrapped\n"
+        "dist.destroy_process_group()\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert results == [{"mode": "eager", "min": 10, "max": 11}] * 2
+    assert results == [{"mode": "eager", "ddp": True, "min": 10, "max": 11}] * 2
     assert proc.stdout.count("compile: mode default failed on cpu (it failed on another rank); using eager") == 1
 
 # -----------------------------------------------------------------------------

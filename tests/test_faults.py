@@ -197,12 +197,22 @@ def test_single_process_to_ddp_and_back_continues_the_data_stream(data, referenc
         assert all(abs(got[s] - want[s]) < 1e-4 for s in want), [(s, got[s], want[s]) for s in want]
 
 
-def test_training_gives_the_signal_handlers_back(tmp_path, tiny_data):
+def test_training_gives_the_signal_handlers_back(tmp_path, tiny_data, monkeypatch):
     # Left installed, a finished run's handler would swallow the SIGTERM that ends a forked worker
     # (a multiprocessing pool's terminate() then waits forever) and a notebook's Ctrl-C.
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    during, train_step = [], train_gpt2.train_step
+
+    def watched_step(*args, **kwargs):
+        during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_gpt2, "train_step", watched_step)
     train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--total_batch_size", "128",
                                 "--max_steps", "2"])
+    assert len(during) == 2
+    for handlers in during:  # installed while the loop runs: a signal there saves a checkpoint
+        assert all(getattr(h, "__self__", None).__class__ is checkpoint.GracefulStop for h in handlers), handlers
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     with pytest.raises(SystemExit):  # and when the loop ends in an error: an infinite LR, a NaN loss at step 1
         train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path / "nan"),

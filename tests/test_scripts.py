@@ -3,6 +3,7 @@
 import os
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -100,10 +101,59 @@ def test_cpu_script_trains_and_resumes(tiny_data, tmp_path):
     assert "step     0 " not in second.stdout and "step     3" in second.stdout  # resumed at step 2
 
 
-@pytest.mark.parametrize("name", ["benchmark.py", "bench_checkpoint.py", "bench_loss.py", "plot_metrics.py", "prepare_data.py",
+@pytest.mark.parametrize("name", ["benchmark.py", "bench_attention.py", "bench_checkpoint.py", "bench_loss.py", "plot_metrics.py", "prepare_data.py",
                                   "sample.py", "../train_gpt2.py", "../checkpoint.py", "../hellaswag.py"])
 def test_every_python_cli_prints_its_usage_on_help(name):
     result = subprocess.run(["python", str(REPO_ROOT / "scripts" / name), "--help"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:"), result.stdout[:200]
+
+
+BENCH = ["--model", "d2", "--micro_batch_size", 2, "--seq_len", 32, "--device", "cpu", "--warmup", 1, "--steps", 2]
+
+
+def bench_rows(stdout):
+    """The table's rows, split into columns, and the header once."""
+    lines = stdout.splitlines()
+    headers = [line for line in lines if line.startswith("model ")]
+    return headers, [line.split() for line in lines if line.startswith("d2 ")]
+
+
+def test_benchmark_times_the_training_step_on_real_shards(tiny_data):
+    result = subprocess.run(["python", str(REPO_ROOT / "scripts" / "benchmark.py")] + [str(a) for a in BENCH]
+                            + ["--data_root", str(tiny_data)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    headers, rows = bench_rows(result.stdout)
+    assert len(headers) == 1 and len(rows) == 1, result.stdout
+    ms, tok_s, loss = float(rows[0][7]), float(rows[0][9].replace(",", "")), float(rows[0][-1])
+    assert tok_s == pytest.approx(2 * 32 / (ms / 1000), rel=0.01)
+    assert 9 < loss < 12  # an untrained model's loss over 50k tokens: about ln(50304) = 10.8
+    assert "data loader alone:" in result.stdout
+
+
+def test_benchmark_under_torchrun_runs_ddp_with_each_bucket_setting():
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO_ROOT / "scripts" / "benchmark.py")] + [str(a) for a in BENCH]
+                            + ["--ddp_bucket_cap_mb", "1", "25", "--ddp_bucket_view", "on", "off"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    headers, rows = bench_rows(result.stdout)
+    assert len(headers) == 1 and "tok/s/GPU" in headers[0] and "tok/s all" in headers[0]  # rank 0's table only
+    assert [" ".join(row[15:]) for row in rows] == ["1 MB", "1 MB, copies", "25 MB", "25 MB, copies"]
+    for row in rows:
+        assert float(row[14].replace(",", "")) == pytest.approx(2 * float(row[9].replace(",", "")), abs=2)
+    assert "device: cpu x 2" in result.stdout
+
+
+def test_attention_benchmark_compares_kernel_families_and_names_the_missing_ones():
+    result = subprocess.run(["python", str(REPO_ROOT / "scripts" / "bench_attention.py"), "--batch", "2", "--seq_len", "64",
+                             "--device", "cpu", "--repeats", "2", "--families", "math", "flash", "cudnn"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    assert float(rows["math"][-1]) == 0  # the reference against itself
+    assert float(rows["flash"][-1]) < 1e-5  # PyTorch's CPU flash kernel, fp32: the same attention
+    assert float(rows["math"][0]) > 0 and float(rows["math"][2]) > 0
+    assert rows["cudnn"][0] == "unavailable:"  # no CUDA here: one line says so, the table goes on

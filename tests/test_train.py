@@ -1,10 +1,14 @@
 """The trainer as users run it: losses, DDP equivalence, and one clear message per mistake."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import TINY_RUN, read_metrics, run_train
+from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_train
 from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, get_lr, parse_args, resolve_settings
 
 
@@ -103,6 +107,7 @@ def test_ddp_two_ranks_match_one_process(tiny_data, tmp_path):
     (["--seq_len", 2048], "longer than the model's block size 1024"),
     (["--n_embd", 129], "not divisible by --n_head"),
     (["--device", "cuda"], "no CUDA GPU is visible"),
+    (["--ddp_bucket_cap_mb", 0], "--ddp_bucket_cap_mb 0.0 is not positive"),
 ])
 def test_user_mistakes_get_one_clear_message(tiny_data, tmp_path, extra, message):
     result = run_train(TINY_RUN + ["--data_root", tiny_data, "--log_dir", tmp_path / "log", "--max_steps", 1] + extra,
@@ -137,3 +142,54 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert loss_ckpt.item() == loss.item()
     for g, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_ddp_gradients_stay_views_into_its_buckets_through_accumulation(tmp_path):
+    """Two gloo ranks, 2 micro batches per step: between the micro steps (under no_sync) and after
+    the step, every gradient is a view into one of DDP's flat buckets (so there is no second copy),
+    and the buckets are the same memory in every step."""
+    script = tmp_path / "views.py"
+    script.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+        "import torch, torch.distributed as dist\n"
+        "import train_gpt2 as t\n"
+        "dist.init_process_group('gloo')\n"
+        "ddp = t.Dist(True, dist.get_rank(), dist.get_rank(), 2)\n"
+        "torch.manual_seed(0)\n"
+        "raw = t.GPT(t.GPTConfig(block_size=16, **t.MODEL_PRESETS['d2']))\n"
+        "model = t.wrap_ddp(raw, ddp, 'cpu', bucket_cap_mb=1)\n"
+        "optimizer = raw.configure_optimizer(0.1, 1e-3, 'cpu')\n"
+        "def storages():\n"
+        "    return sorted({p.grad.untyped_storage().data_ptr() for p in raw.parameters()})\n"
+        "seen = []\n"
+        "class Loader:\n"
+        "    calls = 0\n"
+        "    def next_batch(self):\n"
+        "        Loader.calls += 1\n"
+        "        if Loader.calls % 2 == 0:  # the second micro step: the first one's gradients are in place\n"
+        "            seen.append(storages())\n"
+        "        g = torch.Generator().manual_seed(Loader.calls * 2 + ddp.rank)\n"
+        "        return torch.randint(0, 50257, (2, 16), generator=g), torch.randint(0, 50257, (2, 16), generator=g)\n"
+        "scaler = torch.amp.GradScaler('cpu', enabled=False)\n"
+        "for step in range(3):\n"
+        "    t.train_step(model, optimizer, scaler, Loader(), 2, 1e-3, 1.0, torch.device('cpu'), 'fp32', ddp)\n"
+        "    seen.append(storages())\n"
+        "grads = torch.cat([p.grad.flatten() for p in raw.parameters()])\n"
+        "other = grads.clone(); dist.broadcast(other, 0)\n"
+        "result = dict(seen=seen, params=sum(1 for _ in raw.parameters()), same=bool(torch.equal(grads, other)))\n"
+        f"open({str(tmp_path)!r} + f'/rank{{ddp.rank}}.json', 'w').write(json.dumps(result))\n"
+        "dist.barrier()  # both ranks done with gloo before either closes it\n"
+        "del model\n"
+        "dist.destroy_process_group()\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["same"]  # the step's gradients were all-reduced
+        # Step 0 starts with no gradients, and DDP rebuilds its buckets in gradient order after it;
+        # from step 1 on: mid-accumulation and after each step, the same few flat buckets.
+        buckets = result["seen"][2]
+        assert 1 < len(buckets) < result["params"] / 4, result["seen"]
+        assert result["seen"][2:] == [buckets] * 4, result["seen"]
