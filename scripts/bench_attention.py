@@ -10,7 +10,6 @@ kernels see the layout training gives them. FLOPs count the causal half of the s
 (forward 2 matmuls, backward 2.5 times the forward), the convention of FlashAttention's papers.
 """
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,17 +44,16 @@ def flex(seq_len, device):
 
 
 def timed(fn, dev, repeats):
-    """Median seconds of fn() over repeats, after two untimed calls."""
+    """Mean seconds per fn() over repeats calls queued back to back (a wait after each call would
+    add the host's latency to kernels of a fraction of a millisecond), after two untimed calls."""
     for _ in range(2):
         fn()
-    times = []
+    device_mod.synchronize(dev)
+    t0 = time.perf_counter()
     for _ in range(repeats):
-        device_mod.synchronize(dev)
-        t0 = time.perf_counter()
         fn()
-        device_mod.synchronize(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    device_mod.synchronize(dev)
+    return (time.perf_counter() - t0) / repeats
 
 
 def main(argv=None):
@@ -65,7 +63,7 @@ def main(argv=None):
     p.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--head_dim", type=int, default=64, help="channels per head")
     p.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES, help="kernel families, first is the reference")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls per measure (median)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per measure (their mean)")
     device_mod.add_device_arguments(p)
     args = p.parse_args(argv)
     try:

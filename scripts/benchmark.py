@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import dataloader  # noqa: E402
 import kernels  # noqa: E402
 import metrics  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, init_distributed, train_step, wrap_ddp  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, close_distributed, init_distributed, train_step, wrap_ddp  # noqa: E402
 
 
 class SyntheticLoader:
@@ -287,8 +287,7 @@ def main():
     if rate:
         print(f"data loader alone: {rate:,.0f} tokens/s (micro batch {args.micro_batch_size[0]} x {args.seq_len})")
     if ddp.enabled:
-        torch.distributed.barrier()  # every rank done communicating before any closes the group
-        torch.distributed.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":

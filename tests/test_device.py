@@ -274,9 +274,9 @@ def test_ranks_agree_on_the_compile_mode_and_the_micro_batch(tmp_path, fails_in)
         "              max=device.agree(10 + rank, 'max', torch.device('cpu')))\n"
         f"with open({str(tmp_path)!r} + f'/rank{{rank}}.json', 'w') as f:\n"
         "    f.write(json.dumps(result))\n"
-        "dist.barrier()\n"
         "del wrapped\n"
-        "dist.destroy_process_group()\n")
+        "import train_gpt2\n"
+        "train_gpt2.close_distributed()\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
