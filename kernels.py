@@ -1,6 +1,6 @@
 """Triton kernels for CUDA: a cross-entropy whose gradient overwrites the logits in place.
 
-    available(device) -> (bool, reason)   Triton importable and the tensors on a CUDA device
+    available(device) -> (bool, reason)   a CUDA device of compute capability >= 7.0 and Triton importable
     cross_entropy(logits, targets, n_valid_cols) -> mean loss   (one launch forward, one backward)
 
 Why: GPT-2's loss reads logits of 64 x 1024 rows x 50304 columns at micro batch 64 (6.6 GB in

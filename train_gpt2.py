@@ -282,6 +282,7 @@ QUICKSTART = {
                 warmup_steps=20, max_lr=1e-3, min_lr=2e-4, eval_interval=50, eval_steps=4, checkpoint_interval=300),
 }
 DEFAULT_DATA_ROOT = os.path.join("data", "tinyshakespeare")
+DDP_BUCKET_CAP_MB = 25.0  # PyTorch's default all-reduce bucket size; --ddp_bucket_cap_mb
 
 
 def micro_batch_size_arg(text):
@@ -340,7 +341,7 @@ def parse_args(argv=None):
                    help="compute the loss ROWS token positions at a time, never holding all B*T x vocab logits; for "
                         "where --fused_loss cannot run: gpt2 at 64 x 1024 on an H100 peaks at 25.8 instead of 40.8 GiB "
                         "with PyTorch's loss, 1.7%% slower compiled, 14%% slower eager (0: off; try 8192)")
-    g.add_argument("--ddp_bucket_cap_mb", type=float, default=25.0, metavar="MB",
+    g.add_argument("--ddp_bucket_cap_mb", type=float, default=DDP_BUCKET_CAP_MB, metavar="MB",
                    help="DDP: gradient MB per all-reduce bucket; smaller buckets start communicating sooner, larger ones send fewer messages (25 is PyTorch's default)")
     g.add_argument("--fused_loss", choices=["auto", "on", "off"], default="auto",
                    help="the loss in Triton kernels whose gradient overwrites the logits: no second B*T x vocab buffer "

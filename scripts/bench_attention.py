@@ -19,17 +19,14 @@ import device as device_mod  # noqa: E402  before torch: it sets environment var
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmark import sdpa_backend  # noqa: E402  (this folder is on sys.path when a script runs)
+
 FAMILIES = ["cudnn", "flash", "efficient", "math", "flex"]
 
 
 def sdpa(name):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-
     def attend(q, k, v):
-        with sdpa_kernel(backend):
+        with sdpa_backend(name):  # the kernel family benchmark.py --sdpa_backend pins
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return attend
 

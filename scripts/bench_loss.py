@@ -33,12 +33,10 @@ def median_seconds(fn, dev, repeats):
     fn()  # warm-up: compilation, autotuning
     times = []
     for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        device_mod.synchronize(dev)
         t0 = time.perf_counter()
         fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        device_mod.synchronize(dev)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -33,7 +33,8 @@ import torch  # noqa: E402
 import dataloader  # noqa: E402
 import kernels  # noqa: E402
 import metrics  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, close_distributed, init_distributed, train_step, wrap_ddp  # noqa: E402
+from train_gpt2 import (DDP_BUCKET_CAP_MB, GPT, GPTConfig, MODEL_PRESETS, close_distributed,  # noqa: E402
+                        init_distributed, train_step, wrap_ddp)
 
 
 class SyntheticLoader:
@@ -219,7 +220,7 @@ def main():
                    help="rows of logits the loss takes at a time; 0: the full logits, then the loss below")
     p.add_argument("--fused_loss", nargs="+", default=["auto"], choices=["auto", "on", "off"],
                    help="the Triton loss of kernels.py (auto: on where it can run, as train_gpt2.py)")
-    p.add_argument("--ddp_bucket_cap_mb", type=float, nargs="+", default=[25.0], metavar="MB",
+    p.add_argument("--ddp_bucket_cap_mb", type=float, nargs="+", default=[DDP_BUCKET_CAP_MB], metavar="MB",
                    help="under torchrun: DDP gradient MB per all-reduce bucket (train_gpt2.py's flag of that name)")
     p.add_argument("--ddp_bucket_view", nargs="+", default=["on"], choices=["on", "off"],
                    help="under torchrun: gradients as views into DDP's buckets (on: train_gpt2.py's choice) or copies (off: PyTorch's default)")
@@ -247,11 +248,10 @@ def main():
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     print(f"device: {name} x {ddp.world_size}, torch {torch.__version__}, data: {args.data_root or 'synthetic'}, "
           f"attention: {args.sdpa_backend}, inductor: {' '.join(args.inductor) or 'defaults'}")
-    if not ddp.enabled and (args.ddp_bucket_cap_mb != [25.0] or args.ddp_bucket_view != ["on"]):
-        print("ddp: --ddp_bucket_cap_mb / --ddp_bucket_view apply under torchrun only; this is one process")
     buckets = list(itertools.product(args.ddp_bucket_cap_mb, [v == "on" for v in args.ddp_bucket_view]))
-    if not ddp.enabled:
-        buckets = [(25.0, True)]
+    if not ddp.enabled and buckets != [(DDP_BUCKET_CAP_MB, True)]:
+        print("ddp: --ddp_bucket_cap_mb / --ddp_bucket_view apply under torchrun only; this is one process")
+        buckets = [(DDP_BUCKET_CAP_MB, True)]
     if args.hellaswag:
         if ddp.enabled:
             sys.exit("error: --hellaswag times one GPU; run it with python, not torchrun")

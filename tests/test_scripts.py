@@ -157,3 +157,33 @@ def test_attention_benchmark_compares_kernel_families_and_names_the_missing_ones
     assert float(rows["flash"][-1]) < 1e-5  # PyTorch's CPU flash kernel, fp32: the same attention
     assert float(rows["math"][0]) > 0 and float(rows["math"][2]) > 0
     assert rows["cudnn"][0] == "unavailable:"  # no CUDA here: one line says so, the table goes on
+
+
+def test_benchmark_trains_each_configuration_in_ddp_with_its_bucket_settings(monkeypatch):
+    """Under torchrun only rank 0's table is seen, and it reads the same whether or not the step ran
+    in DDP; so here, in this process (gloo, world size 1), the model train_step gets is checked."""
+    import argparse
+    import importlib.util
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from train_gpt2 import Dist
+
+    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    trained, train_step = [], benchmark.train_step
+    monkeypatch.setattr(benchmark, "train_step", lambda model, *rest: trained.append(model) or train_step(model, *rest))
+    args = argparse.Namespace(seq_len=16, grad_accum_steps=1, data_root=None, warmup=0, steps=2, sdpa_backend="auto",
+                              profile=False)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        row = benchmark.bench_config(args, "d2", 2, "none", 0, False, 7.0, False, torch.device("cpu"), "fp32",
+                                     Dist(True, rank=0, local_rank=0, world_size=1))
+    finally:
+        dist.destroy_process_group()
+    assert len(trained) == 2 and all(isinstance(model, DistributedDataParallel) for model in trained)
+    assert trained[0].bucket_bytes_cap == 7 * 2**20 and trained[0].gradient_as_bucket_view is False
+    assert row["ddp"] == "7 MB, copies"
