@@ -8,7 +8,7 @@ so no rank ever holds a whole 100M-token shard in RAM.
     loader = ShardedDataLoader("data/tinyshakespeare", "train", batch_size=8, seq_len=1024,
                                rank=rank, world_size=world_size)
     x, y = loader.next_batch()        # int64 (B, T); y is x shifted left by one token
-    state = loader.get_state()        # plain ints/strs/lists: fine for weights_only=True
+    state = loader.state_dict()       # plain ints/strs/lists: fine for weights_only=True
     loader.close()                    # stops the read-ahead thread (prefetch=True; on by default with pin_memory)
 """
 import os
@@ -17,8 +17,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import numpy as np
 import torch
+
+import files
+from cli import UserError
 
 EOT_TOKEN = 50256  # GPT-2 <|endoftext|>; it opens every document
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -26,7 +30,7 @@ TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/maste
 PREPARE_HINT = "python scripts/prepare_data.py --source tinyshakespeare --out_dir {}"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A user mistake with the data: the message says what is wrong, where, and the fix."""
 
 
@@ -71,18 +75,19 @@ def write_shard(path, tokens):
             )
         tokens = tokens.astype(np.uint16)  # uint16 is enough: GPT-2 has 50257 tokens
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, tokens)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.atomic_write(path, lambda f: np.save(f, tokens), expected_bytes=tokens.nbytes + 128,
+                       full_hint="Free some space, or write the shards to another folder (--out_dir)")
+
+
+def shard_files(data_root, split) -> list[Path]:
+    """The <name>_<split>_<index>.npy files in data_root, in order; [] when there are none."""
+    # The glob alone would let a dataset named 'x_val' leak its train shards into 'val'.
+    index_suffix = re.compile(rf"_{re.escape(split)}_\d+\.npy$")
+    return sorted(p for p in Path(data_root).glob(f"*_{split}_*.npy") if index_suffix.search(p.name))
 
 
 def find_shards(data_root, split) -> list[Path]:
+    """shard_files, or a DataError naming the command that makes them."""
     data_root = Path(data_root)
     pattern = f"*_{split}_*.npy"
     if not data_root.is_dir():
@@ -90,9 +95,7 @@ def find_shards(data_root, split) -> list[Path]:
             f"data directory {data_root} does not exist; create shards there, e.g. run: "
             f"{PREPARE_HINT.format(data_root)}"
         )
-    # The glob alone would let a dataset named 'x_val' leak its train shards into 'val'.
-    index_suffix = re.compile(rf"_{re.escape(split)}_\d+\.npy$")
-    shards = sorted(p for p in data_root.glob(pattern) if index_suffix.search(p.name))
+    shards = shard_files(data_root, split)
     if not shards:
         raise DataError(
             f"no shards matching '{pattern}' in {data_root}; run: {PREPARE_HINT.format(data_root)} "
@@ -124,9 +127,7 @@ def _read_tinyshakespeare(data_dir):
             f"or set TINYSHAKESPEARE_PATH to a local copy"
         ) from None
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, cached)
+    files.atomic_write(cached, lambda f: f.write(text.encode("utf-8")))
     return text, TINYSHAKESPEARE_URL
 
 
@@ -151,8 +152,10 @@ def ensure_tinyshakespeare(data_dir, val_fraction=0.1) -> bool:
 
 
 def _shard_length(path, min_tokens, step_desc):
-    """Check a shard's header (dtype, shape, length) without reading its tokens."""
-    remake = f"re-create it with: {PREPARE_HINT.format(path.parent)} --overwrite (or your own source)"
+    """Check a shard before training reads it: a .npy header, dtype uint16, 1-D, and a file exactly
+    as long as the header says (a copy cut short would otherwise fail mid-run, or not at all)."""
+    remake = (f"copy it again, or re-create {path.parent} with the scripts/prepare_data.py command that made it "
+              f"(e.g. {PREPARE_HINT.format(path.parent)} --overwrite)")
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -160,9 +163,11 @@ def _shard_length(path, min_tokens, step_desc):
                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
             if read_header is None:
                 raise ValueError(f"unsupported .npy format version {version}")
-            shape, _, dtype = read_header(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"shard {path} is not a readable .npy file ({e}); delete it and {remake}") from None
+            shape, fortran_order, dtype = read_header(f)
+            data_offset = f.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"shard {path} is not a readable .npy file ({e}); {remake}") from None
     if dtype != np.uint16:
         raise DataError(
             f"shard {path} has dtype {dtype}, expected uint16 (GPT-2 token ids fit in 16 bits); "
@@ -170,6 +175,11 @@ def _shard_length(path, min_tokens, step_desc):
         )
     if len(shape) != 1:
         raise DataError(f"shard {path} has shape {shape}, expected a 1-D array of tokens; {remake}")
+    expected = data_offset + shape[0] * dtype.itemsize
+    if size != expected:
+        what = "cut short" if size < expected else "longer than its header says"
+        raise DataError(f"shard {path} is {what}: its header says {shape[0]:,} tokens ({expected:,} bytes) but the file "
+                        f"has {size:,} bytes (an interrupted copy or write?); {remake}")
     if shape[0] == 0:
         raise DataError(f"shard {path} is empty (0 tokens); delete it or {remake}")
     if shape[0] < min_tokens:
@@ -192,8 +202,8 @@ class ShardedDataLoader:
 
     prefetch reads one batch ahead on a background thread: after next_batch returns, the
     next step's window is sliced, widened to int64 and pinned while the GPU works, so the
-    next call only hands it over. Anything that moves the loader (load_state, reset) drops
-    the read-ahead, so the batches and get_state() are exactly those of prefetch=False.
+    next call only hands it over. Anything that moves the loader (load_state_dict, reset) drops
+    the read-ahead, so the batches and state_dict() are exactly those of prefetch=False.
     Default (None): on when pin_memory is, i.e. on CUDA;
     on the CPU there is no asynchronous device to hide the read behind.
     """
@@ -286,7 +296,7 @@ class ShardedDataLoader:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    def get_state(self) -> dict:
+    def state_dict(self) -> dict:
         return {
             "shard_index": self.shard_index,
             "position": self.position,  # token offset in the shard where the next step starts
@@ -295,7 +305,7 @@ class ShardedDataLoader:
             "data_root": str(self.data_root),  # only for the error message on a mismatch
         }
 
-    def load_state(self, state: dict):
+    def load_state_dict(self, state: dict):
         names = [p.name for p in self.shards]
         if list(state["shards"]) != names:
             saved = state["shards"]

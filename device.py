@@ -18,76 +18,26 @@ Public API:
 
 `python device.py` prints a report of what this machine has and what training would use.
 """
-import argparse
 import contextlib
 import gc
 import os
 import sys
 import time
 
+import environment
+import torch
 
-def _set_environment_defaults():
-    """Environment variables torch reads only once, set here where the user has not set them.
-
-    torch reads PYTORCH_ENABLE_MPS_FALLBACK when it loads, and the allocator settings when
-    CUDA / MPS first allocate, so this runs at import, before `import torch` below
-    (train_gpt2.py imports this module first for that reason). Returns {device: [lines]}."""
-    torch_loaded = "torch" in sys.modules
-    lines = {"cuda": [], "mps": []}
-
-    def setdefault(device_type, name, value, why):
-        if name in os.environ:
-            lines[device_type].append(f"{device_type}: {name}={os.environ[name]} (from your environment)")
-            return
-        os.environ[name] = value
-        late = " (torch was imported first: export it before starting python)" if torch_loaded and "FALLBACK" in name else ""
-        lines[device_type].append(f"{device_type}: {name}={value}: {why}{late}")
-
-    # Segments that grow in place instead of fixed blocks: less fragmentation, so larger micro batches fit.
-    # torch 2.9 renamed PYTORCH_CUDA_ALLOC_CONF to PYTORCH_ALLOC_CONF (the old name still works, with a warning).
-    alloc_names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-    users = [name for name in alloc_names if name in os.environ]
-    name = users[0] if users else alloc_names[0] if _torch_version() >= (2, 9) else alloc_names[1]
-    setdefault("cuda", name, "expandable_segments:True", "less allocator fragmentation")
-    # Ops that MPS lacks run on the CPU instead of stopping the run.
-    setdefault("mps", "PYTORCH_ENABLE_MPS_FALLBACK", "1", "ops MPS lacks run on the CPU instead of failing")
-    # MPS's default ceiling is 1.7x the GPU's recommended working set, where macOS swaps and a step
-    # takes minutes. At 1.0 an oversize batch fails at once with an out-of-memory error, which
-    # --micro_batch_size auto and the error message can act on. The low mark must stay below the high.
-    if "PYTORCH_MPS_HIGH_WATERMARK_RATIO" in os.environ or "PYTORCH_MPS_LOW_WATERMARK_RATIO" in os.environ:
-        for name in ("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "PYTORCH_MPS_LOW_WATERMARK_RATIO"):
-            if name in os.environ:
-                lines["mps"].append(f"mps: {name}={os.environ[name]} (from your environment)")
-    else:
-        os.environ["PYTORCH_MPS_LOW_WATERMARK_RATIO"] = "0.8"
-        setdefault("mps", "PYTORCH_MPS_HIGH_WATERMARK_RATIO", "1.0",
-                   "allocations stop at the recommended working set (low mark 0.8): out of memory instead of swapping")
-    return lines
-
-
-def _torch_version():
-    """(major, minor) of the installed torch, read without importing it; (0, 0) if unknown."""
-    from importlib import metadata
-
-    try:
-        major, minor = metadata.version("torch").split(".")[:2]
-        return int(major), int(minor)
-    except (metadata.PackageNotFoundError, ValueError):
-        return (0, 0)
-
-
-ENVIRONMENT = _set_environment_defaults()
-
-import torch  # noqa: E402  (after the environment above)
+import distributed
+import cli
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Per-device defaults that do not change the math: how the work is laid out and run. They only
-# fill flags the user did not give (train_gpt2.resolve_settings), and none of them is a learning rate.
+# fill flags the user did not give (train_gpt2.build_config), and none of them is a learning rate.
 PRESETS = {
-    # micro batch "auto": the largest that fits this GPU (probed at start); compile: 1.14x the eager
-    # tokens/s on an H100 with the Triton loss, 1.45x with PyTorch's (docs/PERFORMANCE.md).
+    # micro batch "auto": the largest that fits this GPU (probed at start); compile: faster than eager
+    # with either loss (docs/PERFORMANCE.md).
     "cuda": dict(micro_batch_size="auto", dtype="auto", compile="default", pin_memory=True),
     # torch.compile on MPS is young: opt in with --compile (it falls back to eager if it fails).
     "mps": dict(micro_batch_size=8, dtype="auto", compile="none", pin_memory=False),
@@ -97,7 +47,7 @@ PRESETS = {
 }
 
 
-class DeviceError(Exception):
+class DeviceError(cli.UserError):
     """The asked-for device or setting cannot be used here; the message names the fix."""
 
 
@@ -159,15 +109,16 @@ def torch_device(device_type, local_rank=0):
     return torch.device(device_type)
 
 
-def apply_device_settings(device_type, num_threads=None, mps_memory_fraction=None):
+def apply_device_settings(device_type, num_threads=None, mps_memory_fraction=None, deterministic=False):
     """Speed and memory settings that are safe for training; returns what was set, one line each."""
-    applied = list(ENVIRONMENT.get(device_type, []))
+    applied = list(environment.LINES.get(device_type, []))
     if device_type == "cuda":
         # TF32 matmuls for any fp32 work left outside autocast: ~8x the fp32 rate, ample precision for training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-        applied.append("cuda: TF32 matmuls on, cudnn.benchmark on")
+        torch.backends.cudnn.benchmark = not deterministic
+        applied.append(f"cuda: TF32 matmuls on, cudnn.benchmark {'off' if deterministic else 'on'}")
+    applied += set_deterministic(device_type, deterministic)
     if mps_memory_fraction is not None:
         if device_type != "mps":
             applied.append(f"--mps_memory_fraction {mps_memory_fraction} ignored: training on {device_type}")
@@ -183,6 +134,33 @@ def apply_device_settings(device_type, num_threads=None, mps_memory_fraction=Non
     if device_type == "cpu":
         applied.append(f"cpu: {torch.get_num_threads()} threads")
     return applied
+
+
+# What --deterministic switches, and why (docs/DETERMINISM.md has the measurements).
+DETERMINISTIC_SWITCHES = {
+    "cuda": "deterministic: cuBLAS with a fixed workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8); "
+            "torch.use_deterministic_algorithms: attention's backward without atomics (cuDNN attention is left out, "
+            "flash attention runs its deterministic backward), the embedding gradient summed in a fixed order; "
+            "Inductor without autotuning that changes the order of sums; cudnn.benchmark off",
+    "mps": "deterministic: torch.use_deterministic_algorithms on; MPS kernels give no bit-for-bit promise "
+           "(docs/DETERMINISM.md)",
+    "cpu": "deterministic: torch.use_deterministic_algorithms on; the CPU already repeats a run bit for bit at the "
+           "same --num_threads",
+}
+
+
+def set_deterministic(device_type, on):
+    """Turn the bit-for-bit mode on or off; returns one line saying what was switched (none when off).
+    CUBLAS_WORKSPACE_CONFIG is read when cuBLAS starts, so on CUDA this must run before the first matmul."""
+    if on and device_type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    with contextlib.suppress(ImportError, AttributeError):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.deterministic = on
+    return [DETERMINISTIC_SWITCHES[device_type]] if on else []
 
 
 def resolve_dtype(device_type, requested="auto"):
@@ -218,29 +196,6 @@ def autocast(device_type, dtype):
 
 
 # -----------------------------------------------------------------------------
-# DDP agreement: every rank must take the same decision.
-
-
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _is_main_process():
-    return not _distributed() or torch.distributed.get_rank() == 0
-
-
-def agree(value, op, device):
-    """The min or max of an int over all ranks; the value itself in a single process."""
-    if not _distributed():
-        return value
-    if torch.distributed.get_backend() != "nccl":
-        device = torch.device("cpu")
-    t = torch.tensor([int(value)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN if op == "min" else torch.distributed.ReduceOp.MAX)
-    return int(t.item())
-
-
-# -----------------------------------------------------------------------------
 # torch.compile with a fallback chain.
 
 
@@ -253,8 +208,10 @@ def compile_chain(mode):
     return [mode] + (["default"] if mode != "default" else []) + ["eager"]
 
 
-def compile_model(model, device_type, mode="default", trial=None, wrap=None):
+def compile_model(model, device_type, mode="default", trial=None, wrap=None, parts=None):
     """torch.compile down the chain of compile_chain(mode); returns (model to train, mode used).
+    parts: compile these submodules in place instead of the whole model (FSDP: each sharded
+    block, whose hooks then run between the compiled blocks).
 
     torch.compile is lazy: most failures (no C compiler or Triton, an op the backend lacks, a
     CUDA-graph problem) surface only at the first call. So each mode is checked with trial(model),
@@ -264,15 +221,20 @@ def compile_model(model, device_type, mode="default", trial=None, wrap=None):
     of memory is not a compile failure: it is raised."""
     wrap = wrap or (lambda m: m)
     chain = compile_chain(mode)
-    device = next(model.parameters()).device
     for i, candidate in enumerate(chain[:-1]):
         compiled, error, t0 = None, None, time.perf_counter()
+        options = {} if candidate == "default" else {"mode": candidate}
         try:
-            compiled = torch.compile(model, mode=None if candidate == "default" else candidate)
+            if parts is None:
+                compiled = torch.compile(model, **options)
+            else:
+                for part in parts:
+                    part.compile(**options)
+                compiled = model
         except Exception as exc:  # any compile failure falls back; the run goes on
             error = exc
         # DDP's constructor is a collective: the ranks agree that compile worked before any of them wraps.
-        if not agree(error is not None, "max", device):
+        if not distributed.agree(error is not None, "max"):
             try:
                 compiled = wrap(compiled)
                 if trial is not None:
@@ -283,14 +245,16 @@ def compile_model(model, device_type, mode="default", trial=None, wrap=None):
                 error = exc
             finally:
                 model.zero_grad(set_to_none=True)  # the trial's gradients must not reach the first step
-            if not agree(error is not None, "max", device):
-                if _is_main_process() and trial is not None:
+            if not distributed.agree(error is not None, "max"):
+                if distributed.is_master() and trial is not None:
                     print(f"compile: mode {candidate} compiled and checked on one micro batch in {time.perf_counter() - t0:.1f} s")
                 return compiled, candidate
-        if _is_main_process():
+        if distributed.is_master():
             reason = f"{type(error).__name__}: {_first_line(error)}" if error else "it failed on another rank"
             print(f"compile: mode {candidate} failed on {device_type} ({reason}); using {chain[i + 1]}")
         compiled = error = None
+        for part in parts or []:
+            part._compiled_call_impl = None  # back to eager, as nn.Module.compile() left it
         with contextlib.suppress(Exception):
             torch._dynamo.reset()  # drop the failed mode's cached graphs
     return wrap(model), "eager"
@@ -420,7 +384,7 @@ def auto_micro_batch_size(make_model, tokens_per_rank, seq_len, device, dtype, s
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the step log's peak is training's, not the probe's
-    chosen = agree(chosen or 0, "min", device)
+    chosen = distributed.agree(chosen or 0, "min")
     if chosen == 0:
         raise DeviceError(f"the model does not fit on {device} even at micro batch size 1 x {seq_len} tokens; "
                           "try --activation_checkpointing, a shorter --seq_len or a smaller --model")
@@ -523,11 +487,11 @@ def report(requested="auto"):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Print what this machine has and what train_gpt2.py would use on it.")
+def run(argv=None):
+    parser = cli.ArgumentParser(description="Print what this machine has and what train_gpt2.py would use on it.")
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="device to report on")
-    try:
-        print(report(parser.parse_args().device))
-    except DeviceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    print(report(parser.parse_args(argv).device))
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(run))

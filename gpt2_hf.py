@@ -18,21 +18,24 @@ nn.Linear's (out, in). And this trainer pads the vocabulary from 50257 to 50304 
 matmuls: imported models get zero rows there, exports drop them, and GPT.forward gives the padding
 no probability, so losses, samples and HellaSwag scores are those of the original model.
 """
-import argparse
 import sys
 from pathlib import Path
 
-import device  # noqa: F401  before torch: it sets environment variables torch reads when it loads
+import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import torch
 
 import checkpoint
+import cli
+from model import GPT, GPTConfig
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# transformers' activation names -> GPTConfig.gelu
+GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 # Weights transformers keeps in Conv1D layers: transposed relative to our nn.Linear.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-class HFError(Exception):
+class HFError(cli.UserError):
     """transformers is missing, or the weights cannot be had or do not fit; the message names the fix."""
 
 
@@ -49,7 +52,8 @@ def _from_pretrained(class_name, what, name_or_path):
     """transformers.<class_name>.from_pretrained(name_or_path), or an HFError naming the fix."""
     if name_or_path not in PRETRAINED and not Path(name_or_path).is_dir():
         raise HFError(f"--init_from {name_or_path!r} is neither one of {', '.join(PRETRAINED)} nor a folder "
-                      "written by save_pretrained (config.json + model.safetensors)")
+                      "written by save_pretrained (config.json + model.safetensors) nor a checkpoint file (this "
+                      "trainer's, nanoGPT's ckpt.pt, build-nanogpt's model_*.pt, llm.c's .bin)")
     transformers = import_transformers()
     try:
         return getattr(transformers, class_name).from_pretrained(name_or_path)
@@ -64,8 +68,8 @@ def _check_architecture(hf_config, source):
     problems = []
     if getattr(hf_config, "model_type", "gpt2") != "gpt2":
         problems.append(f"model_type is {hf_config.model_type!r}, not 'gpt2'")
-    if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        problems.append(f"activation_function is {hf_config.activation_function!r} (ours: GELU, tanh approximation)")
+    if hf_config.activation_function not in GELU:
+        problems.append(f"activation_function is {hf_config.activation_function!r} (ours: GELU, exact or tanh approximation)")
     if hf_config.n_inner not in (None, 4 * hf_config.n_embd):
         problems.append(f"n_inner is {hf_config.n_inner} (ours: 4 * n_embd)")
     if abs(hf_config.layer_norm_epsilon - 1e-5) > 1e-12:
@@ -81,15 +85,14 @@ def _check_architecture(hf_config, source):
 
 
 def _gpt_config_from_hf(hf_config, source, block_size=None):
-    from train_gpt2 import GPTConfig  # here, not at the top: train_gpt2 imports this module
-
     _check_architecture(hf_config, source)
     padded_vocab = GPTConfig.vocab_size
     if hf_config.vocab_size > padded_vocab:
         raise HFError(f"{source} has {hf_config.vocab_size} tokens, more than this trainer's {padded_vocab}")
     return GPTConfig(block_size=min(block_size or hf_config.n_positions, hf_config.n_positions),
                      vocab_size=padded_vocab, n_layer=hf_config.n_layer, n_head=hf_config.n_head,
-                     n_embd=hf_config.n_embd)
+                     n_embd=hf_config.n_embd, real_vocab_size=hf_config.vocab_size,
+                     gelu=GELU[hf_config.activation_function])
 
 
 def gpt_config(name_or_path, block_size=None):
@@ -101,8 +104,6 @@ def gpt_config(name_or_path, block_size=None):
 
 def from_hf(hf_model, config=None):
     """Our GPT with the weights of a transformers GPT2LMHeadModel (fp32, CPU)."""
-    from train_gpt2 import GPT
-
     source = getattr(hf_model, "name_or_path", None) or "the GPT2LMHeadModel"
     config = config or _gpt_config_from_hf(hf_model.config, source)
     hf_state = hf_model.state_dict()
@@ -134,13 +135,12 @@ def from_pretrained(name_or_path, config=None):
 
 def to_hf(model):
     """A transformers GPT2LMHeadModel (eval mode) with the weights of our GPT, without the vocabulary padding."""
-    from train_gpt2 import GPT2_VOCAB_SIZE
-
     transformers = import_transformers()
     cfg = model.config
-    hf_config = transformers.GPT2Config(vocab_size=min(GPT2_VOCAB_SIZE, cfg.vocab_size), n_positions=cfg.block_size,
+    hf_config = transformers.GPT2Config(vocab_size=cfg.real_vocab_size, n_positions=cfg.block_size,
                                         n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                                        activation_function="gelu_new", tie_word_embeddings=True)
+                                        activation_function="gelu_new" if cfg.gelu == "tanh" else "gelu",
+                                        tie_word_embeddings=True)
     hf_model = transformers.GPT2LMHeadModel(hf_config)
     state = model.state_dict()
     with torch.no_grad():
@@ -157,7 +157,8 @@ def to_hf(model):
 
 
 def export(checkpoint_path, out_dir):
-    """Write a training checkpoint or export as a GPT2LMHeadModel folder (config.json, model.safetensors)."""
+    """Write any checkpoint file (checkpoint.load_model's: this trainer's, nanoGPT's, build-nanogpt's, llm.c's)
+    as a GPT2LMHeadModel folder (config.json, model.safetensors)."""
     import_transformers()  # before reading a large checkpoint
     model, _ = checkpoint.load_model(checkpoint_path, "cpu")
     hf_model = to_hf(model)
@@ -165,21 +166,22 @@ def export(checkpoint_path, out_dir):
     return hf_model
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert this trainer's checkpoints to Hugging Face transformers' GPT-2.")
+def run(argv=None):
+    p = cli.ArgumentParser(description="Convert checkpoints (this trainer's, nanoGPT's, build-nanogpt's, llm.c's) to "
+                                       "Hugging Face transformers' GPT-2.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("export", help="a checkpoint as a GPT2LMHeadModel folder (save_pretrained)")
-    s.add_argument("checkpoint", help="model_*.pt, best_model.pt or an export of checkpoint.py")
+    s.add_argument("checkpoint", help=checkpoint.ANY_FILE)
     s.add_argument("--out", required=True, help="folder to write config.json and model.safetensors to")
     args = p.parse_args(argv)
-    try:
-        export(args.checkpoint, args.out)
-    except (HFError, checkpoint.CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    export(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} to {args.out}: GPT2LMHeadModel.from_pretrained({args.out!r}); "
           "the tokenizer is GPT-2's: AutoTokenizer.from_pretrained('gpt2') or tiktoken's r50k_base")
     return 0
+
+
+def main(argv=None):
+    return cli.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Each example is a context and 4 endings. Every ending is scored by the model's l
 given the context: `acc` picks the ending with the lowest summed loss, `acc_norm` the lowest loss per
 token (the number GPT-2 papers and build-nanogpt report; 124M GPT-2 gets about 0.29 / 0.29).
 """
-import argparse
 import json
 import os
 import sys
@@ -27,14 +26,18 @@ import urllib.request
 from collections import namedtuple
 from pathlib import Path
 
+import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
 
 import checkpoint
+import cli
 import dataloader
 import device as device_mod
+import distributed
+import files
+from model import unwrap
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_SIZE = 10042
@@ -45,7 +48,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gpt2-train" / "hellaswag"
 RenderedExample = namedtuple("RenderedExample", "context endings label")
 
 
-class HellaSwagError(Exception):
+class HellaSwagError(cli.UserError):
     """The data cannot be had or read; the message names the file or URL and the fix."""
 
 
@@ -91,9 +94,7 @@ def download(path):
             f"--data_file PATH, or put it at {path}") from None
     parse_examples(text, VAL_URL)  # a truncated or wrong response is an error here, not a bad cache later
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: DDP ranks may download at once
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    files.atomic_write(path, lambda f: f.write(text.encode("utf-8")))  # temp file per process: DDP ranks may download at once
 
 
 def load_examples(data_file=None, cache_dir=None, limit=None):
@@ -145,9 +146,7 @@ def resolve_block_size(model, block_size=None, model_config=None):
         return block_size
     if model_config is not None:
         return model_config["block_size"] if isinstance(model_config, dict) else model_config.block_size
-    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or getattr(model, "module")
-    config = getattr(model, "config", None)
+    config = getattr(unwrap(model), "config", None)
     return getattr(config, "block_size", None)
 
 
@@ -185,10 +184,12 @@ def make_batch(rendered, block_size, pad_multiple, min_rows):
 
 @torch.no_grad()
 def score(model, examples, device, dtype="fp32", batch_examples=16, block_size=None, model_config=None,
-          pad_multiple=8, progress=None):
+          pad_multiple=8, progress=None, min_batches=0):
     """Loss of each ending given its context: (sum_losses, mean_losses), float32 tensors of shape
     (len(examples), 4) on the CPU, in the order given. Examples are batched longest first so rows
-    of a batch have similar lengths (little padding); the result does not depend on the order."""
+    of a batch have similar lengths (little padding); the result does not depend on the order.
+    min_batches: run at least this many forward passes (an FSDP model's ranks must run as many as
+    each other, and their shares of the examples can differ by a batch)."""
     rendered = render_examples(examples)
     block_size = resolve_block_size(model, block_size, model_config)
     device = torch.device(device)
@@ -218,19 +219,20 @@ def score(model, examples, device, dtype="fp32", batch_examples=16, block_size=N
             mean_losses[index] = row_means[:4 * n].view(n, 4).cpu()
             if progress is not None:
                 progress(min(start + batch_examples, len(order)), len(order))
+        for _ in range(-(-len(order) // batch_examples), min_batches):
+            with device_mod.autocast(device.type, dtype):
+                model(torch.zeros((4, pad_multiple), dtype=torch.long, device=device))  # its result is not used
     finally:
         model.train(was_training)
     return sum_losses, mean_losses
 
 
 def count_correct(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1,
-                  block_size=None, model_config=None, pad_multiple=8, progress=None):
+                  block_size=None, model_config=None, pad_multiple=8, progress=None, min_batches=0):
     """This rank's share (examples i with i % world_size == rank): {"correct", "correct_norm", "n"}."""
     shard = examples[rank::world_size]
-    if not shard:
-        return {"correct": 0, "correct_norm": 0, "n": 0}
     sum_losses, mean_losses = score(model, shard, device, dtype, batch_examples, block_size, model_config,
-                                    pad_multiple, progress)
+                                    pad_multiple, progress, min_batches)
     labels = torch.tensor([example.label if isinstance(example, RenderedExample) else int(example["label"])
                            for example in shard])
     return {"correct": int((sum_losses.argmin(1) == labels).sum()),
@@ -238,19 +240,18 @@ def count_correct(model, examples, device, dtype="fp32", batch_examples=16, rank
 
 
 def evaluate(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1,
-             block_size=None, model_config=None, pad_multiple=8, progress=None):
+             block_size=None, model_config=None, pad_multiple=8, progress=None, min_batches=0):
     """HellaSwag accuracy over all ranks: {"acc", "acc_norm", "n"}, the same on every rank.
 
     Call it on every rank with the same examples (ideally pre-rendered with render_examples);
     each scores its share and the counts are summed when torch.distributed is initialised.
     model may be compiled; pass the raw model's config (or block_size) to truncate long rows."""
     counts = count_correct(model, examples, device, dtype, batch_examples, rank, world_size,
-                           block_size, model_config, pad_multiple, progress)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
+                           block_size, model_config, pad_multiple, progress, min_batches)
+    if world_size > 1:
         totals = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long,
                               device=device)
-        dist.all_reduce(totals)
-        counts = dict(zip(("correct", "correct_norm", "n"), totals.tolist()))
+        counts = dict(zip(("correct", "correct_norm", "n"), distributed.sum_over_ranks(totals).tolist()))
     if counts["n"] == 0:
         raise HellaSwagError("no HellaSwag examples to evaluate (empty data file or --limit 0)")
     return {"acc": counts["correct"] / counts["n"], "acc_norm": counts["correct_norm"] / counts["n"], "n": counts["n"]}
@@ -272,9 +273,10 @@ class TrainingEval:
     result over all examples."""
 
     def __init__(self, interval, data_file=None, limit=None, device="cpu", dtype="fp32", rank=0, world_size=1,
-                 batch_examples=16):
+                 batch_examples=16, sharded=False):
         self.interval = interval
         self.device, self.dtype, self.rank, self.world_size = device, dtype, rank, world_size
+        self.sharded = sharded  # FSDP: every rank must run as many forward passes as the others
         self.batch_examples = batch_examples
         self.examples = render_examples(load_examples(data_file, limit=limit)) if interval > 0 else []
 
@@ -286,8 +288,10 @@ class TrainingEval:
         """{"hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"} over all ranks' examples."""
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module  # the (possibly compiled) model inside: scoring needs no gradient hooks
+        batches = -(-len(self.examples[self.rank::self.world_size]) // self.batch_examples)
         result = evaluate(model, self.examples, self.device, self.dtype, self.batch_examples, self.rank,
-                          self.world_size)  # the block size comes from the model under its wrappers
+                          self.world_size,  # the block size comes from the model under its wrappers
+                          min_batches=distributed.agree(batches, "max") if self.sharded else 0)
         return {f"hellaswag_{key}": value for key, value in result.items()}
 
 
@@ -295,51 +299,42 @@ class TrainingEval:
 # Command line
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="HellaSwag validation accuracy of a checkpoint; prints one JSON line.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model_*.pt, best_model.pt, or an export (.pt / .safetensors)")
+    p = cli.ArgumentParser(description="HellaSwag validation accuracy of a checkpoint; prints one JSON line.")
+    p.add_argument("--checkpoint", required=True, help=checkpoint.ANY_FILE)
     p.add_argument("--data_file", default=None,
                    help=f"local hellaswag_val.jsonl (default: download {VAL_URL} once into $HELLASWAG_CACHE_DIR "
                         f"or {DEFAULT_CACHE_DIR})")
     device_mod.add_device_arguments(p, dtype_help="; losses are always summed in fp32")
-    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples (default: all 10042)")
-    p.add_argument("--batch_examples", type=positive_int, default=16, help="examples per forward pass (4 rows each)")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="score only the first N examples (default: all 10042)")
+    p.add_argument("--batch_examples", type=cli.positive_int, default=16, help="examples per forward pass (4 rows each)")
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def run(argv=None):
     args = parse_args(argv)
-    try:
-        device_type = device_mod.select_device(args.device)
-        dtype = device_mod.resolve_dtype(device_type, args.dtype)
-        model, config = checkpoint.load_model(args.checkpoint, device_type)  # a wrong path fails before any download
-        examples = load_examples(args.data_file, limit=args.limit)
-        print(f"hellaswag: {len(examples)} examples, {args.checkpoint} on {device_type} ({dtype})", file=sys.stderr)
-        rendered = render_examples(examples)
-        reported = [0]
+    device_type = device_mod.select_device(args.device)
+    dtype = device_mod.resolve_dtype(device_type, args.dtype)
+    model, config = checkpoint.load_model(args.checkpoint, device_type)  # a wrong path fails before any download
+    examples = load_examples(args.data_file, limit=args.limit)
+    print(f"hellaswag: {len(examples)} examples, {args.checkpoint} on {device_type} ({dtype})", file=sys.stderr)
+    rendered = render_examples(examples)
+    reported = [0]
 
-        def progress(done, total):
-            if done * 10 // total > reported[0] or done == total:
-                reported[0] = done * 10 // total
-                print(f"hellaswag: {done}/{total} examples, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    def progress(done, total):
+        if done * 10 // total > reported[0] or done == total:
+            reported[0] = done * 10 // total
+            print(f"hellaswag: {done}/{total} examples, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-        t0 = time.perf_counter()
-        result = evaluate(model, rendered, device_type, dtype, args.batch_examples, model_config=config,
-                          progress=progress)
-    except (HellaSwagError, checkpoint.CheckpointError, device_mod.DeviceError, dataloader.DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    t0 = time.perf_counter()
+    result = evaluate(model, rendered, device_type, dtype, args.batch_examples, model_config=config, progress=progress)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     print(json.dumps(result))
 
 
+def main(argv=None):
+    return cli.main(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

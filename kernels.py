@@ -20,6 +20,7 @@ Triton ships with PyTorch's CUDA builds; on other machines this module is import
 With TRITON_INTERPRET=1 set before triton is imported, the kernels run, slowly, on CPU tensors
 (the tests do that; available() still says no for the CPU, so training never picks it there).
 """
+import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import torch
 
 BLOCK_COLS = 4096  # columns one program reads at a time: 13 blocks per 50304-wide row

@@ -1,9 +1,9 @@
 """Training metrics: what users watch during a run and use to compare runs.
 
 Public API (the loop makes one call per step, one per evaluation):
-    metrics = Metrics(log_dir, enabled=ddp.master, device_type="cuda", start_step=0, total_steps=19073,
-                      log_interval=1, tokens_per_step=524288, flops_per_token=..., peak_flops=..., world_size=8,
-                      tensorboard=False)
+    metrics = Metrics(log_dir, Throughput(tokens_per_step=524288, flops_per_token=..., peak_flops=..., world_size=8),
+                      enabled=ddp.master, device_type="cuda", start_step=0, total_steps=19073, log_interval=1,
+                      tensorboard=False, wandb=None)   # wandb: WandbRun(project, name, config, tracked)
     train_step(..., timer=metrics.timer)       # marks data / fwd_bwd / optim inside the step (StepTimer)
     metrics.log_step(step, dt, loss=..., lr=..., norm=..., **extra)   # extra: any scalars, e.g. mem_* keys
     metrics.log(step, val_loss=...)            # any other record: val_loss, hellaswag_acc_norm, ...
@@ -18,6 +18,9 @@ What it writes (rank 0 only; other ranks keep quiet):
   (the mean per step since the last report), plus any extra keys the loop passes. Other records:
   step + val_loss, or step + hellaswag_acc, hellaswag_acc_norm, hellaswag_n.
 - <log_dir>/tensorboard/ with --tensorboard: the same scalars (needs `pip install tensorboard`).
+- a Weights & Biases run with --wandb (needs `pip install wandb`; WANDB_MODE=offline works without a
+  network, files in <log_dir>/wandb). Its id lives in the checkpoints (TrackedRun), so --auto_resume
+  logs to the same run; W&B keeps the first value of a step logged twice, metrics.jsonl the last.
 - stdout: a tqdm bar over the steps (loss, tok/s, ETA) when stdout is a terminal; one plain line
   per log_interval otherwise (CI, `> train.log`), so log files hold no carriage-return clutter.
 
@@ -39,12 +42,31 @@ import json
 import os
 import sys
 import time
+import uuid
+
+import environment  # noqa: F401  before torch (imported where a timer needs it): it sets variables torch reads
+from cli import UserError
 
 PHASES = ("data", "fwd_bwd", "optim")  # how a training step's time is split, in order
 
 
-class MetricsError(Exception):
+class MetricsError(UserError):
     """An optional package the asked-for output needs is missing; the message names the fix."""
+
+
+class Throughput:
+    """What a step's time is measured against: its tokens (over all ranks), the model FLOPs per token,
+    and the hardware's peak (None: no MFU)."""
+
+    def __init__(self, tokens_per_step, flops_per_token=None, peak_flops=None, world_size=1):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak_flops, self.world_size = peak_flops, world_size
+
+    def tokens_per_sec(self, seconds):
+        return self.tokens_per_step / seconds if seconds > 0 else 0.0
+
+    def mfu(self, seconds):
+        return mfu(self.flops_per_token or 0, self.tokens_per_step, seconds, self.peak_flops, self.world_size)
 
 
 def mfu(flops_per_token, tokens, seconds, peak_flops, world_size=1):
@@ -119,6 +141,36 @@ class StepTimer:
         return {f"{phase}_ms": total / steps for phase, total in totals.items()}
 
 
+class TrackedRun:
+    """Which experiment-tracker run this training run logs to: a checkpointed part (state_dict /
+    load_state_dict), so that a resumed run continues the same tracked run rather than a new one."""
+
+    def __init__(self):
+        self.wandb_run_id = None
+
+    def state_dict(self):
+        return {"wandb_run_id": self.wandb_run_id}
+
+    def load_state_dict(self, state):
+        self.wandb_run_id = state.get("wandb_run_id")
+
+
+class WandbRun:
+    """--wandb: the project, run name and config to log under, and the TrackedRun that keeps its id."""
+
+    def __init__(self, project, name, config, tracked):
+        self.project, self.name, self.config, self.tracked = project, name, config, tracked
+
+
+def import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise MetricsError("--wandb needs the wandb package, which is not installed: pip install wandb "
+                           "(or run without --wandb)") from None
+    return wandb
+
+
 def tensorboard_tag(key):
     """Group the scalars in TensorBoard's UI: train/loss, val/loss, hellaswag/acc_norm, perf/..."""
     for prefix, group in (("val_", "val"), ("hellaswag_", "hellaswag"), ("mem_", "memory")):
@@ -160,20 +212,20 @@ class Metrics:
     docstring). Construct it on every rank: only the one with enabled=True writes or prints, and
     --tensorboard is checked everywhere so all ranks stop together when the package is missing."""
 
-    def __init__(self, log_dir, enabled=True, device_type="cpu", start_step=0, total_steps=None, log_interval=1,
-                 tokens_per_step=0, flops_per_token=None, peak_flops=None, world_size=1, tensorboard=False,
-                 stream=None):
+    def __init__(self, log_dir, throughput=None, enabled=True, device_type="cpu", start_step=0, total_steps=None,
+                 log_interval=1, tensorboard=False, wandb=None, stream=None):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.log_interval = max(1, log_interval)
-        self.tokens_per_step = tokens_per_step
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
-        self.world_size = world_size
+        self.log_interval = log_interval
+        self.throughput = throughput or Throughput(0)
         self.timer = StepTimer(device_type, enabled=enabled)
         self.stream = stream or sys.stdout
-        self.file = self.writer = self.bar = None
+        self.file = self.writer = self.bar = self.wandb_run = None
         self._stdout = None
+        if wandb is not None:
+            wandb_module = import_wandb()  # every rank: all stop together if it is missing
+            if enabled:
+                self.wandb_run = self._start_wandb(wandb_module, wandb, log_dir)
         if tensorboard:
             summary_writer = summary_writer_class()  # every rank: all stop together if it is missing
             if enabled:
@@ -188,6 +240,20 @@ class Metrics:
         if is_terminal(self.stream) and total_steps is not None:
             self._start_bar(start_step)
 
+    def _start_wandb(self, wandb_module, options, log_dir):
+        resumed = options.tracked.wandb_run_id is not None
+        if not resumed:
+            options.tracked.wandb_run_id = uuid.uuid4().hex[:8]  # W&B's own id format: 8 of [a-z0-9]
+        os.makedirs(log_dir, exist_ok=True)
+        run = wandb_module.init(project=options.project, name=options.name, id=options.tracked.wandb_run_id,
+                                resume="allow", dir=log_dir, config=options.config,
+                                settings=wandb_module.Settings(quiet=True))
+        offline = " (offline: `wandb sync " + os.path.join(log_dir, "wandb") + "` uploads it)" \
+            if os.environ.get("WANDB_MODE") in ("offline", "dryrun") else ""
+        print(f"wandb: {'continuing' if resumed else 'new'} run {run.id} ({options.name}) in project "
+              f"{options.project}{offline}", file=self.stream)
+        return run
+
     def _start_bar(self, start_step):
         from tqdm import tqdm
         from tqdm.contrib import DummyTqdmFile
@@ -201,9 +267,9 @@ class Metrics:
     def log_step(self, step, dt, loss, lr, norm, **extra):
         """One training step that took dt seconds. Timer phases join the record every log_interval
         steps and at the last step; extra keys (e.g. mem_alloc_gib) are recorded as given."""
-        tok_per_sec = self.tokens_per_step / dt if dt > 0 else 0.0
+        tok_per_sec = self.throughput.tokens_per_sec(dt)
         record = dict(step=step, loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_sec=tok_per_sec)
-        step_mfu = mfu(self.flops_per_token or 0, self.tokens_per_step, dt, self.peak_flops, self.world_size)
+        step_mfu = self.throughput.mfu(dt)
         if step_mfu is not None:
             record["mfu"] = step_mfu
         report = step % self.log_interval == 0 or step == (self.total_steps or 0) - 1
@@ -255,10 +321,13 @@ class Metrics:
     def _write(self, record):
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {key: value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(tensorboard_tag(key), value, record["step"])
+            for key, value in scalars.items():
+                self.writer.add_scalar(tensorboard_tag(key), value, record["step"])
+        if self.wandb_run is not None:
+            self.wandb_run.log({tensorboard_tag(key): value for key, value in scalars.items()}, step=record["step"])
 
     def close(self):
         if self.bar is not None:
@@ -269,6 +338,9 @@ class Metrics:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -9,24 +9,25 @@ q, k and v are made as the model makes them: strided views of one (B, T, 3C) pro
 kernels see the layout training gives them. FLOPs count the causal half of the score matrix
 (forward 2 matmuls, backward 2.5 times the forward), the convention of FlashAttention's papers.
 """
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import device as device_mod  # noqa: E402  before torch: it sets environment variables torch reads when it loads
+import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmark import sdpa_backend  # noqa: E402  (this folder is on sys.path when a script runs)
+import cli  # noqa: E402
+import device as device_mod  # noqa: E402
+from model import attention_backend  # noqa: E402
 
 FAMILIES = ["cudnn", "flash", "efficient", "math", "flex"]
 
 
 def sdpa(name):
     def attend(q, k, v):
-        with sdpa_backend(name):  # the kernel family benchmark.py --sdpa_backend pins
+        with attention_backend(name):  # the kernel family benchmark.py --sdpa_backend pins
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return attend
 
@@ -53,21 +54,21 @@ def timed(fn, dev, repeats):
     return (time.perf_counter() - t0) / repeats
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None):
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=64, help="sequences")
     p.add_argument("--heads", type=int, default=12, help="attention heads")
     p.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--head_dim", type=int, default=64, help="channels per head")
     p.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES, help="kernel families, first is the reference")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measure (their mean)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="as train_gpt2.py --deterministic: families without a deterministic backward are refused")
     device_mod.add_device_arguments(p)
     args = p.parse_args(argv)
-    try:
-        dev = device_mod.torch_device(device_mod.select_device(args.device))
-        dtype = device_mod.DTYPES[device_mod.resolve_dtype(dev.type, args.dtype)]
-    except device_mod.DeviceError as exc:
-        sys.exit(f"error: {exc}")
+    dev = device_mod.torch_device(device_mod.select_device(args.device))
+    dtype = device_mod.DTYPES[device_mod.resolve_dtype(dev.type, args.dtype)]
+    device_mod.set_deterministic(dev.type, args.deterministic)
 
     B, H, T, D = args.batch, args.heads, args.seq_len, args.head_dim
     torch.manual_seed(0)
@@ -79,7 +80,8 @@ def main(argv=None):
 
     forward_flops = 4 * B * H * T * T * D / 2
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    print(f"causal attention, {B} x {H} heads x {T} x {D}, {dtype}, {name}, torch {torch.__version__}:")
+    print(f"causal attention, {B} x {H} heads x {T} x {D}, {dtype}, {name}, torch {torch.__version__}"
+          f"{', deterministic' if args.deterministic else ''}:")
     print(f"{'family':<11}{'fwd ms':>9}{'TFLOP/s':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}  max |diff| from the first")
     reference = None
     for family in args.families:
@@ -103,5 +105,9 @@ def main(argv=None):
               f"{3.5 * forward_flops / both / 1e12:>9.3g}  {diff:.3g}", flush=True)
 
 
+def main(argv=None):
+    return cli.main(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,6 @@ It trains on random tokens with the real step (train_gpt2.train_step) and the re
 CheckpointManager, writing to --dir (default: a temp dir, deleted after). The resume reads a
 file written seconds before, so the page cache is warm: a cold read adds size / disk speed.
 """
-import argparse
 import contextlib
 import gc
 import io
@@ -22,13 +21,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import device as device_mod  # noqa: E402  before torch: it sets environment variables torch reads when it loads
+import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
+import checkpoint_manager  # noqa: E402
+import cli  # noqa: E402
 import dataloader  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, Dist, train_step  # noqa: E402
+import device as device_mod  # noqa: E402
+import files  # noqa: E402
+from model import GPT, GPTConfig, MODEL_PRESETS  # noqa: E402
+from train_gpt2 import StepSpec, train_step  # noqa: E402
 
 
 def host_memory():
@@ -57,44 +61,67 @@ def build(args, device, device_type):
     return model, optimizer
 
 
-def main():
-    args = parse_args()  # outside the redirect, or --help would print nothing
-    with contextlib.redirect_stdout(io.StringIO()):  # the manager's "saved ..." lines: only the table is wanted
-        rows, header = measure(args)
+def run(argv=None):
+    args = parse_args(argv)  # outside the redirect, or --help would print nothing
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))
+    try:
+        check_space(args, work)
+        with contextlib.redirect_stdout(io.StringIO()):  # the manager's "saved ..." lines: only the table is wanted
+            rows, header = measure(args, work)
+    finally:
+        if not args.dir:  # also after a failure: a full disk must not stay full of this script's files
+            shutil.rmtree(work, ignore_errors=True)
     print(header)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def check_space(args, work):
+    """Refuse to start where the files this script writes cannot fit: each of the saves' checkpoints
+    (weights + AdamW's two moments: 3x the fp32 weights), written in three folders, plus a weights-only copy."""
+    with torch.device("meta"):
+        n_params = GPT(GPTConfig(**MODEL_PRESETS[args.model])).num_params(non_embedding=False)
+    per_file = 3 * 4 * n_params
+    needed = (3 * args.saves + 1) * per_file
+    free = files.free_bytes(work)
+    if free < needed:
+        raise cli.UserError(f"{args.model} needs about {files.gib(needed)} for {args.saves} saves in each mode "
+                            f"({files.gib(per_file)} per checkpoint) but {work} has {files.gib(free)} free; "
+                            f"use --saves 1, a smaller --model, or --dir on a larger disk")
+
+
+def main(argv=None):
+    return cli.main(run, argv)
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="d2", choices=sorted(MODEL_PRESETS), help="model preset")
     device_mod.add_device_arguments(p)
     p.add_argument("--micro_batch_size", type=int, default=2, help="sequences per training step")
     p.add_argument("--seq_len", type=int, default=32, help="tokens per sequence")
     p.add_argument("--saves", type=int, default=3, help="saves timed in each mode; the median is reported")
-    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir)")
-    return p.parse_args()
+    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir, deleted after)")
+    return p.parse_args(argv)
 
 
-def measure(args):
+def measure(args, work):
     device_type = device_mod.select_device(args.device)
     device = device_mod.torch_device(device_type)
     dtype = device_mod.resolve_dtype(device_type, args.dtype)
     device_mod.apply_device_settings(device_type)
     cuda = device_type == "cuda"
-    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))
     tokens_needed = (args.saves * 40 + 20) * args.micro_batch_size * args.seq_len + 1
     dataloader.write_shard(dataloader.shard_path(work / "data", "random", "train", 0),
                            np.random.default_rng(0).integers(0, dataloader.EOT_TOKEN, max(tokens_needed, 10_000)))
     loader = dataloader.ShardedDataLoader(work / "data", "train", args.micro_batch_size, args.seq_len, pin_memory=cuda)
     model, optimizer = build(args, device, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "fp16")
-    config = dict(vars(GPTConfig(**MODEL_PRESETS[args.model])))
+    spec = StepSpec(1, 1.0, device, dtype)
 
     def step():
-        loss, _ = train_step(model, optimizer, scaler, loader, 1, 6e-4, 1.0, device, dtype, Dist())
+        loss, _ = train_step(model, optimizer, scaler, loader, 6e-4, spec)
         return loss.item()  # waits for the device
 
     def timed_step():
@@ -103,8 +130,10 @@ def measure(args):
         return time.perf_counter() - t0
 
     def manager(name, **kwargs):
-        return checkpoint.CheckpointManager(work / name, model, optimizer, loader, config, vars(args), interval=1,
-                                            ddp=None, scaler=scaler, **kwargs)
+        parts = {"model": model, "optimizer": optimizer, "scaler": scaler if scaler.is_enabled() else None,
+                 "dataloader": loader, "rng": checkpoint.RandomState(), "train_state": checkpoint.TrainState()}
+        return checkpoint_manager.CheckpointManager(work / name, parts, meta={"model_config": vars(model.config)}, interval=1,
+                                            **kwargs)
 
     for _ in range(3):
         step()  # allocator growth, lazy optimizer state, kernel selection
@@ -188,10 +217,8 @@ def measure(args):
     header = (f"checkpoint costs: {args.model} ({n_params / 1e6:.1f}M parameters), {where}, {dtype}, "
               f"micro batch {args.micro_batch_size} x {args.seq_len}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} CPU threads; median of {args.saves} saves")
-    if not args.dir:
-        shutil.rmtree(work, ignore_errors=True)
     return rows, header
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

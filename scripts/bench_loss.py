@@ -8,19 +8,20 @@ First a check on --check_rows rows (loss and gradient against PyTorch's fp32 los
 padding mask), then forward + backward timed for each BLOCK_COLS:NUM_WARPS of the Triton kernels,
 and for PyTorch's loss eager and compiled, with the memory each takes beyond the logits.
 """
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import device as device_mod  # noqa: E402  before torch: it sets environment variables torch reads when it loads
+import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import cli  # noqa: E402
+import device as device_mod  # noqa: E402
 import kernels  # noqa: E402
-from train_gpt2 import GPT2_VOCAB_SIZE  # noqa: E402
+from model import GPTConfig  # noqa: E402
 
 
 def torch_loss(logits, targets, n_valid):
@@ -41,17 +42,17 @@ def median_seconds(fn, dev, repeats):
     return statistics.median(times)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--rows", type=int, default=65536, help="token positions (micro batch x sequence length)")
     p.add_argument("--cols", type=int, default=50304, help="logits per row (GPT-2's padded vocabulary)")
-    p.add_argument("--valid_cols", type=int, default=GPT2_VOCAB_SIZE, help="real tokens; the rest is padding")
+    p.add_argument("--valid_cols", type=int, default=GPTConfig.real_vocab_size, help="real tokens; the rest is padding")
     p.add_argument("--check_rows", type=int, default=8192, help="rows checked against PyTorch's fp32 loss")
     p.add_argument("--blocks", nargs="+", default=["4096:8", "2048:8", "4096:16", "8192:16"],
                    help="Triton BLOCK_COLS:NUM_WARPS configurations to time")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per row (median)")
     p.add_argument("--device", default="cuda", help="cuda; cpu works only with TRITON_INTERPRET=1 (slow: tests)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here; the Triton loss is for CUDA (use --device cpu with TRITON_INTERPRET=1 to check it)")

@@ -6,6 +6,7 @@ compile as configured) and print one table row per configuration.
     python scripts/benchmark.py --model d4 --micro_batch_size 8 --seq_len 64 --device cpu
     python scripts/benchmark.py --model gpt2 --data_root data/edu_fineweb10B     # real shards instead of random tokens
     torchrun --nproc_per_node=2 scripts/benchmark.py --model gpt2 --compile default --ddp_bucket_cap_mb 25 100
+    python scripts/benchmark.py --model gpt2-xl --micro_batch_size 16 --fsdp off on      # FSDP against DDP at world size 1
 
 Under torchrun each configuration runs in DDP as train_gpt2.py does (one micro batch per rank per
 step unless --grad_accum_steps); rows give tokens/s per GPU and for all GPUs, to compare with
@@ -16,7 +17,6 @@ then --steps timed steps; the median step time is reported. MFU = model FLOPs pe
 (6N + 12 * n_layer * n_embd * T per token, N without position embeddings) over the GPU's
 datasheet peak for the precision (device.PEAK_FLOPS); blank where the peak is unknown.
 """
-import argparse
 import itertools
 import os
 import random
@@ -27,14 +27,17 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import device as device_mod  # noqa: E402  before torch: it sets environment variables torch reads when it loads
+import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import dataloader  # noqa: E402
-import kernels  # noqa: E402
+import device as device_mod  # noqa: E402
+import distributed  # noqa: E402
 import metrics  # noqa: E402
-from train_gpt2 import (DDP_BUCKET_CAP_MB, GPT, GPTConfig, MODEL_PRESETS, close_distributed,  # noqa: E402
-                        init_distributed, train_step, wrap_ddp)
+from model import ATTENTION_BACKENDS, GPT, GPTConfig, MODEL_PRESETS, attention_backend, choose_loss  # noqa: E402
+from run_config import DDP_BUCKET_CAP_MB  # noqa: E402
+from train_gpt2 import StepSpec, train_step  # noqa: E402
 
 
 class SyntheticLoader:
@@ -53,21 +56,24 @@ class SyntheticLoader:
         return next(self.cycle)
 
 
-def loss_name(loss_chunk_rows, fused_loss):
-    return f"chunk{loss_chunk_rows}" if loss_chunk_rows else "fused" if fused_loss else "torch"
+def loss_name(loss, loss_chunk_rows):
+    return f"chunk{loss_chunk_rows}" if loss == "chunked" else loss
 
 
-def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_rows, fused_loss, bucket_mb, bucket_view,
-                 dev, dtype, ddp):
+def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_chunk_rows, layout, dev, dtype, ddp):
+    """layout: ("ddp", bucket MB, bucket view) or ("fsdp", None, None); plain one process when not distributed."""
+    parallel, bucket_mb, bucket_view = layout if ddp.enabled else ("none", None, None)
     shape = MODEL_PRESETS[model_name]
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=max(1024, args.seq_len), **shape)).to(dev)
-    model.loss_chunk_rows = loss_chunk_rows
-    model.fused_loss = fused_loss
+    model.set_run_options(loss=loss, loss_chunk_rows=loss_chunk_rows, activation_checkpointing=args.activation_checkpointing)
+    if parallel == "fsdp":
+        distributed.shard_fsdp(model, model.transformer.h, dtype)
     optimizer = model.configure_optimizer(0.1, 6e-4, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=(dtype == "fp16"))
-    wrap = (lambda m: wrap_ddp(m, ddp, dev.type, bucket_mb, bucket_view)) if ddp.enabled else None
-    compiled, used_mode = device_mod.compile_model(model, dev.type, compile_mode, wrap=wrap)
+    wrap = (lambda m: distributed.wrap_ddp(m, ddp, bucket_mb, bucket_view)) if parallel == "ddp" else None
+    compiled, used_mode = device_mod.compile_model(model, dev.type, compile_mode, wrap=wrap,
+                                                   parts=list(model.transformer.h) if parallel == "fsdp" else None)
     pin = dev.type == "cuda"
     if args.data_root:
         loader = dataloader.ShardedDataLoader(args.data_root, "train", micro_batch_size, args.seq_len,
@@ -79,11 +85,13 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_ro
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
 
+    spec = StepSpec(args.grad_accum_steps, 1.0, dev, "fp32" if parallel == "fsdp" else dtype, parallel)
+
     def step():
-        loss, _ = train_step(compiled, optimizer, scaler, loader, args.grad_accum_steps, 6e-4, 1.0, dev, dtype, ddp)
+        loss, _ = train_step(compiled, optimizer, scaler, loader, 6e-4, spec)
         losses.append(loss.item())  # one host sync per step, as the trainer's (loss and norm in one read)
 
-    with sdpa_backend(args.sdpa_backend):
+    with attention_backend(args.sdpa_backend):
         for i in range(args.warmup + args.steps):
             device_mod.synchronize(dev)
             t0 = time.perf_counter()
@@ -98,9 +106,10 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss_chunk_ro
     mfu = metrics.mfu(model.flops_per_token(args.seq_len), tokens_per_step, dt, peak)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     row = dict(model=model_name, B=micro_batch_size, T=args.seq_len, accum=args.grad_accum_steps, compile=used_mode,
-               loss_kind=loss_name(loss_chunk_rows, fused_loss), dtype=dtype, ms=dt * 1000, steps_s=1 / dt,
+               loss_kind=loss_name(loss, loss_chunk_rows), dtype=dtype, ms=dt * 1000, steps_s=1 / dt,
                tok_s=tokens_per_step / dt, mfu=mfu, mem=mem, spread=(max(times) - min(times)) / dt, loss=losses[-1],
-               ddp=f"{bucket_mb:g} MB{'' if bucket_view else ', copies'}" if ddp.enabled else "-")
+               parallel=f"ddp {bucket_mb:g} MB{'' if bucket_view else ', copies'}" if parallel == "ddp" else
+               "fsdp" if parallel == "fsdp" else "-")
     del compiled, model, optimizer
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -126,19 +135,6 @@ def set_inductor_config(setting):
     except (ValueError, SyntaxError):
         value = text  # a plain string such as a backend name
     setattr(target, name, value)
-
-
-def sdpa_backend(name):
-    """Pin scaled_dot_product_attention to one kernel family, to compare them."""
-    import contextlib
-
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    return sdpa_kernel(backends[name])
 
 
 def profile_steps(step, dev, title, n_steps=3, top=40, show=True):
@@ -199,8 +195,8 @@ def bench_hellaswag(args, dev, dtype):
               f"({args.hellaswag / second:,.0f} examples/s; first pass {first:.2f} s)")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None):
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model", nargs="+", default=["gpt2"], choices=sorted(MODEL_PRESETS), help="one or more presets")
     p.add_argument("--micro_batch_size", type=int, nargs="+", default=[64], help="sequences per forward pass")
     p.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence")
@@ -208,7 +204,7 @@ def main():
     p.add_argument("--compile", nargs="+", default=["none"], help="compile modes: none, default, reduce-overhead, max-autotune")
     device_mod.add_device_arguments(p)
     p.add_argument("--data_root", default=None, help="time on real shards instead of random tokens")
-    p.add_argument("--sdpa_backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+    p.add_argument("--sdpa_backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernel family (auto: PyTorch's choice)")
     p.add_argument("--profile", action="store_true", help="after timing, print the top kernels of 3 profiled steps")
     p.add_argument("--hellaswag", type=int, default=0, metavar="N",
@@ -224,25 +220,29 @@ def main():
                    help="under torchrun: DDP gradient MB per all-reduce bucket (train_gpt2.py's flag of that name)")
     p.add_argument("--ddp_bucket_view", nargs="+", default=["on"], choices=["on", "off"],
                    help="under torchrun: gradients as views into DDP's buckets (on: train_gpt2.py's choice) or copies (off: PyTorch's default)")
+    p.add_argument("--fsdp", nargs="+", default=["off"], choices=["off", "on"],
+                   help="on: shard over the ranks with FSDP2 as train_gpt2.py --fsdp (without torchrun: a group of one, "
+                        "and the DDP rows run DDP at world size 1 to compare); off: DDP under torchrun")
+    p.add_argument("--activation_checkpointing", action="store_true", help="recompute block activations in the backward pass")
+    p.add_argument("--deterministic", nargs="+", default=["off"], choices=["off", "on"],
+                   help="train_gpt2.py --deterministic off and/or on (with on, CUBLAS_WORKSPACE_CONFIG is set at start "
+                        "for every row: cuBLAS reads it once)")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
-    try:
-        device_type = device_mod.select_device(args.device)
-        ddp = init_distributed(device_type)
-        dev = device_mod.torch_device(device_type, ddp.local_rank)
-        dtype = device_mod.resolve_dtype(dev.type, args.dtype)
-    except device_mod.DeviceError as exc:
-        sys.exit(f"error: {exc}")
+    device_type = device_mod.select_device(args.device)
+    ddp = distributed.setup(device_type, one_rank_group="on" in args.fsdp)
+    dev = device_mod.torch_device(device_type, ddp.local_rank)
+    dtype = device_mod.resolve_dtype(dev.type, args.dtype)
     if not ddp.master:
         sys.stdout = open(os.devnull, "w")  # one table, rank 0's; every rank runs every configuration
-    for line in device_mod.apply_device_settings(dev.type):
+    for line in device_mod.apply_device_settings(dev.type, deterministic="on" in args.deterministic):
         print(line)
-    fused_usable, why_not = kernels.available(dev)
-    if "on" in args.fused_loss and not fused_usable:
-        sys.exit(f"error: --fused_loss on: {why_not}")
-    fused_choices = sorted({fused_usable if choice == "auto" else choice == "on" for choice in args.fused_loss})
+    # The loss kinds the --fused_loss x --loss_chunk_rows grid asks for, resolved as train_gpt2.py resolves them.
+    losses = list(dict.fromkeys(choose_loss(fused, chunk, dev)[0:1] + (chunk,)
+                                for fused in args.fused_loss for chunk in args.loss_chunk_rows
+                                if not (fused == "on" and chunk)))
     for setting in args.inductor:
         set_inductor_config(setting)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
@@ -252,27 +252,30 @@ def main():
     if not ddp.enabled and buckets != [(DDP_BUCKET_CAP_MB, True)]:
         print("ddp: --ddp_bucket_cap_mb / --ddp_bucket_view apply under torchrun only; this is one process")
         buckets = [(DDP_BUCKET_CAP_MB, True)]
+    layouts = ([("ddp", mb, view) for mb, view in buckets] if "off" in args.fsdp else []) + \
+        ([("fsdp", None, None)] if "on" in args.fsdp else [])
     if args.hellaswag:
         if ddp.enabled:
             sys.exit("error: --hellaswag times one GPU; run it with python, not torchrun")
         bench_hellaswag(args, dev, dtype)
         return
     header = f"{'model':<12}{'B':>4}{'T':>6}{'accum':>6}  {'compile':<17}{'loss':<10}{'dtype':<6}{'ms/step':>9}{'steps/s':>9}" \
-             f"{'tok/s/GPU' if ddp.enabled else 'tok/s':>11}{'MFU':>7}{'peak GiB':>9}{'spread':>8}{'loss':>8}" \
-             + (f"{'tok/s all':>12}  ddp buckets" if ddp.enabled else "")
+             f"{'tok/s/GPU' if ddp.enabled else 'tok/s':>11}{'MFU':>7}{'peak GiB':>9}{'spread':>8}{'loss':>8}{'determ.':>8}" \
+             + (f"{'tok/s all':>12}  parallel" if ddp.enabled else "")
     rows = []
-    for model_name, B, mode, chunk, fused, (bucket_mb, bucket_view) in itertools.product(
-            args.model, args.micro_batch_size, args.compile, args.loss_chunk_rows, fused_choices, buckets):
-        if chunk and fused:
-            continue  # two ways to compute the loss: the chunked one wins in the model, so the row would repeat
+    for model_name, B, mode, (loss, chunk), layout, deterministic in itertools.product(
+            args.model, args.micro_batch_size, args.compile, losses, layouts, args.deterministic):
+        device_mod.set_deterministic(dev.type, deterministic == "on")
+        torch.backends.cudnn.benchmark = deterministic == "off"
         try:
-            rows.append(bench_config(args, model_name, B, mode, chunk, fused, bucket_mb, bucket_view, dev, dtype, ddp))
+            rows.append(bench_config(args, model_name, B, mode, loss, chunk, layout, dev, dtype, ddp))
+            rows[-1]["deterministic"] = deterministic
         except torch.OutOfMemoryError:
             print(f"{model_name} B={B} {mode}: out of memory")
             torch.cuda.empty_cache()
             continue
         except Exception as exc:  # one failing configuration (say a compile mode) must not end the table
-            print(f"{model_name} B={B} {mode} loss={loss_name(chunk, fused)}: failed: {type(exc).__name__}: {str(exc)[:300]}")
+            print(f"{model_name} B={B} {mode} loss={loss_name(loss, chunk)}: failed: {type(exc).__name__}: {str(exc)[:300]}")
             traceback.print_exc(limit=-8)
             continue
         r = rows[-1]
@@ -282,13 +285,17 @@ def main():
         mem = f"{r['mem']:.1f}" if r["mem"] else "-"
         print(f"{r['model']:<12}{r['B']:>4}{r['T']:>6}{r['accum']:>6}  {r['compile']:<17}{r['loss_kind']:<10}{r['dtype']:<6}{r['ms']:>9.1f}"
               f"{r['steps_s']:>9.2f}{r['tok_s']:>11,.0f}{mfu:>7}{mem:>9}{r['spread']:>8.1%}{r['loss']:>8.3f}"
-              + (f"{r['tok_s'] * ddp.world_size:>12,.0f}  {r['ddp']}" if ddp.enabled else ""), flush=True)
+              f"{r['deterministic']:>8}"
+              + (f"{r['tok_s'] * ddp.world_size:>12,.0f}  {r['parallel']}" if ddp.enabled else ""), flush=True)
     rate = bench_loader(args, args.micro_batch_size[0])
     if rate:
         print(f"data loader alone: {rate:,.0f} tokens/s (micro batch {args.micro_batch_size[0]} x {args.seq_len})")
-    if ddp.enabled:
-        close_distributed()
+    distributed.close()
+
+
+def main(argv=None):
+    return cli.main(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

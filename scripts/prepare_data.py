@@ -3,255 +3,202 @@
 
     python scripts/prepare_data.py --source tinyshakespeare                 # -> data/tinyshakespeare
     python scripts/prepare_data.py --source text --input 'books/*.txt' --name mybooks
+    python scripts/prepare_data.py --source jsonl --input 'crawl/*.jsonl.gz' --name crawl --text_field content
+    python scripts/prepare_data.py --source parquet --input 'fineweb-edu/sample/10BT/*.parquet' --name edufineweb
     python scripts/prepare_data.py --source fineweb-edu                     # -> data/edu_fineweb10B
 
-Every document starts with <|endoftext|> (50256), as in build-nanogpt. FineWeb-Edu gets
-build-nanogpt's layout: shard 0 is val, the rest train (edufineweb_train_000001.npy, ...).
+Every document starts with <|endoftext|> (50256), as in build-nanogpt. --val_split first_shard,
+build-nanogpt's FineWeb-Edu layout and the default for jsonl, parquet and fineweb-edu: shard 0 is
+val, the rest train (<name>_val_000000.npy, <name>_train_000001.npy, ...). --val_split
+last_fraction, the default for text and tinyshakespeare: the last --val_fraction of all tokens is
+val (<name>_train_000000.npy, ..., <name>_val_000000.npy, ...).
+
+Stopped by anything (Ctrl-C, kill -9, a dropped connection), the same command run again continues
+where it stopped and ends with the shards an uninterrupted run writes; on a finished folder it says
+so. The folder's prepare_data.json records the command and each finished shard (docs/DATA.md).
 """
-import argparse
-import glob
 import os
-import re
+import shlex
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dataloader import (  # noqa: E402
-    EOT_TOKEN, DataError, ensure_tinyshakespeare, get_tokenizer, shard_path, write_shard,
-)
+import cli  # noqa: E402
+import data_sources  # noqa: E402
+from dataloader import ensure_tinyshakespeare  # noqa: E402
+from shard_writer import MANIFEST, ShardFolder, finish_last_fraction, write_stream  # noqa: E402
+from tokenizer_pool import load_tokenizer  # noqa: E402
 
-TEXT_CHUNK_CHARS = 1 << 20  # files above ~1M characters are cut into pieces the workers share
-# Cut just before a blank line that follows a non-space character: GPT-2's regex never joins
-# that character with the newlines, so the pieces tokenize exactly like the whole file.
-PARAGRAPH_CUT = re.compile(r"(?<=\S)(?=\n\n)")
-
-
-# -----------------------------------------------------------------------------
-# Tokenization (runs in the worker processes)
-
-_tokenizer = None
-
-
-def _init_worker():
-    global _tokenizer
-    _tokenizer = get_tokenizer()
-
-
-def tokenize(piece):
-    """(text, starts_document) -> uint16 tokens, with EOT in front of each document."""
-    text, starts_document = piece
-    tokens = _tokenizer.encode_ordinary(text)
-    return np.array([EOT_TOKEN] + tokens if starts_document else tokens, dtype=np.uint16)
-
-
-def tokenize_all(pieces, num_proc, chunksize):
-    """Yield the token arrays of pieces in order, from num_proc worker processes."""
-    if num_proc == 1:
-        _init_worker()
-        yield from map(tokenize, pieces)
-        return
-    with Pool(num_proc, initializer=_init_worker) as pool:
-        yield from pool.imap(tokenize, pieces, chunksize=chunksize)
-
-
-def split_paragraphs(text, max_chars=None):
-    """Cut text into pieces of about max_chars (default TEXT_CHUNK_CHARS) at blank lines."""
-    max_chars = max_chars or TEXT_CHUNK_CHARS
-    start = 0
-    while len(text) - start > max_chars:
-        cut = PARAGRAPH_CUT.search(text, start + max_chars)
-        if cut is None:
-            break
-        yield text[start : cut.start()]
-        start = cut.start()
-    yield text[start:]
-
-
-# -----------------------------------------------------------------------------
-# Shards
-
-
-def pack_into_shards(token_arrays, out_dir, name, shard_size, split_of_shard, max_shards=None):
-    """Pack a stream of token arrays into shards of shard_size tokens (the last may be shorter).
-    split_of_shard(i) names the split of the i-th shard, which is saved with index i.
-    Returns [(path, split, n_tokens)] of the shards written."""
-    written = []
-    buffer = np.empty(shard_size, dtype=np.uint16)
-    filled = 0
-    progress = None
-
-    def flush():
-        index = len(written)
-        path = shard_path(out_dir, name, split_of_shard(index), index)
-        write_shard(path, buffer[:filled])
-        written.append((path, split_of_shard(index), filled))
-
-    for tokens in token_arrays:
-        while len(tokens):
-            if progress is None:
-                desc = f"{split_of_shard(len(written))} shard {len(written)}"
-                progress = tqdm(total=shard_size, unit="tokens", unit_scale=True, desc=desc)
-            take = min(shard_size - filled, len(tokens))
-            buffer[filled : filled + take] = tokens[:take]
-            filled += take
-            tokens = tokens[take:]
-            progress.update(take)
-            if filled == shard_size:
-                flush()
-                filled = 0
-                progress.close()
-                progress = None
-                if max_shards is not None and len(written) >= max_shards:
-                    return written
-    if progress is not None:
-        progress.close()
-    if filled:
-        flush()
-    return written
-
-
-def existing_shards(out_dir):
-    return sorted(p for split in ("train", "val") for p in Path(out_dir).glob(f"*_{split}_*.npy"))
-
-
-def check_out_dir(out_dir, overwrite):
-    """Refuse to mix new shards with old ones unless --overwrite."""
-    old = existing_shards(out_dir)
-    if old and not overwrite:
-        raise DataError(
-            f"{out_dir} already holds {len(old)} shards ({old[0].name}, ...); pass --overwrite to "
-            f"replace them, or choose another --out_dir"
-        )
-
-
-def remove_old_shards(out_dir):
-    """--overwrite: called once the source has been checked, just before the new shards are written."""
-    for path in existing_shards(out_dir):
-        path.unlink()
-
-
-# -----------------------------------------------------------------------------
-# Sources
-
-
-def prepare_text(args):
-    paths = sorted({Path(p) for pattern in args.input for p in glob.glob(pattern, recursive=True)})
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
-        patterns = " ".join(repr(p) for p in args.input)
-        raise DataError(f"no files match --input {patterns}; check the paths, and quote globs so the shell keeps them")
-
-    def pieces():
-        for path in paths:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path} is not UTF-8 text ({e}); convert it (iconv -t UTF-8) or leave it out of --input"
-                ) from None
-            for i, piece in enumerate(split_paragraphs(text)):
-                yield piece, i == 0
-
-    token_arrays = tokenize_all(pieces(), args.num_proc, chunksize=1)
-    total_bytes = sum(p.stat().st_size for p in paths)
-    print(f"tokenizing {len(paths)} file{'' if len(paths) == 1 else 's'} ({total_bytes:,} bytes) "
-          f"with {args.num_proc} processes")
-    # The val split is the last val_fraction of all tokens, so all of them come first.
-    tokens = np.concatenate(list(tqdm(token_arrays, unit="pieces", desc="tokenize")))
-    n_train = int(len(tokens) * (1 - args.val_fraction))
-    remove_old_shards(args.out_dir)
-    written = pack_into_shards([tokens[:n_train]], args.out_dir, args.name, args.shard_size, lambda i: "train")
-    written += pack_into_shards([tokens[n_train:]], args.out_dir, args.name, args.shard_size, lambda i: "val")
-    return written
-
-
-def prepare_fineweb_edu(args):
-    try:
-        import datasets  # optional: only this source needs it
-    except ImportError:
-        raise DataError("--source fineweb-edu needs the Hugging Face datasets package: pip install datasets") from None
-    fineweb = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train",
-                                    streaming=True)
-    pieces = ((doc["text"], True) for doc in fineweb)
-    token_arrays = tokenize_all(pieces, args.num_proc, chunksize=16)
-    remove_old_shards(args.out_dir)
-    try:
-        return pack_into_shards(token_arrays, args.out_dir, "edufineweb", args.shard_size,
-                                lambda i: "val" if i == 0 else "train", max_shards=args.max_shards)
-    finally:
-        token_arrays.close()  # --max_shards may stop early: shut the worker pool down now
-
-
-def prepare_tinyshakespeare(args):
-    # 1 MB of text, one document, one shard per split: one process tokenizes it in a second.
-    remove_old_shards(args.out_dir)
-    ensure_tinyshakespeare(args.out_dir, val_fraction=args.val_fraction)
-    return [(p, split, len(np.load(p, mmap_mode="r"))) for split in ("train", "val")
-            for p in sorted(Path(args.out_dir).glob(f"tinyshakespeare_{split}_*.npy"))]
-
-
+FILE_SOURCES = ("text", "jsonl", "parquet")
+DEFAULT_VAL_SPLIT = {"tinyshakespeare": "last_fraction", "text": "last_fraction", "jsonl": "first_shard",
+                     "parquet": "first_shard", "fineweb-edu": "first_shard"}
 DEFAULT_OUT_DIRS = {"tinyshakespeare": "data/tinyshakespeare", "fineweb-edu": "data/edu_fineweb10B"}
+NAMES = {"tinyshakespeare": "tinyshakespeare", "fineweb-edu": "edufineweb"}  # file sources take --name
+
+
+def open_source(args):
+    """The source, checked (inputs found, optional package there) before the folder is touched."""
+    if args.source == "text":
+        return data_sources.TextFiles(args.input)
+    if args.source == "jsonl":
+        return data_sources.JsonLines(args.input, args.text_field)
+    if args.source == "parquet":
+        return data_sources.ParquetFiles(args.input, args.text_field)
+    if args.source == "fineweb-edu":
+        return data_sources.FineWebEdu()
+    return None  # tiny Shakespeare: dataloader.ensure_tinyshakespeare reads it
+
+
+def command_of(args, source):
+    """What must be the same for a run to continue the folder's shards (not --num_proc, --max_shards)."""
+    command = {"source": args.source, "name": args.name, "val_split": args.val_split}
+    if args.source != "tinyshakespeare":  # its two shards are one per split, whatever the shard size
+        command["shard_size"] = args.shard_size
+    if args.val_split == "last_fraction":
+        command["val_fraction"] = args.val_fraction
+    if source is not None:
+        command.update(source.identity())
+    return command
+
+
+def plural(n, word):
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def summary(shards):
+    """Lines per split: shard count and tokens, from [{"file", "tokens"}]."""
+    lines = []
+    for split in ("train", "val"):
+        sizes = [s["tokens"] for s in shards if s["file"].rsplit("_", 2)[-2] == split]
+        lines.append(f"  {split:5s} {plural(len(sizes), 'shard')}, {sum(sizes):,} tokens")
+    return lines
+
+
+def say_what_happens(args, source, folder):
+    items = "pieces" if args.source == "text" else "documents"
+    if folder.chunks:
+        done, _ = folder.position()
+        tokens = sum(chunk["tokens"] for chunk in folder.chunks)
+        print(f"resuming {args.out_dir}: {plural(len(folder.chunks), 'shard')} finished ({tokens:,} tokens); "
+              f"skipping the {done:,} {items} in them without tokenizing")
+    inputs = plural(len(source.paths), "file") if args.source in FILE_SOURCES else args.source
+    layout = ("the first shard is val" if args.val_split == "first_shard"
+              else f"the last {args.val_fraction:g} of the tokens is val")
+    print(f"tokenizing {inputs} with {args.num_proc} process{'' if args.num_proc == 1 else 'es'} into shards of "
+          f"{args.shard_size:,} tokens in {args.out_dir}; {layout} (--val_split {args.val_split})")
+
+
+def prepare(args, source, folder):
+    if folder.finished:
+        print(f"{args.out_dir} is already finished ({plural(len(folder.shards), 'shard')}); nothing to do "
+              f"(--overwrite starts over)")
+        return
+    if args.source == "tinyshakespeare":
+        # 1 MB of text, one document, one shard per split: one process tokenizes it in a second,
+        # and an interrupted run simply makes them again.
+        ensure_tinyshakespeare(args.out_dir, val_fraction=args.val_fraction)
+        folder.finish_with([p for split in ("train", "val")
+                            for p in sorted(Path(args.out_dir).glob(f"tinyshakespeare_{split}_*.npy"))])
+    if not folder.stream_done:
+        if args.max_shards is not None and len(folder.chunks) >= args.max_shards:
+            print(f"{args.out_dir} already holds {plural(len(folder.chunks), 'shard')}, as --max_shards "
+                  f"{args.max_shards} asks; pass a larger --max_shards to continue")
+            return
+        say_what_happens(args, source, folder)
+        write_stream(folder, source, args.num_proc, args.max_shards)
+    if not folder.stream_done:
+        print(f"stopped after {plural(len(folder.chunks), 'shard')} (--max_shards); in {args.out_dir}:")
+        print("\n".join(summary(folder.chunks)))
+        return
+    if not folder.finished:
+        finish_last_fraction(folder)
+    print(f"wrote {plural(len(folder.shards), 'shard')} to {args.out_dir}:")
+    print("\n".join(summary(folder.shards)))
+    if args.val_split == "first_shard" and len(folder.shards) == 1:
+        print("only one shard: it is the val split and there is no train split; use a smaller --shard_size, "
+              "or --val_split last_fraction")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, choices=["tinyshakespeare", "text", "fineweb-edu"],
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--source", required=True, choices=list(DEFAULT_VAL_SPLIT),
                         help="corpus to tokenize (required)")
     parser.add_argument("--input", nargs="+", default=[], metavar="GLOB",
-                        help="--source text: files or quoted globs ('books/**/*.txt'); each file is one "
-                             "document, and files above ~1M characters are cut at blank lines ('\\n\\n') "
-                             "so the workers can share them. All tokens are held in memory (2 bytes each) "
-                             "to cut off the val split (default: none)")
-    parser.add_argument("--name", help="--source text: dataset name, the shards' prefix (<name>_train_000000.npy); required")
+                        help="text, jsonl, parquet: files or quoted globs ('books/**/*.txt'). text: each file is "
+                             "one document, read in ~256K-character pieces cut at blank lines ('\\n\\n'); jsonl: one "
+                             "JSON object per line, .gz files unzipped on the fly; parquet: one row per document "
+                             "(default: none)")
+    parser.add_argument("--name", help="text, jsonl, parquet: dataset name, the shards' prefix "
+                                       "(<name>_train_000001.npy); required")
+    parser.add_argument("--text_field", help="jsonl: the key, parquet: the column that holds each document's "
+                                             "text (default: text)")
     parser.add_argument("--out_dir", help="directory for the shards (default: data/tinyshakespeare, data/<name>, "
                                           "or data/edu_fineweb10B by source)")
-    parser.add_argument("--val_fraction", type=float, default=0.1,
-                        help="tinyshakespeare and text: the last fraction of tokens goes to val (default: 0.1); "
-                             "fineweb-edu: unused, its first shard is val")
-    parser.add_argument("--shard_size", type=int, default=100_000_000,
-                        help="text and fineweb-edu: tokens per shard (default: 100000000, 200 MB as uint16)")
-    parser.add_argument("--max_shards", type=int, default=None,
-                        help="fineweb-edu: stop after this many shards, val included (default: all, ~100)")
-    parser.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 1) // 2),
-                        help="text and fineweb-edu: tokenizer processes (default: half the CPU cores, "
-                             "here %(default)s)")
+    parser.add_argument("--val_split", choices=["first_shard", "last_fraction"],
+                        help="first_shard: shard 0 is val, the rest train (build-nanogpt's FineWeb-Edu layout); "
+                             "last_fraction: the last --val_fraction of all tokens is val (default: last_fraction "
+                             "for text and tinyshakespeare, first_shard for jsonl, parquet and fineweb-edu)")
+    parser.add_argument("--val_fraction", type=float,
+                        help="--val_split last_fraction: the fraction of tokens, at the end, that goes to val "
+                             "(default: 0.1)")
+    parser.add_argument("--shard_size", type=cli.positive_int, default=100_000_000,
+                        help="tokens per shard (default: 100000000, 200 MB as uint16; tinyshakespeare: one shard "
+                             "per split)")
+    parser.add_argument("--max_shards", type=cli.positive_int, default=None,
+                        help="--val_split first_shard: stop after this many shards, val included; a larger value "
+                             "later continues (default: all; ~100 for fineweb-edu)")
+    parser.add_argument("--num_proc", type=cli.positive_int, default=max(1, (os.cpu_count() or 1) // 2),
+                        help="tokenizer processes (default: half the CPU cores, here %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete the shards already in --out_dir first (default: refuse to touch them)")
+                        help="delete the shards already in --out_dir and start over (default: refuse another "
+                             "command's shards, continue this command's)")
     args = parser.parse_args(argv)
-    if args.source == "text" and not (args.input and args.name):
-        parser.error("--source text needs --input GLOB [GLOB ...] and --name NAME")
-    if args.source != "text" and (args.input or args.name):
-        parser.error(f"--input and --name are for --source text, not --source {args.source}")
+    file_source = args.source in FILE_SOURCES
+    if file_source and not (args.input and args.name):
+        parser.error(f"--source {args.source} needs --input GLOB [GLOB ...] and --name NAME")
+    if not file_source and (args.input or args.name):
+        parser.error(f"--input and --name are for --source text, jsonl or parquet, not --source {args.source}")
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name):
         parser.error(f"--name {args.name!r} must be a plain file name prefix, e.g. mybooks")
+    if args.text_field is not None and args.source not in ("jsonl", "parquet"):
+        parser.error(f"--text_field is for --source jsonl or parquet, not --source {args.source}")
+    args.text_field = args.text_field or "text"
+    args.name = args.name or NAMES[args.source]
+    args.val_split = args.val_split or DEFAULT_VAL_SPLIT[args.source]
+    fixed = {"tinyshakespeare": "last_fraction", "fineweb-edu": "first_shard"}.get(args.source)
+    if fixed and args.val_split != fixed:
+        parser.error(f"--source {args.source} has one layout, --val_split {fixed}")
+    if args.val_split == "first_shard" and args.val_fraction is not None:
+        parser.error("--val_fraction is for --val_split last_fraction; with first_shard the first shard is val")
+    if args.val_split == "last_fraction" and args.max_shards is not None:
+        parser.error("--max_shards is for --val_split first_shard: last_fraction needs every token to cut off val")
+    if args.val_fraction is None:
+        args.val_fraction = 0.1
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    if args.shard_size < 1 or args.num_proc < 1 or (args.max_shards is not None and args.max_shards < 1):
-        parser.error("--shard_size, --num_proc and --max_shards must be positive")
     if args.out_dir is None:
-        args.out_dir = f"data/{args.name}" if args.source == "text" else DEFAULT_OUT_DIRS[args.source]
+        args.out_dir = f"data/{args.name}" if file_source else DEFAULT_OUT_DIRS[args.source]
     return args
 
 
-def main(argv=None):
+def run(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
-    prepare = {"tinyshakespeare": prepare_tinyshakespeare, "text": prepare_text,
-               "fineweb-edu": prepare_fineweb_edu}[args.source]
+    source = open_source(args)
+    load_tokenizer()  # a missing BPE file or an old tiktoken is reported before the folder is touched
+    command_line = shlex.join(["python", "scripts/prepare_data.py", *argv])
     try:
-        check_out_dir(args.out_dir, args.overwrite)
-        written = prepare(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {len(written)} shards to {args.out_dir}:")
-    for split in ("train", "val"):
-        sizes = [n for _, s, n in written if s == split]
-        print(f"  {split:5s} {len(sizes)} shard{'' if len(sizes) == 1 else 's'}, {sum(sizes):,} tokens")
+        with ShardFolder.open(args.out_dir, command_of(args, source), command_line, args.overwrite) as folder:
+            prepare(args, source, folder)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the shards finished so far are recorded in {Path(args.out_dir) / MANIFEST}; "
+              f"run the same command again to continue", file=sys.stderr)
+        return 130
     return 0
+
+
+def main(argv=None):
+    return cli.main(run, argv)
 
 
 if __name__ == "__main__":

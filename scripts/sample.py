@@ -4,29 +4,30 @@
     python scripts/sample.py --checkpoint log/model_00300.pt --prompt "ROMEO:" --num_samples 3
     python scripts/sample.py --checkpoint log/best_model.pt --temperature 0.8 --top_k 200 --seed 7
 
-Works with training checkpoints (model_*.pt, best_model.pt) and exports (`python checkpoint.py
-export`). Sampling is seeded: the same --seed gives the same samples on the same device.
+Works with training checkpoints (model_*.pt, best_model.pt), exports (`python checkpoint.py export`)
+and the files of nanoGPT, build-nanogpt and llm.c. Sampling is seeded: the same --seed gives the same
+samples on the same device.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import device as device_mod  # noqa: E402  (first, as in train_gpt2.py)
-import checkpoint  # noqa: E402
-import dataloader  # noqa: E402
+import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
-from hellaswag import positive_int  # noqa: E402
-from train_gpt2 import sample_texts  # noqa: E402
+
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
+import dataloader  # noqa: E402
+import device as device_mod  # noqa: E402
+from model import sample_texts  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample text from a checkpoint of train_gpt2.py.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model_*.pt, best_model.pt, or an export (.pt / .safetensors)")
-    p.add_argument("--prompt", default="\n", help="text the samples continue (empty: start of a document)")
-    p.add_argument("--num_samples", type=positive_int, default=3, help="samples to draw")
-    p.add_argument("--max_new_tokens", type=positive_int, default=100, help="tokens per sample")
+    p = cli.ArgumentParser(description="Sample text from a checkpoint of train_gpt2.py.")
+    p.add_argument("--checkpoint", required=True, help=checkpoint.ANY_FILE)
+    p.add_argument("--prompt", default="\n", help="text the samples continue (default: a newline, the start of a document)")
+    p.add_argument("--num_samples", type=cli.positive_int, default=3, help="samples to draw")
+    p.add_argument("--max_new_tokens", type=cli.positive_int, default=100, help="tokens per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this: < 1 is more conservative")
     p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens; 0: all of them")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
@@ -39,16 +40,12 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def run(argv=None):
     args = parse_args(argv)
-    try:
-        device_type = device_mod.select_device(args.device)
-        dtype = device_mod.resolve_dtype(device_type, args.dtype)
-        model, model_config = checkpoint.load_model(args.checkpoint, device_type)
-        enc = dataloader.get_tokenizer()
-    except (checkpoint.CheckpointError, device_mod.DeviceError, dataloader.DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    device_type = device_mod.select_device(args.device)
+    dtype = device_mod.resolve_dtype(device_type, args.dtype)
+    model, _ = checkpoint.load_model(args.checkpoint, device_type)
+    enc = dataloader.get_tokenizer()
     print(f"sampling {args.checkpoint} on {device_type} ({dtype}), seed {args.seed}", file=sys.stderr)
     texts = sample_texts(model, enc, args.prompt, args.num_samples, args.max_new_tokens, torch.device(device_type),
                          dtype, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
@@ -57,5 +54,9 @@ def main(argv=None):
         print(args.prompt + text)
 
 
+def main(argv=None):
+    return cli.main(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,6 +48,20 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def random_data(tmp_path_factory):
+    """Train/val shards of random token ids (20,000 + 2,000): for runs where only the mechanics matter."""
+    import numpy as np
+
+    import dataloader
+
+    root = tmp_path_factory.mktemp("random_data")
+    rng = np.random.default_rng(0)
+    dataloader.write_shard(dataloader.shard_path(root, "tiny", "train", 0), rng.integers(0, 50257, 20_000))
+    dataloader.write_shard(dataloader.shard_path(root, "tiny", "val", 0), rng.integers(0, 50257, 2_000))
+    return root
+
+
 # A 2-layer, 128-wide GPT on 32-token sequences: a step takes tens of milliseconds on a CPU.
 TINY_RUN = ["--model", "d2", "--seq_len", "32", "--micro_batch_size", "4", "--device", "cpu",
             "--eval_steps", "2", "--max_new_tokens", "8", "--num_samples", "1"]
@@ -63,6 +77,35 @@ def run_train(args, cwd, timeout=300, env_extra=None, torchrun_procs=None):
         prefix += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_procs}"]
     return subprocess.run(prefix + [str(REPO_ROOT / "train_gpt2.py")] + [str(a) for a in args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(main, argv):
+    """A command line's exit status as the shell sees it: main(argv)'s return value, or its sys.exit code."""
+    try:
+        return main([str(a) for a in argv]) or 0
+    except SystemExit as exc:
+        return exc.code
+
+
+def load_script(name):
+    """scripts/<name> as a module, for tests that call its functions in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(name).stem, REPO_ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_ranks(script, *args, nproc=2, timeout=180):
+    """Run tests/ranks/<script> under torchrun with nproc gloo ranks; returns CompletedProcess."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(REPO_ROOT / "tests" / "ranks" / script)] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def read_metrics(log_dir):

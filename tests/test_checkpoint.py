@@ -13,9 +13,19 @@ import pytest
 import torch
 
 import checkpoint
-from checkpoint import CheckpointError, CheckpointManager, load_checkpoint, read_latest, step_path
+import checkpoint_manager
+import files
+from checkpoint import CheckpointError, load_checkpoint, read_latest, step_path
+from checkpoint_manager import CheckpointManager
+from conftest import load_script, run_main
 from dataloader import ShardedDataLoader, shard_path, write_shard
-from train_gpt2 import GPT, GPTConfig
+from model import GPT, GPTConfig
+
+tool = load_script("checkpoint_tool.py")
+
+
+def run_tool(*argv):
+    return run_main(tool.main, argv)
 
 CONFIG = dict(block_size=32, vocab_size=96, n_layer=2, n_head=2, n_embd=32)
 B, T = 2, 16
@@ -41,9 +51,16 @@ class Run:
         self.model = GPT(GPTConfig(**config))
         self.optimizer = self.model.configure_optimizer(0.1, 1e-3, "cpu")
         self.loader = ShardedDataLoader(data, "train", B, T)
+        self.state = checkpoint.TrainState()
         manager_kwargs.setdefault("interval", 1)
-        self.ckpt = CheckpointManager(log_dir, self.model, self.optimizer, self.loader, config, {"max_steps": 100},
-                                      scaler=scaler, **manager_kwargs)
+        parts = {"model": self.model, "optimizer": self.optimizer, "scaler": scaler, "dataloader": self.loader,
+                 "rng": checkpoint.RandomState(), "train_state": self.state}
+        meta = {"model_config": vars(GPTConfig(**config)), "run_config": {"max_steps": 100}}
+        self.ckpt = CheckpointManager(log_dir, parts, meta=meta, **manager_kwargs)
+
+    def save(self, step, train_loss=1.0, val_loss=None, force=False):
+        improved = self.state.record(step, train_loss, val_loss)
+        return self.ckpt.maybe_save(step, best=improved, force=force)
 
     def step(self):
         x, y = self.loader.next_batch()
@@ -58,7 +75,7 @@ class Run:
         for step in range(start, stop):
             losses[step] = self.step()
             val = val_losses[step] if val_losses else None
-            self.ckpt.maybe_save(step, train_loss=losses[step], val_loss=val, force=step == stop - 1)
+            self.save(step, losses[step], val, force=step == stop - 1)
         self.ckpt.close()
         return losses
 
@@ -76,8 +93,8 @@ def test_atomic_write_keeps_the_old_file_when_the_write_raises(tmp_path):
         f.write(b"half a checkpoint")
         raise RuntimeError("killed mid-write")
 
-    with pytest.raises(CheckpointError, match="Older checkpoints are untouched"):
-        checkpoint.atomic_write(path, torn_write)
+    with pytest.raises(files.WriteError, match="the file there before, if any, is untouched"):
+        files.atomic_write(path, torn_write)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model_00001.pt"]  # no temp file left behind
 
@@ -128,7 +145,7 @@ def test_best_model_is_written_only_when_validation_loss_improves(data, log_dir)
     best = log_dir / checkpoint.BEST_NAME
     for step, val in enumerate([5.0, 4.0, 4.5, 3.0, float("nan")]):
         run.step()
-        run.ckpt.maybe_save(step, train_loss=1.0, val_loss=val)
+        run.save(step, val_loss=val)
         saved = load_checkpoint(best)
         assert (saved["step"], saved["val_loss"]) == [(0, 5.0), (1, 4.0), (1, 4.0), (3, 3.0), (3, 3.0)][step]
     assert saved["optimizer"] is None and names(log_dir) == []
@@ -197,7 +214,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(data, log_dir, t
     with pytest.raises(CheckpointError, match="refused"):
         Run(data, log_dir).ckpt.resume(path=evil)
     assert Run(data, log_dir).ckpt.resume(auto=True) == 0  # skipped, reported, fresh start
-    assert checkpoint.main(["verify", str(evil)]) == 1
+    assert run_tool("verify", str(evil)) == 1
     assert not marker.exists()
 
 
@@ -223,7 +240,7 @@ def test_disk_full_keeps_older_checkpoints_and_says_so(data, log_dir, monkeypatc
     monkeypatch.setattr(torch, "save", full_disk)
     run.step()
     with pytest.raises(CheckpointError, match="disk is full.*Older checkpoints are untouched"):
-        run.ckpt.maybe_save(3, train_loss=1.0)
+        run.save(3)
     monkeypatch.undo()
     assert calls == [1]  # no pointless retries against a full disk
     assert {p.name: p.read_bytes() for p in log_dir.glob("model_*.pt")} == before
@@ -233,7 +250,7 @@ def test_disk_full_keeps_older_checkpoints_and_says_so(data, log_dir, monkeypatc
 
 
 def test_a_transient_write_error_is_retried(data, log_dir, monkeypatch, capsys):
-    monkeypatch.setattr(checkpoint, "SAVE_RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(files, "RETRY_WAIT_S", 0.0)
     real_save, calls = torch.save, []
 
     def flaky(obj, f):
@@ -245,7 +262,7 @@ def test_a_transient_write_error_is_retried(data, log_dir, monkeypatch, capsys):
     monkeypatch.setattr(torch, "save", flaky)
     run = Run(data, log_dir)
     run.step()
-    run.ckpt.maybe_save(1, train_loss=1.0)
+    run.save(1)
     assert "retrying" in capsys.readouterr().out and len(calls) == 2
     checkpoint.verify_file(step_path(log_dir, 1))
 
@@ -255,8 +272,8 @@ def test_a_save_with_nan_weights_is_refused(data, log_dir):
     run.train(0, 2)
     with torch.no_grad():
         run.model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
-    with pytest.raises(checkpoint.NonFiniteWeights, match="after step 2.*last good checkpoint is .*model_00001.pt"):
-        run.ckpt.maybe_save(2, train_loss=1.0)
+    with pytest.raises(CheckpointError, match="NaN or inf after step 2.*last good checkpoint is .*model_00001.pt"):
+        run.save(2)
     assert names(log_dir) == ["model_00001.pt"]
 
 
@@ -271,7 +288,7 @@ def test_async_save_writes_the_state_at_save_time_not_later(data, log_dir, monke
         release.wait(10)
         real_save_file(obj, path)
 
-    monkeypatch.setattr(checkpoint, "save_file", slow_save_file)
+    monkeypatch.setattr(checkpoint_manager, "save_file", slow_save_file)
     run.ckpt.save(2)
     with torch.no_grad():  # training goes on while the writer thread waits
         for p in run.model.parameters():
@@ -291,7 +308,7 @@ def test_async_and_sync_checkpoints_hold_the_same_bytes_of_tensors(data, log_dir
     sync, background = Run(data, log_dir / "sync"), Run(data, log_dir / "async", async_save=True)
     sync.train(0, 3), background.train(0, 3)
     a, b = load_checkpoint(step_path(log_dir / "sync", 2)), load_checkpoint(step_path(log_dir / "async", 2))
-    assert checkpoint._tensor_stats(a) == checkpoint._tensor_stats(b)
+    assert tool.tensor_stats(a) == tool.tensor_stats(b)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert background.ckpt.last_save_stall_s is not None
 
@@ -332,40 +349,40 @@ def test_stale_temp_files_of_killed_writers_are_removed(data, log_dir):
 
 def test_list_shows_every_checkpoint_and_latest(data, log_dir, capsys):
     Run(data, log_dir, save_optimizer="latest").train(0, 3, val_losses=[3.0, 2.5, 2.75])
-    assert checkpoint.main(["list", str(log_dir)]) == 0
+    assert run_tool("list", str(log_dir)) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.endswith(("yes", "no", "latest"))}
     assert rows["model_00001.pt"].split()[1:3] == ["1", "2.5000"] and rows["model_00001.pt"].endswith("no")
     assert rows["model_00002.pt"].split()[1:3] == ["2", "2.7500"] and "yes  <- latest" in rows["model_00002.pt"]
     assert rows["best_model.pt"].split()[1:3] == ["1", "2.5000"]
     assert "latest -> model_00002.pt" in out
-    assert checkpoint.main(["list", str(log_dir / "nope")]) == 2
+    assert run_tool("list", str(log_dir / "nope")) == 2
 
 
 def test_inspect_prints_what_a_checkpoint_holds(data, log_dir, capsys):
     Run(data, log_dir).train(0, 3, val_losses=[3.0, 2.5, 2.75])
-    assert checkpoint.main(["inspect", str(step_path(log_dir, 2))]) == 0
+    assert run_tool("inspect", str(step_path(log_dir, 2))) == 0
     out = capsys.readouterr().out
-    for expected in ("format version  1", f"torch version   {torch.__version__}", "step            2",
+    for expected in ("format version  2", f"torch version   {torch.__version__}", "step            2",
                      '"n_layer": 2', '"max_steps": 100', "val loss        2.75", "best val loss   2.5",
                      '"position": 96', "3 train losses, 3 val losses", "optimizer       "):
         assert expected in out
     step_path(log_dir, 1).write_bytes(b"garbage")
-    assert checkpoint.main(["inspect", str(step_path(log_dir, 1))]) == 1
+    assert run_tool("inspect", str(step_path(log_dir, 1))) == 1
 
 
 def test_verify_passes_good_files_and_fails_on_any_corrupt_one(data, log_dir, capsys):
     Run(data, log_dir).train(0, 4, val_losses=[3.0, 2.5, 2.75, 2.0])
-    assert checkpoint.main(["verify", str(log_dir)]) == 0
+    assert run_tool("verify", str(log_dir)) == 0
     assert capsys.readouterr().out.count("ok   ") == 4  # model_00001..3 and best_model.pt
     flipped = bytearray(step_path(log_dir, 2).read_bytes())
     flipped[len(flipped) // 2] ^= 0x01
     step_path(log_dir, 2).write_bytes(bytes(flipped))
-    assert checkpoint.main(["verify", str(step_path(log_dir, 2))]) == 1
-    assert checkpoint.main(["verify", str(log_dir)]) == 1
+    assert run_tool("verify", str(step_path(log_dir, 2))) == 1
+    assert run_tool("verify", str(log_dir)) == 1
     out = capsys.readouterr().out
     assert "BAD  " + str(step_path(log_dir, 2)) in out and "ok   " + str(step_path(log_dir, 3)) in out
-    assert checkpoint.main(["verify", str(log_dir / "missing.pt")]) == 2
+    assert run_tool("verify", str(log_dir / "missing.pt")) == 2
 
 
 def test_verify_checks_shapes_against_the_stored_config(data, log_dir):
@@ -377,16 +394,17 @@ def test_verify_checks_shapes_against_the_stored_config(data, log_dir):
         checkpoint.verify_file(log_dir / "model_00009.pt")
 
 
-def test_the_command_line_exit_codes(data, log_dir, tmp_path):
+def test_the_command_line_exit_codes(data, log_dir, tmp_path, capsys):
     Run(data, log_dir).train(0, 2)
-    tool = [sys.executable, checkpoint.__file__]
-    assert subprocess.run(tool + ["verify", str(log_dir)], capture_output=True).returncode == 0
+    command = [sys.executable, checkpoint.__file__]  # the documented entry point, forwarded to the tool
+    assert subprocess.run(command + ["verify", str(log_dir)], capture_output=True).returncode == 0
     step_path(log_dir, 1).write_bytes(step_path(log_dir, 1).read_bytes()[:5000])
-    result = subprocess.run(tool + ["verify", str(log_dir)], capture_output=True, text=True)
+    result = subprocess.run(command + ["verify", str(log_dir)], capture_output=True, text=True)
     assert result.returncode == 1 and "BAD" in result.stdout
-    with pytest.raises(SystemExit) as usage:
-        checkpoint.main(["frobnicate"])
-    assert usage.value.code == 2
+    for args in (["inspect", tmp_path / "nope.pt"], ["export", tmp_path / "nope.pt", "--out", tmp_path / "w.pt"]):
+        assert run_tool(*args) == 2  # a missing path is a usage error
+    assert "does not exist" in capsys.readouterr().err
+    assert run_tool("frobnicate") == 2
 
 
 def logits_of(model):
@@ -401,7 +419,7 @@ def test_export_round_trips_the_logits(data, log_dir, tmp_path, capsys):
     run.model.eval()
     expected = logits_of(run.model)
     for name, dtype in (("w.pt", "fp32"), ("w16.pt", "bf16")):
-        assert checkpoint.main(["export", str(step_path(log_dir, 2)), "--out", str(tmp_path / name), "--dtype", dtype]) == 0
+        assert run_tool("export", str(step_path(log_dir, 2)), "--out", str(tmp_path / name), "--dtype", dtype) == 0
     exported = load_checkpoint(tmp_path / "w.pt")
     assert set(exported) >= {"model", "model_config"} and "optimizer" not in exported
     assert exported["model"]["lm_head.weight"].untyped_storage().data_ptr() == \
@@ -409,13 +427,13 @@ def test_export_round_trips_the_logits(data, log_dir, tmp_path, capsys):
     assert (tmp_path / "w16.pt").stat().st_size < 0.6 * (tmp_path / "w.pt").stat().st_size
     for path in (step_path(log_dir, 2), tmp_path / "w.pt"):
         model, config = checkpoint.load_model(path)
-        assert config == CONFIG and not model.training and torch.equal(logits_of(model), expected)
+        assert config == vars(GPTConfig(**CONFIG)) and not model.training and torch.equal(logits_of(model), expected)
     model, _ = checkpoint.load_model(tmp_path / "w16.pt")
     assert torch.allclose(logits_of(model), expected, atol=0.05)
-    assert checkpoint.main(["verify", str(tmp_path / "w16.pt")]) == 0
+    assert run_tool("verify", str(tmp_path / "w16.pt")) == 0
     with pytest.raises(CheckpointError, match="is an export"):
         Run(data, log_dir).ckpt.resume(path=tmp_path / "w.pt")
-    assert checkpoint.main(["export", str(step_path(log_dir, 2)), "--out", str(tmp_path / "w.bin")]) == 2
+    assert run_tool("export", str(step_path(log_dir, 2)), "--out", str(tmp_path / "w.txt")) == 2
 
 
 def test_export_to_safetensors_drops_the_tied_copy_and_round_trips(data, log_dir, tmp_path):
@@ -426,20 +444,20 @@ def test_export_to_safetensors_drops_the_tied_copy_and_round_trips(data, log_dir
     run.train(0, 2)
     run.model.eval()
     out = tmp_path / "w.safetensors"
-    assert checkpoint.main(["export", str(step_path(log_dir, 1)), "--out", str(out)]) == 0
+    assert run_tool("export", str(step_path(log_dir, 1)), "--out", str(out)) == 0
     with safe_open(str(out), framework="pt") as f:
         assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
         assert '"lm_head.weight": "transformer.wte.weight"' in f.metadata()["tied"]
     model, config = checkpoint.load_model(out)
-    assert config == CONFIG and torch.equal(logits_of(model), logits_of(run.model))
-    assert checkpoint.main(["verify", str(out)]) == 0
+    assert config == vars(GPTConfig(**CONFIG)) and torch.equal(logits_of(model), logits_of(run.model))
+    assert run_tool("verify", str(out)) == 0
 
 
 def test_export_to_safetensors_without_the_package_says_how_to_install_it(data, log_dir, tmp_path, monkeypatch, capsys):
     Run(data, log_dir).train(0, 2)
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    assert checkpoint.main(["export", str(step_path(log_dir, 1)), "--out", str(tmp_path / "w.safetensors")]) == 2
+    assert run_tool("export", str(step_path(log_dir, 1)), "--out", str(tmp_path / "w.safetensors")) == 2
     assert "pip install safetensors" in capsys.readouterr().err
 
 
@@ -458,3 +476,19 @@ def test_rng_state_of_a_cuda_or_mps_run_restores_on_a_cpu_machine(tmp_path):
     expected_skips = [name for name, here in (("cuda", torch.cuda.is_available()),
                                               ("mps", torch.backends.mps.is_available())) if not here]
     assert skipped == expected_skips
+
+
+def test_a_checkpoint_of_the_previous_format_resumes_exactly(data, log_dir, tmp_path):
+    """Format 1 (before model.py): run_args instead of run_config, and a model_config without
+    real_vocab_size and gelu, whose defaults are what that code computed."""
+    expected = Run(data, log_dir, interval=3).train(0, 6)
+    ckpt = dict(load_checkpoint(step_path(log_dir, 3)))
+    ckpt["format_version"], ckpt["run_args"] = 1, ckpt.pop("run_config")
+    ckpt["model_config"] = {k: v for k, v in ckpt["model_config"].items() if k not in ("real_vocab_size", "gelu")}
+    old = tmp_path / "old" / "model_00003.pt"
+    old.parent.mkdir()
+    torch.save(ckpt, old)
+    resumed = Run(data, tmp_path / "new", seed=123)
+    assert resumed.ckpt.resume(path=old) == 4
+    assert [resumed.step() for _ in range(2)] == [expected[4], expected[5]]
+    assert run_tool("verify", old) == 0

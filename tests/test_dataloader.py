@@ -61,7 +61,7 @@ def test_two_ranks_read_disjoint_windows_that_one_rank_reads_in_two_calls(tmp_pa
         (xa, ya), (xb, yb) = single.next_batch(), single.next_batch()
         assert torch.equal(x0, xa) and torch.equal(y0, ya)
         assert torch.equal(x1, xb) and torch.equal(y1, yb)
-    assert rank0.get_state() == rank1.get_state() == single.get_state()
+    assert rank0.state_dict() == rank1.state_dict() == single.state_dict()
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
@@ -70,14 +70,14 @@ def test_moves_to_next_shard_then_wraps_to_first_with_epoch(tmp_path, prefetch):
     loader = ShardedDataLoader(tmp_path, "train", B, T, prefetch=prefetch)
     starts = []
     for _ in range(11):
-        state = loader.get_state()
+        state = loader.state_dict()
         x, _ = loader.next_batch()
         shard = (shard0, shard1)[state["shard_index"]]
         assert x.flatten().tolist() == shard[state["position"] : state["position"] + B * T].tolist()
         starts.append((state["epoch"], state["shard_index"], state["position"]))
     # shard 0 (50 tokens) fits 6 windows of 8+1, shard 1 (35 tokens) fits 4; then epoch 1
     assert starts == [(0, 0, p) for p in range(0, 48, 8)] + [(0, 1, p) for p in range(0, 32, 8)] + [(1, 0, 0)]
-    assert loader.get_state()["epoch"] == 1
+    assert loader.state_dict()["epoch"] == 1
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
@@ -85,17 +85,17 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path, prefetch)
     make_shards(tmp_path / "data", [50, 35, 40])
     loader = ShardedDataLoader(tmp_path / "data", "train", B, T, prefetch=prefetch)
     batches(loader, 5)
-    torch.save({"loader": loader.get_state()}, tmp_path / "ckpt.pt")
+    torch.save({"loader": loader.state_dict()}, tmp_path / "ckpt.pt")
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
     assert set(state) >= {"shard_index", "position", "epoch", "shards"}
 
     resumed = ShardedDataLoader(tmp_path / "data", "train", B, T, prefetch=prefetch)
-    resumed.load_state(state)
+    resumed.load_state_dict(state)
     # 6 + 4 + 4 windows per epoch: 20 more steps cross both shard boundaries and the wrap
     for (x, y), (rx, ry) in zip(batches(loader, 20), batches(resumed, 20)):
         assert torch.equal(x, rx) and torch.equal(y, ry)
-    assert resumed.get_state() == loader.get_state()
-    assert resumed.get_state()["epoch"] == 1
+    assert resumed.state_dict() == loader.state_dict()
+    assert resumed.state_dict()["epoch"] == 1
 
 
 def test_reset_goes_back_to_the_very_start(tmp_path):
@@ -104,7 +104,7 @@ def test_reset_goes_back_to_the_very_start(tmp_path):
     first = loader.next_batch()
     batches(loader, 12)
     loader.reset()
-    assert loader.get_state()["epoch"] == 0
+    assert loader.state_dict()["epoch"] == 0
     assert torch.equal(loader.next_batch()[0], first[0])
 
 
@@ -117,13 +117,13 @@ def test_resume_with_another_world_size_neither_repeats_nor_skips(tmp_path, worl
     for _ in range(3):
         for loader in ranks:  # rank order = stream order
             read += loader.next_batch()[0].flatten().tolist()
-    state = ranks[0].get_state()
-    assert state == ranks[1].get_state()  # the state is global: any rank's copy will do
+    state = ranks[0].state_dict()
+    assert state == ranks[1].state_dict()  # the state is global: any rank's copy will do
 
     ranks = [ShardedDataLoader(tmp_path, "train", B, T, rank=r, world_size=world_size_after, prefetch=prefetch)
              for r in range(world_size_after)]
     for loader in ranks:
-        loader.load_state(state)
+        loader.load_state_dict(state)
     for _ in range(4):
         for loader in ranks:
             read += loader.next_batch()[0].flatten().tolist()
@@ -136,8 +136,8 @@ def test_resumed_position_past_a_shorter_shard_end_moves_on(tmp_path):
     small = ShardedDataLoader(tmp_path, "train", B, T)
     batches(small, 5)  # position 40: room for 8+1 more, not for 16+1
     big = ShardedDataLoader(tmp_path, "train", B, T, world_size=2)
-    big.load_state(small.get_state())
-    assert big.get_state()["shard_index"] == 1 and big.get_state()["position"] == 0
+    big.load_state_dict(small.state_dict())
+    assert big.state_dict()["shard_index"] == 1 and big.state_dict()["position"] == 0
     assert big.next_batch()[0].flatten().tolist() == shard1[: B * T].tolist()
 
 
@@ -149,7 +149,7 @@ def assert_same_batches_and_states(loader, reference, steps):
     for step in range(steps):
         (x, y), (rx, ry) = loader.next_batch(), reference.next_batch()
         assert torch.equal(x, rx) and torch.equal(y, ry), f"step {step}"
-        assert loader.get_state() == reference.get_state(), f"step {step}"  # returned batches, not the read-ahead
+        assert loader.state_dict() == reference.state_dict(), f"step {step}"  # returned batches, not the read-ahead
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -158,7 +158,7 @@ def test_prefetch_gives_the_same_batches_and_state_across_shards_and_the_wrap(tm
     loader = ShardedDataLoader(tmp_path, "train", B, T, rank=rank, world_size=2, prefetch=True)
     reference = ShardedDataLoader(tmp_path, "train", B, T, rank=rank, world_size=2, prefetch=False)
     assert_same_batches_and_states(loader, reference, 16)  # past both boundaries and two wraps
-    assert loader.get_state()["epoch"] == 2
+    assert loader.state_dict()["epoch"] == 2
     loader.close()
 
 
@@ -174,9 +174,9 @@ def test_prefetch_reads_ahead_on_its_own_thread(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ShardedDataLoader, "_read", spy)
     loader = ShardedDataLoader(tmp_path, "train", B, T, prefetch=True)
-    start = loader.get_state()
+    start = loader.state_dict()
     batches(loader, 12)
-    loader.load_state(start)
+    loader.load_state_dict(start)
     loader.next_batch()
     loader.close()
     assert [position for in_caller, position in reads if in_caller] == [0, 0]
@@ -188,15 +188,15 @@ def test_prefetch_is_not_used_after_load_state_or_reset_moves_the_loader(tmp_pat
     shard0, _ = make_shards(tmp_path, [50, 50])
     loader = ShardedDataLoader(tmp_path, "train", B, T, prefetch=True)
     batches(loader, 2)
-    saved = loader.get_state()
+    saved = loader.state_dict()
     batches(loader, 6)  # 6 windows fit in shard 0: now at shard 1, position 16, that batch read ahead
     assert (saved["shard_index"], saved["position"]) == (0, 16)
-    assert (loader.get_state()["shard_index"], loader.get_state()["position"]) == (1, 16)
+    assert (loader.state_dict()["shard_index"], loader.state_dict()["position"]) == (1, 16)
 
-    loader.load_state(saved)
+    loader.load_state_dict(saved)
     assert loader.next_batch()[0].flatten().tolist() == shard0[16:24].tolist()
     reference = ShardedDataLoader(tmp_path, "train", B, T, prefetch=False)
-    reference.load_state(loader.get_state())
+    reference.load_state_dict(loader.state_dict())
     assert_same_batches_and_states(loader, reference, 14)  # into shard 1 and over the wrap
 
     loader.reset()
@@ -210,7 +210,7 @@ def test_state_saved_with_prefetch_resumes_a_fresh_loader_exactly(tmp_path):
     reference = ShardedDataLoader(tmp_path, "train", B, T, prefetch=False)
     assert_same_batches_and_states(loader, reference, 7)  # mid shard 1, with step 8 read ahead
     resumed = ShardedDataLoader(tmp_path, "train", B, T, prefetch=True)
-    resumed.load_state(loader.get_state())
+    resumed.load_state_dict(loader.state_dict())
     assert_same_batches_and_states(resumed, reference, 20)
     loader.close()
     resumed.close()
@@ -269,7 +269,7 @@ def test_a_dataset_named_like_a_split_does_not_leak_into_it(tmp_path):
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros(16, np.uint16))),
      [r"has 16 tokens but one step needs 17", r"lower --micro_batch_size or --seq_len"]),
     (lambda d: (d.mkdir(), (d / "x_train_000000.npy").write_bytes(b"")),
-     [r"x_train_000000\.npy is not a readable \.npy file", r"delete it"]),
+     [r"x_train_000000\.npy is not a readable \.npy file", r"copy it again, or re-create"]),
 ])
 def test_bad_data_gives_a_message_with_the_fix(tmp_path, make_bad, expected):
     data_dir = tmp_path / "data"
@@ -283,10 +283,10 @@ def test_bad_data_gives_a_message_with_the_fix(tmp_path, make_bad, expected):
 def test_checkpoint_from_other_data_names_the_data_root(tmp_path):
     make_shards(tmp_path / "fineweb", [50, 50])
     make_shards(tmp_path / "shakespeare", [50])
-    state = ShardedDataLoader(tmp_path / "fineweb", "train", B, T).get_state()
+    state = ShardedDataLoader(tmp_path / "fineweb", "train", B, T).state_dict()
     loader = ShardedDataLoader(tmp_path / "shakespeare", "train", B, T)
     with pytest.raises(DataError, match=rf"other data.*--data_root {tmp_path / 'fineweb'}"):
-        loader.load_state(state)
+        loader.load_state_dict(state)
 
 
 def test_write_shard_refuses_ids_beyond_uint16(tmp_path):

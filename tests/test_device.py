@@ -13,9 +13,12 @@ import torch
 import torch.nn as nn
 
 import device as device_mod
+import distributed
+import run_config
 import train_gpt2
-from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_train
-from train_gpt2 import parse_args, resolve_settings
+from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_ranks, run_train
+from run_config import resolve_flags
+from train_gpt2 import parse_args
 
 
 def set_available(monkeypatch, cuda, mps):
@@ -62,9 +65,9 @@ def test_more_processes_than_gpus_is_an_error(monkeypatch):
 def test_environment_is_set_before_torch_loads_unless_the_user_set_it():
     # torch 2.9 renamed the allocator variable; device.py sets the name this torch reads.
     alloc = "PYTORCH_ALLOC_CONF" if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
-    code = (f"import os, device; print(os.environ.get('{alloc}'), os.environ['PYTORCH_ENABLE_MPS_FALLBACK'], "
+    code = (f"import os, environment; print(os.environ.get('{alloc}'), os.environ['PYTORCH_ENABLE_MPS_FALLBACK'], "
             "os.environ['PYTORCH_MPS_HIGH_WATERMARK_RATIO'], os.environ['PYTORCH_MPS_LOW_WATERMARK_RATIO']); "
-            "print(device.ENVIRONMENT['cuda'][0])")
+            "print(environment.LINES['cuda'][0])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTORCH_")}
     fresh = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert fresh.returncode == 0, fresh.stderr
@@ -107,24 +110,24 @@ def test_device_report_runs_and_says_what_it_would_use():
 
 
 def test_flags_beat_the_preset_and_the_table_says_where_values_came_from():
-    preset_only = resolve_settings(parse_args(["--data_root", "x", "--preset", "cuda"]), "cpu")
+    preset_only = resolve_flags(parse_args(["--data_root", "x", "--preset", "cuda"]), "cpu")
     assert preset_only["micro_batch_size"] == ("auto", "preset:cuda")
     assert preset_only["compile"] == ("default", "preset:cuda")
     assert preset_only["pin_memory"] == (True, "preset:cuda")
-    flags = resolve_settings(parse_args(["--data_root", "x", "--preset", "cuda", "--micro_batch_size", "4",
+    flags = resolve_flags(parse_args(["--data_root", "x", "--preset", "cuda", "--micro_batch_size", "4",
                                          "--compile", "none", "--no-pin_memory", "--dtype", "fp32"]), "cpu")
     assert flags["micro_batch_size"] == (4, "flag") and flags["compile"] == ("none", "flag")
     assert flags["pin_memory"] == (False, "flag") and flags["dtype"] == ("fp32", "flag")
-    cpu = resolve_settings(parse_args(["--data_root", "x", "--num_threads", "1"]), "cpu")
+    cpu = resolve_flags(parse_args(["--data_root", "x", "--num_threads", "1"]), "cpu")
     assert cpu["num_threads"] == (1, "flag") and cpu["micro_batch_size"] == (8, "preset:cpu")
 
 
 @pytest.mark.parametrize("preset", sorted(device_mod.PRESETS))
 def test_no_preset_touches_the_learning_rate(preset):
     assert not {"max_lr", "min_lr", "warmup_steps", "weight_decay", "total_batch_size"} & set(device_mod.PRESETS[preset])
-    settings = resolve_settings(parse_args(["--data_root", "x", "--preset", preset]), "cpu")
+    settings = resolve_flags(parse_args(["--data_root", "x", "--preset", preset]), "cpu")
     assert settings["max_lr"] == (6e-4, "recipe")
-    assert resolve_settings(parse_args(["--data_root", "x", "--preset", preset, "--max_lr", "1e-3"]), "cpu")["max_lr"] == (1e-3, "flag")
+    assert resolve_flags(parse_args(["--data_root", "x", "--preset", preset, "--max_lr", "1e-3"]), "cpu")["max_lr"] == (1e-3, "flag")
 
 
 def test_micro_batch_size_flag_takes_a_number_or_auto():
@@ -249,39 +252,10 @@ def test_ranks_agree_on_the_compile_mode_and_the_micro_batch(tmp_path, fails_in)
     """Two gloo ranks under torchrun, the model wrapped in DDP as training wraps it: compile (or the
     trial step) fails on rank 1 only, so both run eager, and neither waits in DDP's constructor for
     the other; and the micro batch every rank uses is the smallest any rank found."""
-    script = tmp_path / "agree.py"
-    script.write_text(
-        "import json, os, sys\n"
-        f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-        "import torch, torch.distributed as dist\n"
-        "from torch.nn.parallel import DistributedDataParallel as DDP\n"
-        "import device\n"
-        "dist.init_process_group('gloo')\n"
-        "rank = dist.get_rank()\n"
-        "def compile_fails_on_rank_1(model, mode=None):\n"
-        f"    if rank == 1 and {fails_in!r} == 'compile':\n"
-        "        raise RuntimeError('no compiler on this node')\n"
-        "    return model\n"
-        "def trial(model):\n"
-        f"    if rank == 1 and {fails_in!r} == 'trial':\n"
-        "        raise RuntimeError('the first call failed on this node')\n"
-        "    with model.no_sync():  # as device.forward_backward: the trial syncs nothing\n"
-        "        model(torch.ones(1, 2)).sum().backward()\n"
-        "torch.compile = compile_fails_on_rank_1\n"
-        "model = torch.nn.Linear(2, 2)\n"
-        "wrapped, mode = device.compile_model(model, 'cpu', 'default', trial=trial, wrap=DDP)\n"
-        "result = dict(mode=mode, ddp=isinstance(wrapped, DDP), min=device.agree(10 + rank, 'min', torch.device('cpu')),\n"
-        "              max=device.agree(10 + rank, 'max', torch.device('cpu')))\n"
-        f"with open({str(tmp_path)!r} + f'/rank{{rank}}.json', 'w') as f:\n"
-        "    f.write(json.dumps(result))\n"
-        "del wrapped\n"
-        "import train_gpt2\n"
-        "train_gpt2.close_distributed()\n")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_ranks("agree_compile.py", fails_in, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert results == [{"mode": "eager", "ddp": True, "min": 10, "max": 11}] * 2
+    assert results == [{"mode": "eager", "ddp": True, "min": 10, "max": 11, "from_rank0": "rank 0"}] * 2
     assert proc.stdout.count("compile: mode default failed on cpu (it failed on another rank); using eager") == 1
 
 # -----------------------------------------------------------------------------
@@ -340,14 +314,15 @@ def test_auto_probes_the_model_training_builds(monkeypatch):
     # GPT itself on the meta device (real passes, no memory): everything fits, so the largest divisor.
     args = parse_args(["--data_root", "x", "--model", "d2", "--seq_len", "32", "--total_batch_size", "1024",
                        "--micro_batch_size", "auto", "--activation_checkpointing"])
-    resolve_settings(args, "cpu")
+    values = {name: value for name, (value, _) in resolve_flags(args, "cpu").items()}
     probed = []  # the run options change the memory a step takes: the probe must use training's
     real_fits = device_mod.fits
     monkeypatch.setattr(device_mod, "fits", lambda model, *rest: probed.append(
         model.activation_checkpointing) or real_fits(model, *rest))
     lines = []
-    chosen = train_gpt2.probe_micro_batch_size(args, train_gpt2.build_model_config(args), torch.device("meta"), "fp32",
-                                               train_gpt2.Dist(), lines.append)
+    options = dict(activation_checkpointing=True, loss="torch", loss_chunk_rows=0)
+    chosen = run_config.probe_micro_batch_size(values, run_config.build_model_config({**values, "init_from": None}),
+                                               options, torch.device("meta"), "fp32", distributed.Dist(), lines.append)
     assert chosen == 32 and lines == ["micro batch auto: 32 (probed on meta: tried 8, 16, 32; divisors of 32 sequences "
                                       "per rank per step)"]
     assert probed and all(probed)
@@ -425,3 +400,42 @@ def test_memory_keys_reach_metrics_jsonl_on_an_accelerator(tiny_data, tmp_path, 
                                 "--max_steps", "1"])
     step = [r for r in read_metrics(tmp_path) if "loss" in r][0]
     assert (step["mem_alloc_gib"], step["mem_reserved_gib"], step["mem_peak_gib"]) == (1.5, 2.0, 2.5)
+
+
+# -----------------------------------------------------------------------------
+# --deterministic
+
+
+def test_deterministic_mode_switches_every_source_and_says_so(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        lines = device_mod.set_deterministic("cuda", True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # before cuBLAS starts: torch demands it
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert inductor_config.deterministic
+        assert len(lines) == 1 and "cuDNN attention is left out" in lines[0] and "Inductor without autotuning" in lines[0]
+        assert "cuda: TF32 matmuls on, cudnn.benchmark off" in device_mod.apply_device_settings("cuda", deterministic=True)
+    finally:
+        assert device_mod.set_deterministic("cuda", False) == []
+    assert not torch.are_deterministic_algorithms_enabled() and not inductor_config.deterministic
+    assert "cuda: TF32 matmuls on, cudnn.benchmark on" in device_mod.apply_device_settings("cuda")
+
+
+def test_deterministic_is_recorded_and_a_resume_with_another_setting_warns(tiny_data, tmp_path, capsys):
+    import checkpoint
+
+    run = TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--total_batch_size", "128"]
+    try:
+        train_gpt2.main(run + ["--max_steps", "2", "--deterministic"])
+        assert "deterministic: torch.use_deterministic_algorithms on" in capsys.readouterr().out
+        assert checkpoint.load_checkpoint(tmp_path / "model_00001.pt")["run_config"]["deterministic"] is True
+        train_gpt2.main(run + ["--max_steps", "3", "--auto_resume"])
+        out = capsys.readouterr().out
+        assert "warning: the checkpoint's run was --deterministic and this one is not" in out
+        assert not torch.are_deterministic_algorithms_enabled()
+        train_gpt2.main(run + ["--max_steps", "4", "--auto_resume", "--deterministic"])
+        assert "the checkpoint's run was not --deterministic and this one is" in capsys.readouterr().out
+    finally:
+        device_mod.set_deterministic("cpu", False)

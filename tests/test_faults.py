@@ -2,7 +2,6 @@
 diverging update, and a torchrun DDP run resumed in one process. Resumed runs must log exactly
 the losses of an uninterrupted run: on CPU a resume is bit-identical."""
 import json
-import os
 import random
 import re
 import signal
@@ -11,13 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import checkpoint
+import signals
 import train_gpt2
 from conftest import TINY_RUN
-from dataloader import shard_path, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 24
@@ -31,12 +29,8 @@ TRAIN_ARGS = ["--model", "d2", "--n_layer", "1", "--n_embd", "64", "--n_head", "
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    write_shard(shard_path(root, "tiny", "train", 0), rng.integers(0, 50257, 20_000))
-    write_shard(shard_path(root, "tiny", "val", 0), rng.integers(0, 50257, 2_000))
-    return root
+def data(random_data):
+    return random_data
 
 
 def train_cmd(data, log_dir, *extra):
@@ -159,8 +153,8 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
     log_dir = tmp_path / "log"
     first = run(train_cmd(data, log_dir, "--max_steps", "3"))
     assert first.returncode == 0, first.output
-    # An infinite learning rate from step 3 on: step 3's update turns the weights to NaN, step 4's loss shows it.
-    diverged = run(train_cmd(data, log_dir, "--auto_resume", "--max_lr", "inf", "--checkpoint_interval", "100"))
+    # A learning rate of 1e30 from step 3 on: step 3's update turns the weights to NaN, step 4's loss shows it.
+    diverged = run(train_cmd(data, log_dir, "--auto_resume", "--max_lr", "1e30", "--checkpoint_interval", "100"))
     assert diverged.returncode == 1, diverged.output
     assert f"--max_steps changed from 3 to {MAX_STEPS}" in diverged.output
     assert re.search(r"error: loss is (nan|inf) at step 4: stopped without saving. the last good checkpoint is .*model_00002.pt",
@@ -212,17 +206,17 @@ def test_training_gives_the_signal_handlers_back(tmp_path, tiny_data, monkeypatc
                                 "--max_steps", "2"])
     assert len(during) == 2
     for handlers in during:  # installed while the loop runs: a signal there saves a checkpoint
-        assert all(getattr(h, "__self__", None).__class__ is checkpoint.GracefulStop for h in handlers), handlers
+        assert all(getattr(h, "__self__", None).__class__ is signals.GracefulStop for h in handlers), handlers
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
-    with pytest.raises(SystemExit):  # and when the loop ends in an error: an infinite LR, a NaN loss at step 1
+    with pytest.raises(SystemExit):  # and when the loop ends in an error: a 1e30 LR, a NaN loss at step 1
         train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path / "nan"),
-                                    "--total_batch_size", "128", "--max_steps", "3", "--max_lr", "inf"])
+                                    "--total_batch_size", "128", "--max_steps", "3", "--max_lr", "1e30"])
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
-    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import checkpoint\n"
-              "stop = checkpoint.GracefulStop().__enter__(); print('ready', flush=True)\n"
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import signals\n"
+              "stop = signals.GracefulStop().__enter__(); print('ready', flush=True)\n"
               "while not stop.agreed(): time.sleep(0.01)\n"
               "print('saving', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(REPO)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,9 +14,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import distributed
 import gpt2_hf
-from conftest import TINY_RUN, read_metrics, run_train
-from train_gpt2 import GPT, GPT2_VOCAB_SIZE, GPTConfig, UserError, parse_args, resolve_settings
+from conftest import TINY_RUN, read_metrics, run_main, run_train
+from cli import UserError
+from model import GPT, GPTConfig
+from run_config import build_config
+from train_gpt2 import parse_args
+
+GPT2_VOCAB_SIZE = GPTConfig.real_vocab_size  # 50257: the rows from here to 50304 are padding
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHAPELESS_RUN = TINY_RUN[2:] if TINY_RUN[:2] == ["--model", "d2"] else TINY_RUN  # --init_from sets the shape
@@ -49,11 +55,9 @@ def test_init_from_an_unknown_name_or_with_shape_flags_is_one_message():
     with pytest.raises(gpt2_hf.HFError, match=r"neither one of gpt2, gpt2-medium, gpt2-large, gpt2-xl nor a folder"):
         gpt2_hf.gpt_config("gpt3")
     for extra in (["--model", "d2"], ["--n_layer", "4"]):
-        args = parse_args(["--init_from", "gpt2"] + extra)
+        args = parse_args(["--init_from", "gpt2", "--device", "cpu"] + extra)
         with pytest.raises(UserError, match="--init_from takes the model shape from the weights"):
-            resolve_settings(args, "cpu")
-    args = parse_args(["--init_from", "gpt2"])
-    assert resolve_settings(args, "cpu")["model"] == ("gpt2", "init_from")
+            build_config(args, torch.device("cpu"), distributed.Dist(), print)
 
 
 def test_missing_transformers_names_the_install(tiny_data, tmp_path, monkeypatch, capsys):
@@ -66,7 +70,7 @@ def test_missing_transformers_names_the_install(tiny_data, tmp_path, monkeypatch
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: " in result.stderr and "pip install transformers" in result.stderr
     monkeypatch.setitem(sys.modules, "transformers", None)
-    assert gpt2_hf.main(["export", str(tmp_path / "any.pt"), "--out", str(tmp_path / "hf")]) == 1
+    assert run_main(gpt2_hf.main, ["export", tmp_path / "any.pt", "--out", tmp_path / "hf"]) == 1
     assert "pip install transformers" in capsys.readouterr().err
 
 

@@ -2,7 +2,6 @@
 acc sums and acc_norm averages, ranks add up, and the CLI and download fail clearly."""
 import io
 import json
-import os
 import random
 import subprocess
 import sys
@@ -15,9 +14,10 @@ import torch
 from torch.nn import functional as F
 
 import hellaswag
+from conftest import run_ranks
 from dataloader import get_tokenizer
 from hellaswag import RenderedExample
-from train_gpt2 import GPT, GPTConfig
+from model import GPT, GPTConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hellaswag_tiny.jsonl"
@@ -206,24 +206,7 @@ def save_tiny_checkpoint(path, model):
 def test_all_reduce_gives_every_rank_the_global_result(tmp_path, model, rendered):
     """Two gloo processes under torchrun each score half and both report the whole."""
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt", model)
-    script = tmp_path / "ddp_eval.py"
-    script.write_text(
-        "import json, sys\n"
-        f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-        "import torch.distributed as dist\n"
-        "import checkpoint, hellaswag\n"
-        "dist.init_process_group('gloo')\n"
-        f"model, config = checkpoint.load_model({str(ckpt)!r}, 'cpu')\n"
-        f"examples = hellaswag.render_examples(hellaswag.load_examples({str(FIXTURE)!r}))\n"
-        "result = hellaswag.evaluate(model, examples, 'cpu', batch_examples=5, rank=dist.get_rank(),\n"
-        "                            world_size=dist.get_world_size(), model_config=config)\n"
-        # A file per rank: two processes printing to one pipe can interleave their lines.
-        f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.json', 'w').write(json.dumps(result))\n"
-        "import train_gpt2\n"
-        "train_gpt2.close_distributed()  # as the trainer leaves: no gloo worker is left to abort the exit\n")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_ranks("hellaswag_eval.py", ckpt, FIXTURE, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     expected = hellaswag.evaluate(model, rendered, "cpu", batch_examples=5)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import train_gpt2
 from conftest import TINY_RUN
+from model import GPT, GPTConfig, MODEL_PRESETS, choose_loss
 
 pytest.importorskip("triton", reason="Triton is not installed: pip install triton (CI does)")
 import kernels  # noqa: E402
@@ -70,13 +71,10 @@ def test_bench_loss_checks_the_kernels_against_pytorch_and_times_them():
     assert "Triton, 32 columns per block, 4 warps:" in result.stdout and "PyTorch compiled:" in result.stdout
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "on"), ((6, 1), "off")])
+@pytest.mark.parametrize("capability, expected", [((9, 0), "fused"), ((6, 1), "torch")])
 def test_fused_loss_auto_is_on_for_a_triton_capable_gpu_only(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    args = train_gpt2.parse_args(["--device", "cuda"])
-    lines = []
-    train_gpt2.resolve_fused_loss(args, torch.device("cuda"), lines.append)
-    assert args.fused_loss == expected and len(lines) == 1
-    assert ("Triton kernels" if expected == "on" else "compute capability 7.0 or newer; this one is 6.1") in lines[0]
-    model = train_gpt2.apply_run_options(train_gpt2.GPT(train_gpt2.GPTConfig(**train_gpt2.MODEL_PRESETS["d2"])), args)
-    assert model.fused_loss == (expected == "on")
+    loss, line = choose_loss("auto", 0, torch.device("cuda"))
+    assert loss == expected
+    assert ("Triton kernels" if expected == "fused" else "compute capability 7.0 or newer; this one is 6.1") in line
+    assert GPT(GPTConfig(**MODEL_PRESETS["d2"])).set_run_options(loss=loss).loss_kind == expected

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import metrics
-from metrics import Metrics, StepTimer
+from metrics import Metrics, StepTimer, Throughput
 
 
 class FakeTerminal(io.StringIO):
@@ -20,8 +20,8 @@ def read_records(log_dir):
 
 def test_step_records_hold_throughput_mfu_and_any_extra_keys(tmp_path):
     out = io.StringIO()
-    m = Metrics(tmp_path, total_steps=3, tokens_per_step=1000, flops_per_token=1e8, peak_flops=1e12, world_size=2,
-                stream=out)
+    m = Metrics(tmp_path, Throughput(tokens_per_step=1000, flops_per_token=1e8, peak_flops=1e12, world_size=2),
+                total_steps=3, stream=out)
     m.log_step(0, 0.5, loss=4.0, lr=1e-3, norm=0.5, mem_alloc_gib=1.25, mem_peak_gib=2.5, grad_scale=1024.0)
     m.log(0, val_loss=3.5)
     m.log(0, hellaswag_acc=0.25, hellaswag_acc_norm=0.5, hellaswag_n=12)
@@ -40,7 +40,7 @@ def test_step_records_hold_throughput_mfu_and_any_extra_keys(tmp_path):
 
 
 def test_no_mfu_when_the_peak_is_unknown(tmp_path):
-    m = Metrics(tmp_path, total_steps=1, tokens_per_step=1000, flops_per_token=1e6, peak_flops=None,
+    m = Metrics(tmp_path, Throughput(tokens_per_step=1000, flops_per_token=1e6, peak_flops=None), total_steps=1,
                 stream=io.StringIO())
     record = m.log_step(0, 0.5, loss=4.0, lr=1e-3, norm=0.5)
     m.close()
@@ -50,7 +50,7 @@ def test_no_mfu_when_the_peak_is_unknown(tmp_path):
 
 def test_a_disabled_rank_writes_and_prints_nothing(tmp_path):
     out = io.StringIO()
-    m = Metrics(tmp_path / "log", enabled=False, total_steps=2, tokens_per_step=10, stream=out)
+    m = Metrics(tmp_path / "log", enabled=False, total_steps=2, stream=out, throughput=Throughput(tokens_per_step=10))
     m.timer.start()
     m.timer.mark("data")
     m.log_step(0, 0.1, loss=1.0, lr=1.0, norm=1.0)
@@ -127,7 +127,7 @@ def test_step_timer_on_cuda_waits_only_at_the_report_and_reuses_its_events(monke
 def test_timer_phases_join_the_record_every_log_interval(tmp_path, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(metrics.time, "perf_counter", clock)
-    m = Metrics(tmp_path, total_steps=5, log_interval=2, tokens_per_step=10, stream=io.StringIO())
+    m = Metrics(tmp_path, total_steps=5, log_interval=2, stream=io.StringIO(), throughput=Throughput(tokens_per_step=10))
     for step in range(5):
         m.timer.start()
         for phase, seconds in (("data", 0.001), ("fwd_bwd", 0.004), ("optim", 0.002)):
@@ -144,7 +144,7 @@ def test_timer_phases_join_the_record_every_log_interval(tmp_path, monkeypatch):
 
 def test_plain_lines_when_stdout_is_not_a_terminal(tmp_path):
     out = io.StringIO()
-    m = Metrics(tmp_path, total_steps=4, log_interval=2, tokens_per_step=10, stream=out)
+    m = Metrics(tmp_path, total_steps=4, log_interval=2, stream=out, throughput=Throughput(tokens_per_step=10))
     for step in range(4):
         m.log_step(step, 0.01, loss=2.0, lr=1e-3, norm=1.0)
     m.close()
@@ -155,7 +155,7 @@ def test_plain_lines_when_stdout_is_not_a_terminal(tmp_path):
 
 def test_a_progress_bar_with_loss_and_tokens_per_second_on_a_terminal(tmp_path):
     out = FakeTerminal()
-    m = Metrics(tmp_path, start_step=10, total_steps=14, tokens_per_step=1000, stream=out)
+    m = Metrics(tmp_path, start_step=10, total_steps=14, stream=out, throughput=Throughput(tokens_per_step=1000))
     for step in range(10, 14):
         m.log_step(step, 0.5, loss=2.5, lr=1e-3, norm=1.0)
     m.log(13, val_loss=2.25)
@@ -181,7 +181,7 @@ def test_tensorboard_gets_the_same_scalars(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install tensorboard); not installed here")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    m = Metrics(tmp_path, total_steps=3, tokens_per_step=10, tensorboard=True, stream=io.StringIO())
+    m = Metrics(tmp_path, total_steps=3, tensorboard=True, stream=io.StringIO(), throughput=Throughput(tokens_per_step=10))
     for step in range(3):
         m.log_step(step, 0.1, loss=3.0 - step, lr=1e-3, norm=1.0)
     m.log(2, val_loss=1.5, hellaswag_acc_norm=0.25)

@@ -6,18 +6,22 @@ import importlib.util
 import pytest
 import torch
 
-from train_gpt2 import GPT, GPTConfig
+from model import GPT, GPTConfig
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed: pip install triton (CI does)")
 # uneven chunks, exact, all rows, more than all rows; then the Triton kernels
-LOSS_PATHS = [dict(loss_chunk_rows=7), dict(loss_chunk_rows=32), dict(loss_chunk_rows=96), dict(loss_chunk_rows=1000),
-              pytest.param(dict(fused_loss=True), marks=needs_triton, id="fused")]
+def chunked(rows):
+    return dict(loss="chunked", loss_chunk_rows=rows)
 
 
-def loss_and_grads(model, idx, targets, autocast_dtype=None, loss_chunk_rows=0, fused_loss=False):
+LOSS_PATHS = [chunked(7), chunked(32), chunked(96), chunked(1000),
+              pytest.param(dict(loss="fused"), marks=needs_triton, id="fused")]
+
+
+def loss_and_grads(model, idx, targets, autocast_dtype=None, **options):
     model.zero_grad()
-    model.loss_chunk_rows, model.fused_loss = loss_chunk_rows, fused_loss
+    model.set_run_options(**options)
     with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         logits, loss = model(idx, targets)
     loss.backward()
@@ -38,13 +42,13 @@ def test_loss_path_equals_plain_cross_entropy_in_fp32(batch, path):
     model, idx, targets = batch
     plain_logits, plain_loss, plain_grads = loss_and_grads(model, idx, targets)
     logits, loss, grads = loss_and_grads(model, idx, targets, **path)
-    assert plain_logits is not None and logits is None  # no full logits (chunked), or they hold the gradient (fused)
+    assert plain_logits is None and logits is None  # with targets, forward returns the loss alone, whichever way
     assert torch.allclose(loss, plain_loss, rtol=1e-6)
     for name, grad in grads.items():
         assert (grad - plain_grads[name]).norm() <= 1e-5 * plain_grads[name].norm(), name
 
 
-@pytest.mark.parametrize("path", [dict(loss_chunk_rows=16), LOSS_PATHS[-1]])
+@pytest.mark.parametrize("path", [chunked(16), LOSS_PATHS[-1]])
 def test_loss_path_under_bf16_autocast_is_within_bf16_rounding(batch, path):
     model, idx, targets = batch
     _, plain_loss, plain_grads = loss_and_grads(model, idx, targets, torch.bfloat16)
@@ -54,12 +58,30 @@ def test_loss_path_under_bf16_autocast_is_within_bf16_rounding(batch, path):
         assert (grad - plain_grads[name]).norm() <= 1e-2 * plain_grads[name].norm(), name
 
 
-@pytest.mark.parametrize("path", [dict(loss_chunk_rows=10), LOSS_PATHS[-1]])
+@pytest.mark.parametrize("path", [chunked(10), LOSS_PATHS[-1]])
 def test_loss_path_without_grad_gives_the_same_value(batch, path):
     model, idx, targets = batch
     with torch.no_grad():
         _, plain = model(idx, targets)
-        for name, value in path.items():
-            setattr(model, name, value)
+        model.set_run_options(**path)
         logits, other = model(idx, targets)
     assert logits is None and torch.allclose(plain, other, rtol=1e-6)
+
+
+def test_logits_without_targets_mask_the_padding_and_match_the_loss(batch):
+    model, idx, targets = batch
+    with torch.no_grad():
+        logits, none = model(idx)
+        _, loss = model(idx, targets)
+    assert none is None and torch.isneginf(logits[..., 50257:]).all() and torch.isfinite(logits[..., :50257]).all()
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    assert torch.allclose(loss, expected, rtol=1e-6)
+
+
+def test_config_fields_older_files_lack_get_the_defaults_they_computed_with():
+    from model import config_from_dict
+
+    old = dict(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=64)  # a format-1 checkpoint's model_config
+    config = config_from_dict(old)
+    assert (config.real_vocab_size, config.gelu) == (50257, "tanh")
+    assert config_from_dict(dict(old, vocab_size=96)).real_vocab_size == 96  # a small vocabulary: every row is a token

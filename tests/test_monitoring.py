@@ -73,17 +73,18 @@ def test_hellaswag_under_ddp_counts_the_examples_of_every_rank(tiny_data, tmp_pa
     assert result.stdout.count("| hellaswag n 12") == 1  # only rank 0 prints
 
 
-def test_missing_tensorboard_stops_before_training_with_the_install_command(tiny_data, tmp_path):
-    fake = tmp_path / "fake_site" / "tensorboard"  # an uninstalled tensorboard, even where it is installed
+@pytest.mark.parametrize("package", ["tensorboard", "wandb"])
+def test_a_missing_logging_package_stops_before_training_with_the_install_command(tiny_data, tmp_path, package):
+    fake = tmp_path / "fake_site" / package  # an uninstalled package, even where it is installed
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'tensorboard'\")\n")
+    (fake / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{package}'\")\n")
     pythonpath = os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))
     result = run_train(TINY_RUN + ["--data_root", tiny_data, "--log_dir", tmp_path / "log", "--max_steps", 2,
-                                   "--tensorboard"], cwd=tmp_path, env_extra={"PYTHONPATH": pythonpath})
+                                   f"--{package}"], cwd=tmp_path, env_extra={"PYTHONPATH": pythonpath})
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --tensorboard needs the tensorboard package")
-    assert "pip install tensorboard" in result.stderr and "Traceback" not in result.stderr
-    assert "| loss " not in result.stdout  # no step ran
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --{package} needs the {package} package")
+    assert f"pip install {package}" in result.stderr and "Traceback" not in result.stderr
+    assert "| loss " not in result.stdout and not list((tmp_path / "log").glob("model_*.pt"))  # no step ran
 
 
 def test_missing_hellaswag_file_is_one_message_before_training(tiny_data, tmp_path):
@@ -93,3 +94,38 @@ def test_missing_hellaswag_file_is_one_message_before_training(tiny_data, tmp_pa
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: cannot read HellaSwag data") and str(missing) in result.stderr
     assert "| loss " not in result.stdout
+
+
+def test_wandb_offline_keeps_one_tracked_run_through_kill_9_and_auto_resume(tiny_data, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb", reason="wandb is optional (pip install wandb; CI installs it)")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import checkpoint
+    import train_gpt2
+    from conftest import REPO_ROOT
+
+    log_dir = tmp_path / "log"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    command = [sys.executable, str(REPO_ROOT / "train_gpt2.py"), *map(str, TINY_RUN), "--data_root", str(tiny_data),
+               "--log_dir", str(log_dir), "--total_batch_size", "128", "--checkpoint_interval", "1", "--wandb",
+               "--wandb_project", "tests", "--auto_resume"]
+    first = subprocess.Popen(command + ["--max_steps", "200"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (log_dir / "model_00002.pt").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    run_id = checkpoint.load_checkpoint(checkpoint.read_latest(log_dir))["tracking"]["wandb_run_id"]
+    assert run_id and len(run_id) >= 8
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    train_gpt2.main(command[2:] + ["--max_steps", "6"])  # the resume, in this process
+    assert f"wandb: continuing run {run_id} (log) in project tests (offline" in capsys.readouterr().out
+    runs = sorted(p.name for p in (log_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs  # before and after the kill: one id
+    assert checkpoint.load_checkpoint(log_dir / "model_00005.pt")["tracking"]["wandb_run_id"] == run_id

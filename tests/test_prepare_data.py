@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_main
 from dataloader import EOT_TOKEN, ShardedDataLoader, get_tokenizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
 sys.path.insert(0, str(SCRIPT.parent))
+import data_sources  # noqa: E402
 import prepare_data  # noqa: E402
 
 
@@ -42,7 +44,7 @@ def test_refuses_to_overwrite_shards_unless_asked(tmp_path, tinyshakespeare_path
     assert prepare_data.main(args) == 0
     stale = out_dir / "tinyshakespeare_train_000007.npy"
     stale.write_bytes(b"from an older run")
-    assert prepare_data.main(args) == 1
+    assert run_main(prepare_data.main, args) == 1
     assert "--overwrite" in capsys.readouterr().err and stale.exists()
     assert prepare_data.main(args + ["--overwrite"]) == 0
     assert not stale.exists()  # old shards would otherwise mix into the new dataset
@@ -71,8 +73,8 @@ def test_text_source_glob_of_two_files(tmp_path):
 
 def test_large_files_cut_at_blank_lines_tokenize_like_the_whole(tmp_path, tinyshakespeare_path, monkeypatch):
     """Pieces shared among the workers must not change a single token, nor add an EOT."""
-    monkeypatch.setattr(prepare_data, "TEXT_CHUNK_CHARS", 50_000)  # tiny Shakespeare: ~22 pieces
-    assert len(list(prepare_data.split_paragraphs(tinyshakespeare_path.read_text()))) > 10
+    monkeypatch.setattr(data_sources, "TEXT_CHUNK_CHARS", 50_000)  # tiny Shakespeare: ~22 pieces
+    assert len(data_sources.split_paragraphs(tinyshakespeare_path.read_text())) > 10
     assert prepare_data.main(["--source", "text", "--input", str(tinyshakespeare_path), "--name", "shk",
                               "--out_dir", str(tmp_path / "text"), "--num_proc", "2"]) == 0
     assert prepare_data.main(["--source", "tinyshakespeare", "--out_dir", str(tmp_path / "whole")]) == 0
@@ -83,8 +85,8 @@ def test_large_files_cut_at_blank_lines_tokenize_like_the_whole(tmp_path, tinysh
 def test_text_source_that_is_not_utf8_names_the_file(tmp_path, capsys):
     (tmp_path / "good.txt").write_text("fine\n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    assert prepare_data.main(["--source", "text", "--input", str(tmp_path / "*.txt"), "--name", "x",
-                              "--out_dir", str(tmp_path / "out"), "--num_proc", "2"]) == 1
+    assert run_main(prepare_data.main, ["--source", "text", "--input", str(tmp_path / "*.txt"), "--name", "x",
+                      "--out_dir", str(tmp_path / "out"), "--num_proc", "2"]) == 1
     err = capsys.readouterr().err
     assert "latin1.txt is not UTF-8" in err and "Traceback" not in err
 
@@ -128,7 +130,7 @@ def test_fineweb_edu_max_shards_stops_early(tmp_path, fake_datasets):
 
 def test_fineweb_edu_without_datasets_says_pip_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
-    assert prepare_data.main(["--source", "fineweb-edu", "--out_dir", str(tmp_path / "edu")]) == 1
+    assert run_main(prepare_data.main, ["--source", "fineweb-edu", "--out_dir", str(tmp_path / "edu")]) == 1
     err = capsys.readouterr().err
     assert "pip install datasets" in err and "Traceback" not in err
     assert not list(tmp_path.glob("edu/*.npy"))
@@ -150,3 +152,120 @@ def test_out_of_range_flags_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_:
         prepare_data.main(["--source", "tinyshakespeare", "--val_fraction", "1.5"])
     assert exit_.value.code == 2 and "--val_fraction must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------------------------
+# JSON lines and parquet: each document is EOT + its tokens, in order, across shard boundaries
+
+DOCS = [f"Doc {i}: " + " ".join(["the quick brown fox", "jumps over", "the lazy dog."][: 1 + i % 3]) * (1 + i % 7)
+        for i in range(40)] + ["", "café ✓ 🚀 <|endoftext|> is plain text here"]
+
+
+def expected_tokens(documents):
+    encoder = get_tokenizer()
+    return np.array([t for doc in documents for t in [EOT_TOKEN] + encoder.encode_ordinary(doc)], dtype=np.uint16)
+
+
+def read_first_shard_layout(out_dir, name):
+    """The shards of a first_shard folder in index order, after checking their names."""
+    paths = sorted(Path(out_dir).glob(f"{name}_*.npy"), key=lambda p: p.stem[-6:])
+    assert [p.name for p in paths] == [f"{name}_{'val' if i == 0 else 'train'}_{i:06d}.npy" for i in range(len(paths))]
+    return [np.load(p) for p in paths]
+
+
+def test_jsonl_plain_and_gzip_hold_every_document_once_in_order(tmp_path):
+    import gzip
+    import json
+
+    (tmp_path / "in").mkdir()
+    lines = [json.dumps({"id": i, "text": doc}) for i, doc in enumerate(DOCS)]
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines[:25]) + "\n\n")  # a blank line is no document
+    with gzip.open(tmp_path / "in" / "b.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines[25:]) + "\n")
+    out_dir = tmp_path / "out"
+    assert prepare_data.main(["--source", "jsonl", "--input", str(tmp_path / "in" / "*.jsonl*"), "--name", "docs",
+                              "--out_dir", str(out_dir), "--shard_size", "64", "--num_proc", "2"]) == 0
+    shards = read_first_shard_layout(out_dir, "docs")
+    assert all(len(shard) == 64 for shard in shards[:-1]) and len(shards) > 5
+    assert np.array_equal(np.concatenate(shards), expected_tokens(DOCS))
+
+
+def test_parquet_rows_are_documents_across_row_groups_and_files(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    for name, part in [("000_00000.parquet", DOCS[:30]), ("000_00001.parquet", DOCS[30:])]:
+        table = pyarrow.table({"id": [str(i) for i in range(len(part))], "body": part, "score": [1.5] * len(part)})
+        pq.write_table(table, tmp_path / "in" / name, row_group_size=4)  # many row groups per file
+    out_dir = tmp_path / "out"
+    assert prepare_data.main(["--source", "parquet", "--input", str(tmp_path / "in" / "*.parquet"), "--name", "edu",
+                              "--text_field", "body", "--out_dir", str(out_dir), "--shard_size", "50",
+                              "--num_proc", "1"]) == 0
+    assert np.array_equal(np.concatenate(read_first_shard_layout(out_dir, "edu")), expected_tokens(DOCS))
+
+
+def test_tokenizer_batches_equal_encode_ordinary_on_tricky_text():
+    """The workers' encode_to_numpy path must give encode_ordinary's tokens, special-token text included."""
+    import tokenizer_pool
+
+    texts = ["", " ", "<|endoftext|>", "a<|endoftext|>b", "\ud800 lone surrogate", "emoji 🚀🚀 and café",
+             "\n\n\n  tabs\t\tand spaces   ", "x" * 5000]
+    tokenizer_pool.load_tokenizer()
+    tokens, lengths = tokenizer_pool.encode_batch([(text, i % 2 == 0) for i, text in enumerate(texts)])
+    encoder = get_tokenizer()
+    expected = [([EOT_TOKEN] if i % 2 == 0 else []) + encoder.encode_ordinary(text) for i, text in enumerate(texts)]
+    assert tokens.dtype == np.uint16 and tokens.tolist() == [t for doc in expected for t in doc]
+    assert lengths.tolist() == [len(doc) for doc in expected]
+
+
+def error_lines(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "fine"}\nnot json at all\n', "bad.jsonl:2 is not JSON (Expecting value: column 1)"),
+    (b'{"text": "fine"}\n{"body": "x", "id": 7}\n', "bad.jsonl:2 has no 'text' field (its keys: 'body', 'id'); "
+                                                   "name the field that holds the text with --text_field"),
+    (b'{"text": "caf\xe9"}\n', "bad.jsonl:1 is not UTF-8"),
+    (b'["a", "list"]\n', "bad.jsonl:1 holds a JSON list, not an object with a 'text' field"),
+    (b'{"text": 42}\n', "bad.jsonl:1: field 'text' holds a JSON int, expected a string"),
+])
+def test_bad_json_lines_give_one_error_line_naming_file_and_line(tmp_path, capsys, content, message):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    assert run_main(prepare_data.main, ["--source", "jsonl", "--input", str(tmp_path / "bad.jsonl"), "--name", "x",
+                      "--out_dir", str(tmp_path / "out"), "--num_proc", "1"]) == 1
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_a_jsonl_gz_that_is_not_gzip_says_so(tmp_path, capsys):
+    (tmp_path / "docs.jsonl.gz").write_text('{"text": "not compressed"}\n')
+    assert run_main(prepare_data.main, ["--source", "jsonl", "--input", str(tmp_path / "docs.jsonl.gz"), "--name", "x",
+                      "--out_dir", str(tmp_path / "out")]) == 1
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and "docs.jsonl.gz is not a readable gzip file" in errors[0]
+
+
+def test_parquet_without_the_text_column_names_the_columns_and_writes_nothing(tmp_path, capsys):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pyarrow.table({"content": ["a", "b"], "url": ["u", "v"]}), tmp_path / "x.parquet")
+    assert run_main(prepare_data.main, ["--source", "parquet", "--input", str(tmp_path / "x.parquet"), "--name", "x",
+                      "--out_dir", str(tmp_path / "out")]) == 1
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and "x.parquet has no column 'text' (its columns: 'content', 'url')" in errors[0]
+    assert not (tmp_path / "out").exists()  # checked before the folder is made
+
+
+def test_parquet_without_pyarrow_says_pip_install(tmp_path, monkeypatch, capsys):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow...` raise ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert run_main(prepare_data.main, ["--source", "parquet", "--input", str(tmp_path / "x.parquet"), "--name", "x",
+                      "--out_dir", str(tmp_path / "out")]) == 1
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and "pip install pyarrow" in errors[0]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import dataloader
-from train_gpt2 import GPT, GPTConfig, Dist, print_samples, sample_texts
+from model import GPT, GPTConfig, sample_texts
+from train_gpt2 import print_samples
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=64)
@@ -69,12 +70,12 @@ def test_sample_script_mistakes_are_one_message(checkpoint_file, capsys, args, m
 
 
 def test_training_samples_are_seeded_per_rank_and_step(model, capsys):
-    args = Namespace(prompt="\n", num_samples=1, max_new_tokens=10, seed=1337)
+    config = Namespace(prompt="\n", num_samples=1, max_new_tokens=10, seed=1337, dtype="fp32")
     enc = dataloader.get_tokenizer()
     model.train()
     outputs = {}
     for rank, step in ((0, 5), (1, 5), (0, 5), (0, 6)):
-        print_samples(model, enc, args, torch.device("cpu"), "fp32", step, Dist(True, rank, rank, 2))
+        print_samples(model, enc, config, torch.device("cpu"), step, rank)
         outputs.setdefault((rank, step), []).append(capsys.readouterr().out.split("-> ", 1)[1])
     assert model.training  # left as it was
     assert outputs[(0, 5)][0] == outputs[(0, 5)][1]  # a resumed run prints the same samples

@@ -1,15 +1,16 @@
 """The trainer as users run it: losses, DDP equivalence, and one clear message per mistake."""
 import json
 import math
-import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_train
-from train_gpt2 import GPT, GPTConfig, MODEL_PRESETS, get_lr, parse_args, resolve_settings
+from conftest import TINY_RUN, read_metrics, run_ranks, run_train
+from model import GPT, GPTConfig, MODEL_PRESETS
+import train_gpt2
+from run_config import resolve_flags
+from train_gpt2 import get_lr, parse_args
 
 
 def tiny_model():
@@ -51,17 +52,16 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    args = parse_args(["--max_lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "10", "--max_steps", "100"])
-    resolve_settings(args, "cpu")
-    assert get_lr(0, args) == pytest.approx(1e-4)
-    assert get_lr(9, args) == pytest.approx(1e-3)
-    assert get_lr(55, args) == pytest.approx(5.5e-4)
-    assert get_lr(100, args) == pytest.approx(1e-4)
+    config = SimpleNamespace(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    assert get_lr(0, config) == pytest.approx(1e-4)
+    assert get_lr(9, config) == pytest.approx(1e-3)
+    assert get_lr(55, config) == pytest.approx(5.5e-4)
+    assert get_lr(100, config) == pytest.approx(1e-4)
 
 
 def test_flags_beat_presets_and_sources_are_reported():
     args = parse_args(["--data_root", "x", "--micro_batch_size", "3"])
-    settings = resolve_settings(args, "cpu")
+    settings = resolve_flags(args, "cpu")
     assert settings["micro_batch_size"] == (3, "flag")
     assert settings["max_lr"] == (6e-4, "recipe")
     assert settings["dtype"] == ("fp32", "preset:cpu")
@@ -107,16 +107,45 @@ def test_ddp_two_ranks_match_one_process(tiny_data, tmp_path):
     (["--seq_len", 2048], "longer than the model's block size 1024"),
     (["--n_embd", 129], "not divisible by --n_head"),
     (["--device", "cuda"], "no CUDA GPU is visible"),
-    (["--ddp_bucket_cap_mb", 0], "--ddp_bucket_cap_mb 0.0 is not positive"),
+    (["--ddp_bucket_cap_mb", 0], "--ddp_bucket_cap_mb 0.0 cannot work: use PyTorch's 25"),
+    (["--max_lr", -1], "--max_lr -1.0 cannot work: use a finite learning rate, 0 or more"),
+    (["--max_lr", "nan"], "--max_lr nan cannot work"),
+    (["--min_lr", -1], "--min_lr -1.0 cannot work"),
+    (["--min_lr", 1], "--min_lr 1.0 is above --max_lr"),
+    (["--warmup_steps", -5], "--warmup_steps -5 cannot work: use 0 (no warm-up) or more"),
+    (["--total_batch_size", 0], "--total_batch_size 0 cannot work"),
+    (["--grad_clip", -1], "--grad_clip -1.0 cannot work: use 0 (no clipping)"),
+    (["--weight_decay", -0.5], "--weight_decay -0.5 cannot work"),
+    (["--checkpoint_interval", -1], "--checkpoint_interval -1 cannot work"),
+    (["--keep_last_n_checkpoints", -2], "--keep_last_n_checkpoints -2 cannot work: use -1 (keep all) or 1 or more"),
+    (["--eval_steps", -1], "--eval_steps -1 cannot work"),
+    (["--seq_len", 0], "--seq_len 0 cannot work"),
+    (["--n_layer", 0], "--n_layer 0 cannot work"),
+    (["--max_steps", -1], "--max_steps -1 cannot work: use at least 1"),
+    (["--resume"], "--resume needs --checkpoint_path"),
 ])
-def test_user_mistakes_get_one_clear_message(tiny_data, tmp_path, extra, message):
-    result = run_train(TINY_RUN + ["--data_root", tiny_data, "--log_dir", tmp_path / "log", "--max_steps", 1] + extra,
-                       cwd=tmp_path)
+def test_user_mistakes_get_one_clear_message_and_write_nothing(tiny_data, tmp_path, capsys, extra, message):
     if "--device" in extra and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert result.returncode == 1
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main(TINY_RUN + ["--data_root", tiny_data, "--log_dir", tmp_path / "log", "--max_steps", 1] + extra)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "log").exists()
+
+
+def test_flags_take_hyphens_or_underscores_and_help_states_no_none_default(tiny_data, tmp_path, capsys):
+    train_gpt2.main(TINY_RUN + ["--data-root", tiny_data, "--log-dir", tmp_path / "log", "--max-steps", 2,
+                                "--total-batch-size", 128, "--checkpoint-interval", 1])
+    assert [r["step"] for r in read_metrics(tmp_path / "log") if "loss" in r] == [0, 1]
+    train_gpt2.main(TINY_RUN + ["--data_root", tiny_data, "--log_dir", tmp_path / "log", "--max_steps", 3,
+                                "--total_batch_size", 128, "--resume-from-checkpoint", tmp_path / "log" / "model_00001.pt"])
+    assert "continuing at step 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: None)" not in help_text and "--max-steps is --max_steps" in " ".join(help_text.split())
 
 
 def test_missing_data_root_names_the_fix(tmp_path):
@@ -148,41 +177,7 @@ def test_ddp_gradients_stay_views_into_its_buckets_through_accumulation(tmp_path
     """Two gloo ranks, 2 micro batches per step: between the micro steps (under no_sync) and after
     the step, every gradient is a view into one of DDP's flat buckets (so there is no second copy),
     and the buckets are the same memory in every step."""
-    script = tmp_path / "views.py"
-    script.write_text(
-        "import json, os, sys\n"
-        f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-        "import torch, torch.distributed as dist\n"
-        "import train_gpt2 as t\n"
-        "dist.init_process_group('gloo')\n"
-        "ddp = t.Dist(True, dist.get_rank(), dist.get_rank(), 2)\n"
-        "torch.manual_seed(0)\n"
-        "raw = t.GPT(t.GPTConfig(block_size=16, **t.MODEL_PRESETS['d2']))\n"
-        "model = t.wrap_ddp(raw, ddp, 'cpu', bucket_cap_mb=1)\n"
-        "optimizer = raw.configure_optimizer(0.1, 1e-3, 'cpu')\n"
-        "def storages():\n"
-        "    return sorted({p.grad.untyped_storage().data_ptr() for p in raw.parameters()})\n"
-        "seen = []\n"
-        "class Loader:\n"
-        "    calls = 0\n"
-        "    def next_batch(self):\n"
-        "        Loader.calls += 1\n"
-        "        if Loader.calls % 2 == 0:  # the second micro step: the first one's gradients are in place\n"
-        "            seen.append(storages())\n"
-        "        g = torch.Generator().manual_seed(Loader.calls * 2 + ddp.rank)\n"
-        "        return torch.randint(0, 50257, (2, 16), generator=g), torch.randint(0, 50257, (2, 16), generator=g)\n"
-        "scaler = torch.amp.GradScaler('cpu', enabled=False)\n"
-        "for step in range(3):\n"
-        "    t.train_step(model, optimizer, scaler, Loader(), 2, 1e-3, 1.0, torch.device('cpu'), 'fp32', ddp)\n"
-        "    seen.append(storages())\n"
-        "grads = torch.cat([p.grad.flatten() for p in raw.parameters()])\n"
-        "other = grads.clone(); dist.broadcast(other, 0)\n"
-        "result = dict(seen=seen, params=sum(1 for _ in raw.parameters()), same=bool(torch.equal(grads, other)))\n"
-        f"open({str(tmp_path)!r} + f'/rank{{ddp.rank}}.json', 'w').write(json.dumps(result))\n"
-        "del model\n"
-        "t.close_distributed()\n")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_ranks("ddp_bucket_views.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -1,0 +1,191 @@
+"""Several processes: the process group, DDP, and the collectives every module uses.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them there is one process and every
+function here is a no-op that returns its input, so callers need no `if distributed` branches.
+
+    ctx = setup(device_type, one_rank_group=False)   -> Dist(enabled, rank, local_rank, world_size); .master is rank 0
+    close()                          leave the process group so that no rank aborts at exit
+    wrap_ddp(model, ctx, bucket_cap_mb, bucket_view=True)
+    shard_fsdp(model, blocks, dtype) FSDP2: each block and the root sharded over the ranks
+    is_sharded(module), clip_grad_norm(parameters, max_norm)   the same with and without FSDP
+    from_rank0(value)                rank 0's value (any picklable object) on every rank
+    agree(value, op)                 the "min" or "max" of an int over all ranks: one decision for all
+    all_values(value)                every rank's value (any picklable object), in rank order, on every rank
+    mean_over_ranks(t), sum_over_ranks(t)   in place on a tensor, returned
+    barrier()
+    is_master()                      rank 0, or the only process
+"""
+import os
+import time
+from dataclasses import dataclass
+
+import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    enabled: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def active():
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_master():
+    """Rank 0, or the only process: the one that prints and writes files."""
+    return not active() or dist.get_rank() == 0
+
+
+def setup(device_type, one_rank_group=False):
+    """Join torchrun's process group (NCCL on CUDA, gloo otherwise), or one process without torchrun:
+    with one_rank_group (FSDP needs a group even alone), a group of that one process."""
+    if "RANK" not in os.environ:
+        if not one_rank_group:
+            return Dist()
+        if device_type == "cuda":
+            torch.cuda.set_device(0)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return Dist(True, 0, 0, 1)
+    ctx = Dist(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if device_type == "cuda":
+        torch.cuda.set_device(ctx.local_rank)
+        # Bound to its GPU: NCCL then neither guesses the device from the rank nor waits for the
+        # first collective to set up.
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", ctx.local_rank))
+    else:
+        dist.init_process_group(backend="gloo")
+    return ctx
+
+
+def close():
+    """Leave the process group so that no rank aborts at exit. Every rank first finishes
+    communicating (the barrier). Then, on gloo, the main thread waits a moment without the GIL:
+    gloo's worker threads free each finished collective's tensors, which takes the GIL, and a
+    worker still doing so when the interpreter shuts down aborts the process ("terminate called
+    without an active exception"; docs/DEVICES.md). Free DDP models before: a DDP Reducer that
+    holds the group's last reference can hang the exit the same way."""
+    if not active():
+        return
+    gloo = dist.get_backend() == "gloo"
+    dist.barrier()
+    if gloo:
+        time.sleep(0.2)
+    dist.destroy_process_group()
+
+
+def _device():
+    """Where collective tensors live: the rank's GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def from_rank0(value):
+    """Rank 0's value on every rank: its choice of file, its error message, its state."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)  # under NCCL through the current GPU, set in setup()
+    return box[0]
+
+
+def agree(value, op):
+    """The min ("min") or max ("max") of an int over all ranks; with booleans, "max" is any and "min" is all."""
+    if not active():
+        return value
+    t = torch.tensor([int(value)], device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_values(value):
+    """Every rank's value, in rank order, on every rank (a list of one without a process group)."""
+    if not active():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast_(tensor):
+    """Rank 0's tensor into this rank's tensor of the same shape, in place (on the GPU under NCCL)."""
+    if active():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def mean_over_ranks(tensor):
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.AVG)
+    return tensor
+
+
+def sum_over_ranks(tensor):
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if active():
+        dist.barrier()
+
+
+def wrap_ddp(model, ctx, bucket_cap_mb, bucket_view=True):
+    """DDP whose gradients are views into its all-reduce buckets (bucket_view): no second fp32
+    copy of the gradients (one more model-sized buffer otherwise). The training step zeroes them in
+    place so they stay views, also through no_sync accumulation. bucket_view=False is PyTorch's
+    default, kept for scripts/benchmark.py to compare."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return DDP(model, device_ids=[ctx.local_rank] if on_gpu else None,
+               bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=bucket_view)
+
+
+def shard_fsdp(model, blocks, dtype):
+    """FSDP2 (fully_shard): each of blocks, then the root (embeddings, final norm, lm_head), sharded
+    over all ranks, so each holds 1/world_size of the weights, gradients and optimizer state; the
+    weights are all-gathered block by block for compute (and again for the backward pass). dtype
+    "bf16": compute in bf16 through FSDP's mixed-precision policy (no autocast), gradients reduced
+    in fp32. Shards in place."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else None, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(module):
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def local(tensor):
+    """This rank's part of a tensor: the local shard of an FSDP DTensor, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def clip_grad_norm(parameters, max_norm):
+    """torch.nn.utils.clip_grad_norm_, also over FSDP's sharded gradients: the norm is of the whole
+    gradient, all ranks' shards together. Returns the norm before clipping."""
+    parameters = list(parameters)
+    if not any(hasattr(p, "to_local") for p in parameters):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    total = total.full_tensor() if hasattr(total, "full_tensor") else total
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+    return total
