@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-import kernels
+import triton_loss
 from cli import UserError
 from device import autocast
 
@@ -210,7 +210,7 @@ class GPT(nn.Module):
         activation_checkpointing: recompute each block's activations in the backward pass instead of
         storing them (about a third more compute for much less memory). loss: one of LOSSES;
         "chunked" works loss_chunk_rows token positions at a time (LinearCrossEntropy), "fused" runs
-        the Triton kernels of kernels.py, whose gradient overwrites the logits."""
+        the Triton kernels of triton_loss.py, whose gradient overwrites the logits."""
         if loss not in LOSSES or (loss == "chunked") != (loss_chunk_rows > 0):
             raise ValueError(f"loss {loss!r} with loss_chunk_rows {loss_chunk_rows}")
         self.activation_checkpointing = activation_checkpointing
@@ -269,8 +269,8 @@ class GPT(nn.Module):
                                             self.loss_chunk_rows, matmul_dtype(x.device.type, x.dtype),
                                             self.config.real_vocab_size)
         logits = self.lm_head(x)
-        if self.loss_kind == "fused":  # the gradient overwrites the logits (kernels.py)
-            return kernels.cross_entropy(logits, targets, min(self.config.real_vocab_size, logits.size(-1)))
+        if self.loss_kind == "fused":  # the gradient overwrites the logits (triton_loss.py)
+            return triton_loss.cross_entropy(logits, targets, min(self.config.real_vocab_size, logits.size(-1)))
         logits = self._mask_padding(logits)
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
 
@@ -321,7 +321,7 @@ class GPT(nn.Module):
 def choose_loss(requested, loss_chunk_rows, device):
     """--fused_loss auto|on|off and --loss_chunk_rows -> (one of LOSSES, one line saying what and why).
     "on" where the Triton kernels cannot run, or together with chunking, is a ModelConfigError."""
-    usable, why_not = kernels.available(device)
+    usable, why_not = triton_loss.available(device)
     if requested == "on" and not usable:
         raise ModelConfigError(f"--fused_loss on: {why_not}; use --fused_loss off")
     if requested == "on" and loss_chunk_rows:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The loss alone: kernels.cross_entropy (Triton) against F.cross_entropy, values, gradients and speed.
+"""The loss alone: triton_loss.cross_entropy (Triton) against F.cross_entropy, values, gradients and speed.
 
     python scripts/bench_loss.py                          # 65536 x 50304 bf16 on CUDA: micro batch 64 of GPT-2 124M
     python scripts/bench_loss.py --rows 8192 --blocks 2048:8 4096:8 4096:16
@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import cli  # noqa: E402
 import device as device_mod  # noqa: E402
-import kernels  # noqa: E402
+import triton_loss  # noqa: E402
 from model import GPTConfig  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def main(argv=None):
     expected = torch_loss(reference, t, args.valid_cols)
     expected.backward()
     source = x.clone().requires_grad_()
-    loss = kernels.cross_entropy(source * 1, t, args.valid_cols)
+    loss = triton_loss.cross_entropy(source * 1, t, args.valid_cols)
     loss.backward()
     print(f"check, {rows} x {args.cols} bf16: loss {loss.item():.6f} vs PyTorch {expected.item():.6f}; gradient max abs "
           f"difference {(source.grad.float() - reference.grad).abs().max().item():.3e} (largest gradient "
@@ -78,22 +78,22 @@ def main(argv=None):
 
     def ours():
         logits = x.detach().requires_grad_()  # a leaf: its .grad is the logits' own memory
-        kernels.cross_entropy(logits, t, args.valid_cols).backward()
+        triton_loss.cross_entropy(logits, t, args.valid_cols).backward()
 
     def theirs(fn):
         logits = x.detach().requires_grad_()
         fn(logits, t, args.valid_cols).backward()
 
     print(f"forward + backward, {args.rows} x {args.cols} bf16 on {dev}:")
-    default = kernels.BLOCK_COLS, kernels.NUM_WARPS
+    default = triton_loss.BLOCK_COLS, triton_loss.NUM_WARPS
     for block in args.blocks:
-        kernels.BLOCK_COLS, kernels.NUM_WARPS = (int(v) for v in block.split(":"))
-        kernels._kernels = None
+        triton_loss.BLOCK_COLS, triton_loss.NUM_WARPS = (int(v) for v in block.split(":"))
+        triton_loss._kernels = None
         s = median_seconds(ours, dev, args.repeats)
-        print(f"  Triton, {kernels.BLOCK_COLS} columns per block, {kernels.NUM_WARPS} warps: {s * 1e3:8.2f} ms "
+        print(f"  Triton, {triton_loss.BLOCK_COLS} columns per block, {triton_loss.NUM_WARPS} warps: {s * 1e3:8.2f} ms "
               f"({gigabytes / s:,.0f} GB/s over the {gigabytes:.1f} GB it must move)")
-    kernels.BLOCK_COLS, kernels.NUM_WARPS = default
-    kernels._kernels = None
+    triton_loss.BLOCK_COLS, triton_loss.NUM_WARPS = default
+    triton_loss._kernels = None
     compiled = torch.compile(torch_loss)
     triton_name = f"Triton ({default[0]}:{default[1]}, the default)"
     for name, fn in (("PyTorch eager", torch_loss), ("PyTorch compiled", compiled), (triton_name, None)):

@@ -215,7 +215,7 @@ def run(argv=None):
     p.add_argument("--loss_chunk_rows", type=int, nargs="+", default=[0],
                    help="rows of logits the loss takes at a time; 0: the full logits, then the loss below")
     p.add_argument("--fused_loss", nargs="+", default=["auto"], choices=["auto", "on", "off"],
-                   help="the Triton loss of kernels.py (auto: on where it can run, as train_gpt2.py)")
+                   help="the Triton loss of triton_loss.py (auto: on where it can run, as train_gpt2.py)")
     p.add_argument("--ddp_bucket_cap_mb", type=float, nargs="+", default=[DDP_BUCKET_CAP_MB], metavar="MB",
                    help="under torchrun: DDP gradient MB per all-reduce bucket (train_gpt2.py's flag of that name)")
     p.add_argument("--ddp_bucket_view", nargs="+", default=["on"], choices=["on", "off"],

@@ -18,7 +18,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
 if "TINYSHAKESPEARE_PATH" not in os.environ and (SHARED / "data" / "tinyshakespeare.txt").is_file():
     os.environ["TINYSHAKESPEARE_PATH"] = str(SHARED / "data" / "tinyshakespeare.txt")
-# Triton kernels (kernels.py) run on CPU tensors through Triton's interpreter; it must be chosen
+# Triton kernels (triton_loss.py) run on CPU tensors through Triton's interpreter; it must be chosen
 # before triton is first imported, which torch.compile may do.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -13,7 +13,7 @@ from conftest import REPO_ROOT
 # Lower layers never import higher ones; a module may import any module of a lower layer.
 LAYERS = [
     ["environment", "cli"],                             # what must come before torch; the command-line conventions
-    ["files", "kernels", "metrics", "distributed"],
+    ["files", "triton_loss", "metrics", "distributed"],
     ["device", "dataloader", "signals"],
     ["model"],
     ["converters"],

@@ -1,4 +1,4 @@
-"""The Triton loss (kernels.py), run on CPU tensors through Triton's interpreter (set in conftest):
+"""The Triton loss (triton_loss.py), run on CPU tensors through Triton's interpreter (set in conftest):
 the same values and gradients as PyTorch's cross-entropy, with the gradient written over the logits.
 Through the whole model: tests/test_model.py."""
 import pytest
@@ -10,12 +10,12 @@ from conftest import TINY_RUN
 from model import GPT, GPTConfig, MODEL_PRESETS, choose_loss
 
 pytest.importorskip("triton", reason="Triton is not installed: pip install triton (CI does)")
-import kernels  # noqa: E402
+import triton_loss  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradient_overwrites_the_logits_and_padding_gets_none(monkeypatch, dtype):
-    monkeypatch.setattr(kernels, "BLOCK_COLS", 16)  # rows of 4 blocks, the last one partly padding
+    monkeypatch.setattr(triton_loss, "BLOCK_COLS", 16)  # rows of 4 blocks, the last one partly padding
     torch.manual_seed(1)
     n_valid, width = 50, 64
     source = (torch.randn(3, 5, width) * 4).to(dtype).requires_grad_()
@@ -24,7 +24,7 @@ def test_gradient_overwrites_the_logits_and_padding_gets_none(monkeypatch, dtype
     logits = source * 1  # not a leaf, as lm_head's output
     seen = {}
     logits.register_hook(lambda grad: seen.update(grad=grad))
-    loss = kernels.cross_entropy(logits, targets, n_valid)
+    loss = triton_loss.cross_entropy(logits, targets, n_valid)
     (loss * 0.25).backward()  # an upstream scale, as gradient accumulation gives
     assert seen["grad"].data_ptr() == logits.data_ptr()  # no second logits-sized buffer
 
