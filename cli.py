@@ -6,11 +6,15 @@
                          and help that states a default once, where there is one
     positive_int         an argparse type: a whole number of at least 1
     main(run, argv)      calls run(argv); a UserError becomes its one line and exit status
+    log(line)            one line for the user, from rank 0 only (every module's output goes through it)
+    with log_to(sys.stderr): ...   for commands whose stdout is their result (JSON, samples)
 
 Every module's own error class (DataError, DeviceError, CheckpointError, ...) derives from
 UserError, so a command's main() catches one class, and the message always names the fix.
 """
 import argparse
+import contextlib
+import os
 import sys
 
 
@@ -63,6 +67,28 @@ class ArgumentParser(argparse.ArgumentParser):
             if other in self._option_string_actions:
                 return other + sep + value
         return arg
+
+
+_log_stream = None  # None: sys.stdout at the time of the call (a progress bar may have replaced it)
+
+
+def log(*parts):
+    """Print one line for the user, on rank 0 only: torchrun sets RANK in every process it starts, and a process
+    without torchrun is rank 0. Modules call this rather than print, so no rank but 0 ever repeats a line and no
+    constructor needs to be handed a print function."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*parts, file=_log_stream or sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def log_to(stream):
+    """Send log lines to stream meanwhile: sys.stderr for commands whose stdout is their result."""
+    global _log_stream
+    previous, _log_stream = _log_stream, stream
+    try:
+        yield
+    finally:
+        _log_stream = previous
 
 
 def positive_int(text):

@@ -3,7 +3,7 @@ recipe, the device preset and the automatic choices (device settings, loss kerne
 probe, --init_from FILE's shape); checked, then frozen. It is what the trainer prints at start and
 stores in every checkpoint.
 
-    config = build_config(args, device, dist_context, log)   # a frozen RunConfig, or one ConfigError line
+    config = build_config(args, device, dist_context)        # a frozen RunConfig, or one ConfigError line
     print_config(config)                                       # the table: each value and where it came from
     resolve_flags(args, device_type) -> {name: (value, source)}
 
@@ -19,11 +19,12 @@ import torch
 
 import checkpoint
 import cli
+from cli import log
 import device
 import distributed
 import files
 import gpt2_hf
-from model import GPT, GPTConfig, MODEL_PRESETS, choose_loss
+from model import GPT, GPTConfig, MODEL_PRESETS
 
 # GPT-2 124M on FineWeb-Edu 10B tokens, the build-nanogpt / llm.c recipe.
 RECIPE = dict(
@@ -247,7 +248,7 @@ def build_model_config(v):
     return GPTConfig(block_size=v["block_size"], **shape)
 
 
-def build_config(args, dev, ctx, log):
+def build_config(args, dev, ctx):
     """The run's configuration from the flags, the quickstart or recipe, the device preset and the
     automatic choices (device settings, loss kernels, micro batch probe): checked, then frozen."""
     resolved = resolve_flags(args, dev.type)
@@ -278,12 +279,12 @@ def build_config(args, dev, ctx, log):
                           "use --dtype bf16 (or fp32), or train without --fsdp")
     for line in device.apply_device_settings(dev.type, v["num_threads"], v["mps_memory_fraction"], v["deterministic"]):
         log(line)
-    loss, line = choose_loss(v["fused_loss"], v["loss_chunk_rows"], dev)
+    loss, line = device.choose_loss(v["fused_loss"], v["loss_chunk_rows"], dev)
     log(line)
     options = dict(activation_checkpointing=v["activation_checkpointing"], loss=loss, loss_chunk_rows=v["loss_chunk_rows"])
     micro_batch_size = v["micro_batch_size"]
     if micro_batch_size == "auto":
-        micro_batch_size = probe_micro_batch_size(v, model_config, options, dev, dtype, ctx, log)
+        micro_batch_size = probe_micro_batch_size(v, model_config, options, dev, dtype, ctx)
         sources["micro_batch_size"] = f"auto ({sources['micro_batch_size']})"
     tokens_per_micro_step = micro_batch_size * v["seq_len"] * ctx.world_size
     if v["total_batch_size"] % tokens_per_micro_step:
@@ -314,7 +315,7 @@ def build_config(args, dev, ctx, log):
         sources=tuple(sources.items()))
 
 
-def probe_micro_batch_size(v, model_config, options, dev, dtype, ctx, log):
+def probe_micro_batch_size(v, model_config, options, dev, dtype, ctx):
     """--micro_batch_size auto: the largest micro batch that fits (the same on every rank); the
     accumulation steps then make up --total_batch_size."""
     seq_len, total = v["seq_len"], v["total_batch_size"]

@@ -29,6 +29,7 @@ import gpt2_hf
 import hellaswag
 import metrics as metrics_mod
 import signals
+from cli import log
 from model import GPT, MODEL_PRESETS, sample_texts
 from run_config import DDP_BUCKET_CAP_MB, DEFAULT_DATA_ROOT, build_config, is_checkpoint_file, print_config
 
@@ -266,17 +267,16 @@ def train(args):
     device_type = device.select_device(args.device)
     ctx = distributed.setup(device_type, one_rank_group=args.fsdp)
     dev = device.torch_device(device_type, ctx.local_rank)
-    log = print if ctx.master else (lambda *a, **k: None)
-    config = build_config(args, dev, ctx, log)
-    lock = files.RunLock(config.log_dir, log).acquire() if ctx.master else None  # one trainer per folder, the whole run
+    config = build_config(args, dev, ctx)
+    lock = files.RunLock(config.log_dir).acquire() if ctx.master else None  # one trainer per folder, the whole run
     try:
-        return train_run(config, dev, ctx, log)
+        return train_run(config, dev, ctx)
     finally:
         if lock is not None:
             lock.release()
 
 
-def build_model(config, dev, ctx, log):
+def build_model(config, dev, ctx):
     """The model on dev (sharded over the ranks with --fsdp) and its AdamW; weights from --init_from."""
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     from_transformers = config.init_from and not is_checkpoint_file(config.init_from)
@@ -290,9 +290,11 @@ def build_model(config, dev, ctx, log):
         log(f"fsdp: weights, gradients and AdamW state sharded over {ctx.world_size} rank(s): "
             f"{mine / 1e6:.2f}M of {model.num_params(non_embedding=False) / 1e6:.2f}M parameters on each"
             + (", bf16 compute, fp32 gradient reduction" if config.dtype == "bf16" else ""))
-    optimizer = model.configure_optimizer(config.weight_decay, config.max_lr, dev.type, log=log)
+    optimizer = model.configure_optimizer(config.weight_decay, config.max_lr)
+    if not optimizer.defaults.get("fused"):
+        log(f"fused AdamW is not available on {dev.type}; using the for-each implementation")
     if is_checkpoint_file(config.init_from):
-        checkpoint_manager.init_from_file(config.init_from, model, optimizer, config.init_from_optimizer, log)
+        checkpoint_manager.init_from_file(config.init_from, model, optimizer, config.init_from_optimizer)
     return model, optimizer
 
 
@@ -303,7 +305,7 @@ def planned_saves(config, start_step):
     return len(set(regular) | {config.max_steps - 1})
 
 
-def train_run(config, dev, ctx, log):
+def train_run(config, dev, ctx):
     """The training run of a checked configuration."""
     if ctx.master:
         print_config(config)
@@ -320,18 +322,18 @@ def train_run(config, dev, ctx, log):
                                               ctx.rank, ctx.world_size, pin_memory=config.pin_memory,
                                               prefetch=False)  # each evaluation starts with reset(): nothing to read ahead
 
-    raw_model, optimizer = build_model(config, dev, ctx, log)
+    raw_model, optimizer = build_model(config, dev, ctx)
     scaler = torch.amp.GradScaler(dev.type, enabled=config.dtype == "fp16")
 
     train_state, tracked = checkpoint.TrainState(), metrics_mod.TrackedRun()
     ckpt = checkpoint_manager.CheckpointManager(
         config.log_dir,
         {"model": raw_model, "optimizer": optimizer, "scaler": scaler if scaler.is_enabled() else None,
-         "dataloader": train_loader, "rng": checkpoint.RandomState(log), "train_state": train_state,
+         "dataloader": train_loader, "rng": checkpoint.RandomState(), "train_state": train_state,
          "tracking": tracked},
         meta={"model_config": asdict(config.model_config), "run_config": config.to_dict(), "world_size": ctx.world_size},
         interval=config.checkpoint_interval, keep_last_n=config.keep_last_n_checkpoints,
-        save_optimizer=config.save_optimizer, async_save=config.async_checkpoint, log=log)
+        save_optimizer=config.save_optimizer, async_save=config.async_checkpoint)
     start_step = ckpt.resume(auto=config.auto_resume, path=config.resume_from, load_optimizer=not config.reset_optimizer)
     train_state.keep_best(ckpt.best_val_loss_on_disk())  # best_model.pt stays the best the folder has seen
     ckpt.check_space(planned_saves(config, start_step))

@@ -310,7 +310,7 @@ def test_auto_micro_batch_size_probes_an_accelerator(monkeypatch):
         device_mod.auto_micro_batch_size(lambda: TinyLM(oom_above=0), 64 * 16, 16, torch.device("meta"), "fp32")
 
 
-def test_auto_probes_the_model_training_builds(monkeypatch):
+def test_auto_probes_the_model_training_builds(monkeypatch, capsys):
     # GPT itself on the meta device (real passes, no memory): everything fits, so the largest divisor.
     args = parse_args(["--data_root", "x", "--model", "d2", "--seq_len", "32", "--total_batch_size", "1024",
                        "--micro_batch_size", "auto", "--activation_checkpointing"])
@@ -319,11 +319,10 @@ def test_auto_probes_the_model_training_builds(monkeypatch):
     real_fits = device_mod.fits
     monkeypatch.setattr(device_mod, "fits", lambda model, *rest: probed.append(
         model.activation_checkpointing) or real_fits(model, *rest))
-    lines = []
     options = dict(activation_checkpointing=True, loss="torch", loss_chunk_rows=0)
     chosen = run_config.probe_micro_batch_size(values, run_config.build_model_config({**values, "init_from": None}),
-                                               options, torch.device("meta"), "fp32", distributed.Dist(), lines.append)
-    assert chosen == 32 and lines == ["micro batch auto: 32 (probed on meta: tried 8, 16, 32; divisors of 32 sequences "
+                                               options, torch.device("meta"), "fp32", distributed.Dist())
+    assert chosen == 32 and capsys.readouterr().out.splitlines() == ["micro batch auto: 32 (probed on meta: tried 8, 16, 32; divisors of 32 sequences "
                                       "per rank per step)"]
     assert probed and all(probed)
 

@@ -57,7 +57,7 @@ def test_init_from_an_unknown_name_or_with_shape_flags_is_one_message():
     for extra in (["--model", "d2"], ["--n_layer", "4"]):
         args = parse_args(["--init_from", "gpt2", "--device", "cpu"] + extra)
         with pytest.raises(UserError, match="--init_from takes the model shape from the weights"):
-            build_config(args, torch.device("cpu"), distributed.Dist(), print)
+            build_config(args, torch.device("cpu"), distributed.Dist())
 
 
 def test_missing_transformers_names_the_install(tiny_data, tmp_path, monkeypatch, capsys):

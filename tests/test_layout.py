@@ -61,7 +61,7 @@ def test_no_module_imports_the_trainer_or_a_script():
 def test_torch_is_imported_after_the_environment_module(path):
     """environment.py sets variables torch reads once, when it loads: in every file, no import that
     loads torch (torch itself, or a module of ours) may come before it."""
-    if path == "environment.py":
+    if path in ("environment.py", "model.py"):  # model.py lifts out alone (below); its importers load environment first
         return
     names = [name for name, _ in imports(REPO_ROOT / path)]
     if "torch" not in names:
@@ -69,6 +69,13 @@ def test_torch_is_imported_after_the_environment_module(path):
     # environment itself, or a module of ours, each of which imports it before anything else (checked here too)
     sets_it = [i for i, name in enumerate(names) if name in LAYER and name != "cli"]
     assert sets_it and sets_it[0] < names.index("torch"), f"{path} imports torch before environment"
+
+
+def test_model_lifts_out_alone():
+    """nanoGPT's model.py imports only torch: users copy it into notebooks and other projects. Ours may also
+    use triton_loss.py, and works without it."""
+    ours = {name for name, _ in imports(REPO_ROOT / "model.py")}
+    assert ours - {"torch", "triton_loss"} <= set(sys.stdlib_module_names), ours
 
 
 WATCH_TORCH = """

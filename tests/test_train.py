@@ -45,7 +45,7 @@ def test_gpt2_124m_has_124m_parameters():
 
 
 def test_weight_decay_only_on_matrices():
-    opt = tiny_model().configure_optimizer(0.1, 1e-3, "cpu")
+    opt = tiny_model().configure_optimizer(0.1, 1e-3)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
