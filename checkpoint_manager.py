@@ -243,15 +243,7 @@ class CheckpointManager:
         """Load the chosen checkpoint into every part; return the step to start at (0: fresh)."""
         if not auto and path is None:
             return 0
-        chosen, error = None, None
-        if self.is_master:
-            try:
-                chosen = self._choose(auto, path, load_optimizer)
-            except CheckpointError as exc:
-                error = str(exc)
-        chosen, error = distributed.from_rank0((str(chosen) if chosen else None, error))
-        if error:
-            raise CheckpointError(error)
+        chosen = distributed.on_rank0(self._choose, auto, path, load_optimizer)
         if auto:
             self._check_other_machines(chosen)
         if chosen is None:
@@ -286,7 +278,7 @@ class CheckpointManager:
             except CheckpointError as exc:
                 raise CheckpointError(f"cannot resume from {path}: {exc}. {self.existing_summary()}") from None
             self._check_optimizer(ckpt, path, load_optimizer)
-            return path
+            return str(path)
         candidates = []
         latest = read_latest(self.log_dir)
         if latest is not None:
@@ -300,7 +292,7 @@ class CheckpointManager:
                 continue
             self._check_optimizer(ckpt, candidate, load_optimizer)
             log(f"auto-resume: {candidate}")
-            return candidate
+            return str(candidate)
         return None
 
     def _verified(self, path):
@@ -441,30 +433,29 @@ class CheckpointManager:
                                   f"{self.last_good()}resume with --auto_resume, perhaps with a lower --max_lr")
         path = step_path(self.log_dir, step, epoch) if regular else None
         sharded = distributed.is_sharded(unwrap(self.model))
-        error, t0 = None, time.perf_counter()
+        t0 = time.perf_counter()
         state = self.state() if self.is_master or sharded else None  # FSDP: every rank sends its shards
-        if self.is_master:
-            try:
-                self.wait()  # one write at a time; raises if the previous background write failed
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                jobs = self._jobs(state, path, best)
-                if self.async_save:
-                    if not sharded:  # FSDP's gathered state is a private CPU copy already
-                        jobs = snapshot_to_cpu(jobs, self._buffers)
-                        if torch.cuda.is_available():
-                            torch.cuda.synchronize()  # the pinned copies must land before training mutates weights
-                    self._thread = threading.Thread(target=self._write, args=(jobs, path), name="checkpoint-writer")
-                    self._thread.start()  # not a daemon: interpreter exit waits for the write
-                else:
-                    self._write(jobs, path)
-                    self.wait()  # raises what _write recorded
-            except CheckpointError as exc:
-                error = str(exc)
+        try:  # also the barrier: no rank runs ahead of a failed or unfinished save
+            distributed.on_rank0(self._write_or_start, state, path, best, sharded)
+        finally:
             self.last_save_stall_s = time.perf_counter() - t0
-        error = distributed.from_rank0(error)  # also the barrier: no rank runs ahead of a failed or unfinished save
-        if error:
-            raise CheckpointError(error)
         return path
+
+    def _write_or_start(self, state, path, best, sharded):
+        """Rank 0: write the files now, or start the background write of a snapshot."""
+        self.wait()  # one write at a time; raises if the previous background write failed
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        jobs = self._jobs(state, path, best)
+        if not self.async_save:
+            self._write(jobs, path)
+            self.wait()  # raises what _write recorded
+            return
+        if not sharded:  # FSDP's gathered state is a private CPU copy already
+            jobs = snapshot_to_cpu(jobs, self._buffers)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the pinned copies must land before training mutates weights
+        self._thread = threading.Thread(target=self._write, args=(jobs, path), name="checkpoint-writer")
+        self._thread.start()  # not a daemon: interpreter exit waits for the write
 
     def last_good(self):
         """'the last good checkpoint is X; ' (or that there is none), for error messages."""
@@ -564,12 +555,4 @@ class CheckpointManager:
             raise error
 
     def close(self):
-        error = None
-        if self.is_master:
-            try:
-                self.wait()
-            except CheckpointError as exc:
-                error = str(exc)
-        error = distributed.from_rank0(error)
-        if error:
-            raise CheckpointError(error)
+        distributed.on_rank0(self.wait)

@@ -258,15 +258,7 @@ def build_config(args, dev, ctx):
     if args.resume_from_checkpoint:
         v["resume"], v["checkpoint_path"] = True, args.resume_from_checkpoint
     check_flags(v)
-    problem = None
-    if ctx.master:  # other machines may not see the folder (distributed.py): rank 0 checks, all ranks stop together
-        try:
-            check_run_folder(v)
-        except cli.UserError as exc:
-            problem = exc
-    problem = distributed.from_rank0(problem and (type(problem).__name__, str(problem)))
-    if problem:
-        raise (files.RunLockError if problem[0] == "RunLockError" else ConfigError)(problem[1])
+    distributed.on_rank0(check_run_folder, v)  # other machines may not see the folder: rank 0 checks, all stop together
     model_config = build_model_config(v)
     if v["init_from"]:
         v["model"], sources["model"] = v["init_from"], "init_from"
