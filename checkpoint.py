@@ -8,7 +8,7 @@ what a checkpoint holds besides the weights and the optimizer (TrainState, Rando
     read_weights(path) -> (tensors, model config, the rest of the file)
     summary(ckpt) -> str                               # "nanoGPT checkpoint, 2 steps done, best val loss 3.2500"
     save_file(obj, path)                               # torch.save through files.atomic_write
-    step_path, list_checkpoints, read_latest, point_latest, existing_run, move_run_aside
+    step_path, list_checkpoints, read_latest, point_latest, existing_run, check_run_folder, move_run_aside
     TrainState()            step, loss history, best validation loss: what the loop records
     RandomState()           every RNG the run draws from, as a stateful object
 
@@ -102,6 +102,17 @@ def existing_run(log_dir):
     if latest is not None and latest.is_file():
         return latest
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def check_run_folder(log_dir, resuming=False, start_over=False):
+    """The --log_dir is free: no other trainer holds it, and a run in it is resumed or explicitly started
+    over, never silently overwritten."""
+    files.RunLock.check(log_dir)
+    newest = existing_run(log_dir)
+    if newest is not None and not (resuming or start_over):
+        raise CheckpointError(f"{log_dir} already holds a run (newest: {newest.name}); continue it with --auto_resume, "
+                              "start a new one in another --log_dir, or pass --start_over to move it aside and train "
+                              "from step 0 here")
 
 
 def move_run_aside(log_dir):

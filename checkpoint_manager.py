@@ -8,6 +8,7 @@ FSDP at any world size, and no rank but 0 needs to see it.
     ckpt.maybe_save(step, best=False, force=False, epoch=None)            # interval, last step, best, epoch end
     with ckpt.saved_on_error(step): ...                                   # a crash in evaluation still saves the step
     ckpt.close()                                                          # waits for a background write
+    init_shape(path, block_size, with_optimizer) -> GPTConfig      --init_from FILE's model shape, checked
     init_from_file(path, model, optimizer, load_optimizer)               # a new run from any checkpoint file's weights
 
 The manager saves and restores objects that have state_dict() / load_state_dict(); it knows
@@ -31,7 +32,21 @@ from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, Checkpoin
                         point_latest, read_latest, read_weights, remove_stale_temp_files, run_config_of, save_file,
                         shapes, step_path, summary, verify_checkpoint)
 from cli import UserError, log
-from model import TIED_WEIGHTS, unwrap
+from model import TIED_WEIGHTS, GPTConfig, unwrap
+
+
+def init_shape(path, block_size, with_optimizer=False):
+    """--init_from FILE: the file's model shape (a GPTConfig), its position table cut to block_size where that is
+    shorter (as gpt2_hf does). Read before anything is written, so that what the file cannot do is refused first."""
+    _, stored, ckpt = read_weights(path, for_training=True)
+    config = GPTConfig(**{**stored, "block_size": min(block_size, stored["block_size"])})
+    if with_optimizer and ckpt.get("optimizer") is None:
+        raise CheckpointError(f"--init_from_optimizer: {path} ({summary(ckpt)}) holds no AdamW state that maps "
+                              "onto this trainer's; drop the flag to start with a fresh one")
+    if with_optimizer and config.block_size < stored["block_size"]:
+        raise CheckpointError(f"--init_from_optimizer continues moments of all {stored['block_size']} positions of "
+                              f"{path}; drop --block_size {block_size}, or the flag")
+    return config
 
 
 def init_from_file(path, model, optimizer, load_optimizer=False):

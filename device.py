@@ -36,7 +36,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Per-device defaults that do not change the math: how the work is laid out and run. They only
-# fill flags the user did not give (train_gpt2.build_config), and none of them is a learning rate.
+# fill options the user did not give (run_config.resolve), and none of them is a learning rate.
 PRESETS = {
     # micro batch "auto": the largest that fits this GPU (probed at start); compile: faster than eager
     # with either loss (docs/PERFORMANCE.md).

@@ -9,7 +9,6 @@ import torch
 from conftest import TINY_RUN, read_metrics, run_ranks, run_train
 from model import GPT, GPTConfig, MODEL_PRESETS
 import train_gpt2
-from run_config import resolve_flags
 from train_gpt2 import get_lr, parse_args
 
 
@@ -57,15 +56,6 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert get_lr(9, config) == pytest.approx(1e-3)
     assert get_lr(55, config) == pytest.approx(5.5e-4)
     assert get_lr(100, config) == pytest.approx(1e-4)
-
-
-def test_flags_beat_presets_and_sources_are_reported():
-    args = parse_args(["--data_root", "x", "--micro_batch_size", "3"])
-    settings = resolve_flags(args, "cpu")
-    assert settings["micro_batch_size"] == (3, "flag")
-    assert settings["max_lr"] == (6e-4, "recipe")
-    assert settings["dtype"] == ("fp32", "preset:cpu")
-    assert settings["min_lr"][0] == pytest.approx(6e-5)
 
 
 def test_short_run_lowers_the_loss_and_logs_jsonl(tiny_data, tmp_path):
