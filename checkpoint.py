@@ -1,16 +1,16 @@
-"""Checkpoint files: their names in a run folder, atomic saves, lean and safe loading, checks, and
-what a checkpoint holds besides the weights and the optimizer (TrainState, RandomState).
+"""Checkpoint files: their layout, their names in a run folder, atomic saves, lean and safe loading,
+checks, and and the tools' way in (read_checkpoint, verify_file, load_model).
 
-    load_checkpoint(path) -> dict                      # mmap, weights_only: never runs code (converters.load)
+    load_checkpoint(path) -> dict                      # mmap, weights_only: never runs code; migrated to this layout
     read_checkpoint(path, for_training=False) -> dict  # any checkpoint file, other trainers' as exports (below)
+    read_foreign(path, for_training=False) -> converters.Foreign or None   # another trainer's file, converted
     verify_file(path) -> dict                          # every byte and tensor, keys and shapes
     load_model(path, device) -> (GPT in eval mode, config dict)   # checkpoints and exports alike
     read_weights(path) -> (tensors, model config, the rest of the file)
     summary(ckpt) -> str                               # "nanoGPT checkpoint, 2 steps done, best val loss 3.2500"
     save_file(obj, path)                               # torch.save through files.atomic_write
     step_path, list_checkpoints, read_latest, point_latest, existing_run, check_run_folder, move_run_aside
-    TrainState()            step, loss history, best validation loss: what the loop records
-    RandomState()           every RNG the run draws from, as a stateful object
+The training state's own parts (TrainState, RandomState) are run_state.py.
 
 Every reader here (load_model, verify_file, the tools, --init_from) takes other trainers' files too:
 nanoGPT's ckpt.pt, build-nanogpt's model_*.pt and llm.c's .bin, converted by converters.py into an
@@ -28,15 +28,13 @@ import contextlib
 import json
 import math
 import os
-import random
+import pickle
 import re
 import time
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
-import numpy as np
 import torch
 
 import converters
@@ -44,7 +42,19 @@ import files
 from cli import UsageError, UserError, log
 from model import TIED_WEIGHTS, ModelConfigError, config_from_dict, model_from_config
 
-FORMAT_VERSION = 2  # 2: model_config has real_vocab_size and gelu; run_config replaces run_args
+# The layout, format 3. A checkpoint file is one dict:
+#   format_version  this layout's number (migrate() reads the older ones)
+#   kind            "checkpoint" (resumable) or "export" (weights and model_config only)
+#   torch_version   the torch that wrote it
+#   PARTS           the state_dict() of each stateful object the manager is handed, under its name: model (no
+#                   DDP / compile prefixes), optimizer (torch.optim's format, keyed by parameter index), scaler,
+#                   dataloader, rng (RandomState), train_state (TrainState: step, losses, best val loss), tracking
+#   model_config    GPTConfig's fields; run_config: RunConfig.to_dict(), with each value's source; world_size
+# A step is the last completed step: training resumes at train_state["step"] + 1.
+FORMAT_VERSION = 3  # 2: model_config has real_vocab_size and gelu, run_config replaces run_args; 3: train_state
+PARTS = ("model", "optimizer", "scaler", "dataloader", "rng", "train_state", "tracking")
+REQUIRED = {"checkpoint": ("format_version", "kind", "model", "model_config", "dataloader", "rng", "train_state"),
+            "export": ("format_version", "kind", "model", "model_config")}
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)(?:_epoch(\d+))?\.pt$")  # group 2: the epoch of an epoch checkpoint
 LATEST_NAME = "latest_checkpoint.pt"
 BEST_NAME = "best_model.pt"
@@ -185,12 +195,61 @@ def checkpoint_errors():
         raise CheckpointError(str(exc)) from None
 
 
+def load_file(path):
+    """The object a .pt file holds, loaded lean and safe: memory-mapped on the CPU where the file is a zip
+    (pages are read as tensors are copied, so host RAM stays near one checkpoint and a GPU never holds a
+    second copy), and weights_only, which refuses any pickle that would construct arbitrary objects or run
+    code. The one global allowed is the GPTConfig build-nanogpt pickles, read by a stand-in that runs nothing
+    (converters.PICKLE_STAND_INS)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format; mmap needs it, older files are raw pickles
+    try:
+        with torch.serialization.safe_globals(converters.PICKLE_STAND_INS):
+            return torch.load(path, map_location="cpu", mmap=is_zip, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc))
+        if unsafe:
+            raise CheckpointError(
+                f"refused to load {path}: loading it would construct {unsafe.group(1)}, i.e. run code, not just read "
+                "tensors and plain values. Only load files you trust; re-save it as a plain state dict") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_reason(exc)})") from None
+    except Exception as exc:  # truncated zip, garbage bytes, wrong format: all mean "unreadable"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {_reason(exc)})") from None
+
+
+def _reason(exc):
+    """The informative sentence of torch's long load errors."""
+    text = str(exc).strip()
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if unpickler:
+        return unpickler.group(1).strip()
+    return re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else "no details"
+
+
 def load_checkpoint(path):
-    """Load lean and safe (converters.load): memory-mapped on the CPU, so host RAM stays near one
-    checkpoint and the GPU never holds a second copy, and weights_only, which refuses any pickle that
-    would construct arbitrary objects or run code."""
-    with checkpoint_errors():
-        return converters.load(path)
+    """A .pt file's dict (load_file); this trainer's own files migrated to the current layout."""
+    obj = load_file(path)
+    return migrate(obj) if isinstance(obj, dict) and "format_version" in obj else obj
+
+
+def migrate(ckpt):
+    """A checkpoint of an older format in this format's layout, so that every reader knows one layout.
+    Format 1 and 2 files keep resuming exactly; a newer format is left as it is (verify_checkpoint refuses it)."""
+    version = ckpt["format_version"]
+    if version >= FORMAT_VERSION:
+        return ckpt
+    ckpt = dict(ckpt)
+    if version < 2:  # run_args became run_config; the model config's new fields default to what it computed
+        ckpt.setdefault("run_config", ckpt.pop("run_args", None) or {})
+    if version < 3:  # the TrainState was spread over the top level
+        ckpt["train_state"] = {key: ckpt.pop(key) for key in ("step", "val_loss", "best_val_loss", "history")
+                               if key in ckpt}
+    ckpt.setdefault("kind", "checkpoint")
+    ckpt["format_version"] = FORMAT_VERSION
+    return ckpt
 
 
 def read_checkpoint(path, for_training=False):
@@ -201,20 +260,36 @@ def read_checkpoint(path, for_training=False):
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     if path.suffix == ".safetensors":
-        tensors, model_config = _read_safetensors(path)
-        return {"format_version": FORMAT_VERSION, "kind": "export", "step": None, "model": tensors,
+        tensors, model_config, train_state = _read_safetensors(path)
+        return {"format_version": FORMAT_VERSION, "kind": "export", "train_state": train_state, "model": tensors,
                 "model_config": model_config}
-    with checkpoint_errors():
-        found = converters.read_any(path, for_training)
+    found = _read_any(path, for_training)
     return from_foreign(found) if isinstance(found, converters.Foreign) else found
+
+
+def _read_any(path, for_training):
+    """Another trainer's file as a converters.Foreign; this trainer's .pt files as their (migrated) dict."""
+    with checkpoint_errors():
+        if converters.is_llmc_file(path):
+            return converters.read_llmc(path)
+        obj = load_checkpoint(path)
+        kind = converters.detect(obj)
+        return converters.convert(obj, path, kind, for_training) if kind else obj
+
+
+def read_foreign(path, for_training=False):
+    """The converters.Foreign of an llm.c, nanoGPT or build-nanogpt file; None for this trainer's files."""
+    found = _read_any(Path(path), for_training)
+    return found if isinstance(found, converters.Foreign) else None
 
 
 def from_foreign(foreign):
     """Another trainer's file (a converters.Foreign) as an export of this trainer, plus 'foreign' (what the
     file is) and 'notes'. Their step counters count the updates done; ours names the last completed step."""
     return {"format_version": FORMAT_VERSION, "kind": "export", "foreign": converters.KINDS[foreign.kind],
-            "step": None if foreign.steps_done is None else foreign.steps_done - 1,
-            "val_loss": foreign.val_loss, "best_val_loss": foreign.best_val_loss, "model": foreign.tensors,
+            "train_state": {"step": None if foreign.steps_done is None else foreign.steps_done - 1,
+                            "val_loss": foreign.val_loss, "best_val_loss": foreign.best_val_loss},
+            "model": foreign.tensors,
             "model_config": foreign.model_config, "optimizer": foreign.optimizer, "run_config": foreign.run_config,
             "notes": list(foreign.notes)}
 
@@ -222,11 +297,12 @@ def from_foreign(foreign):
 def summary(ckpt):
     """What a file is, in one phrase: "nanoGPT checkpoint, 2 steps done, best val loss 3.2500"."""
     parts = [ckpt.get("foreign") or f"this trainer's {ckpt.get('kind', 'checkpoint')}"]
-    if ckpt.get("step") is not None:
-        parts.append(f"{ckpt['step'] + 1} step{'' if ckpt['step'] == 0 else 's'} done")
+    state = ckpt.get("train_state") or {}
+    if state.get("step") is not None:
+        parts.append(f"{state['step'] + 1} step{'' if state['step'] == 0 else 's'} done")
     for key, name in (("val_loss", "val loss"), ("best_val_loss", "best val loss")):
-        if ckpt.get(key) is not None and math.isfinite(ckpt[key]):  # a run never evaluated keeps inf as its best
-            parts.append(f"{name} {ckpt[key]:.4f}")
+        if state.get(key) is not None and math.isfinite(state[key]):  # a run never evaluated keeps inf as its best
+            parts.append(f"{name} {state[key]:.4f}")
     return ", ".join(parts)
 
 
@@ -251,8 +327,8 @@ def stored_config(ckpt, path):
 
 
 def run_config_of(ckpt):
-    """The run's settings as stored: run_config (format 2) or run_args (format 1)."""
-    return ckpt.get("run_config") or ckpt.get("run_args") or {}
+    """The run's settings as stored (migrate() gives format 1 files theirs too)."""
+    return ckpt.get("run_config") or {}
 
 
 def not_resumable(path, kind):
@@ -270,14 +346,12 @@ def verify_checkpoint(ckpt, path, model_config=None, model_keys=None, allow_expo
     if ckpt.get("kind") == "export" and not allow_export:
         raise CheckpointError(f"{path} is an export (weights and config only): it cannot resume training. "
                               "Resume from a model_*.pt, or use checkpoint.load_model for inference")
-    required = ("format_version", "step", "model", "model_config") if ckpt.get("kind") == "export" else \
-        ("format_version", "step", "model", "model_config", "dataloader", "rng", "history")
-    missing = [k for k in required if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a checkpoint of this trainer")
-    if ckpt["format_version"] > FORMAT_VERSION:
+    if isinstance(ckpt.get("format_version"), int) and ckpt["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {ckpt['format_version']}, newer than this code's "
                               f"{FORMAT_VERSION}; update the code (git pull)")
+    missing = [k for k in REQUIRED["export" if ckpt.get("kind") == "export" else "checkpoint"] if k not in ckpt]
+    if missing or "step" not in (ckpt.get("train_state") or {}):
+        raise CheckpointError(f"{path} lacks {', '.join(missing or ['a step'])}: not a checkpoint of this trainer")
     if model_config is not None:
         stored = stored_config(ckpt, path)
         diffs = [f"{k}={stored.get(k)} in the checkpoint but {v} in this run"
@@ -322,7 +396,7 @@ def read_weights(path, for_training=False):
     for tied, source in TIED_WEIGHTS.items():
         if tied not in tensors and source in tensors:
             tensors[tied] = tensors[source]
-    verify_checkpoint({"format_version": FORMAT_VERSION, "step": 0, "kind": "export", "model": tensors,
+    verify_checkpoint({"format_version": FORMAT_VERSION, "train_state": {"step": 0}, "kind": "export", "model": tensors,
                        "model_config": model_config}, path, model_keys=shapes(_meta_model(model_config, path)),
                       allow_export=True)
     return tensors, model_config, ckpt
@@ -348,7 +422,8 @@ def _read_safetensors(path):
         metadata = f.metadata() or {}
     if "model_config" not in metadata:
         raise CheckpointError(f"{path} has no model_config in its metadata: not an export of this trainer")
-    return safetensors_torch.load_file(str(path)), json.loads(metadata["model_config"])
+    train_state = json.loads(metadata.get("train_state", '{"step": null}'))
+    return safetensors_torch.load_file(str(path)), json.loads(metadata["model_config"]), train_state
 
 
 def import_safetensors():
@@ -390,101 +465,6 @@ def verify_file(path):
         if t.is_floating_point() and not bool(t.isfinite().all()):
             raise CheckpointError(f"{path}: the optimizer state holds NaN or inf")
     return ckpt
-
-
-# -----------------------------------------------------------------------------
-# The state a checkpoint holds besides model and optimizer
-
-
-@dataclass
-class TrainState:
-    """What the loop records: the last completed step, the losses so far and the best validation loss."""
-
-    step: int = -1
-    val_loss: float = None  # of `step`, when it was evaluated
-    best_val_loss: float = float("inf")
-    history: dict = field(default_factory=lambda: {"train": [], "val": []})
-
-    def record(self, step, train_loss=None, val_loss=None):
-        """This step's losses; True when val_loss is the best so far (NaN never is)."""
-        self.step, self.val_loss = step, val_loss
-        if train_loss is not None:
-            self.history["train"].append([step, train_loss])
-        if val_loss is None:
-            return False
-        self.history["val"].append([step, val_loss])
-        improved = val_loss < self.best_val_loss
-        if improved:
-            self.best_val_loss = val_loss
-        return improved
-
-    def keep_best(self, val_loss):
-        """A best validation loss from elsewhere (best_model.pt of the folder) that this run must beat."""
-        self.best_val_loss = min(self.best_val_loss, val_loss)
-
-    def state_dict(self):
-        return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
-                "history": {"train": list(self.history["train"]), "val": list(self.history["val"])}}
-
-    def load_state_dict(self, state):
-        self.step, self.val_loss = state["step"], state.get("val_loss")
-        self.best_val_loss = state.get("best_val_loss", float("inf"))
-        self.history = {"train": [list(x) for x in state["history"]["train"]],
-                        "val": [list(x) for x in state["history"]["val"]]}
-
-
-class RandomState:
-    """Every random generator the run draws from (Python, NumPy, torch's CPU, each CUDA device, MPS),
-    as plain types and tensors, so weights_only loading accepts it."""
-
-    def state_dict(self):
-        return capture_rng_state()
-
-    def load_state_dict(self, state):
-        skipped = restore_rng_state(state)
-        if skipped:
-            log(f"the checkpoint's {' and '.join(skipped)} random state is not restored: no such device here "
-                     f"(the CPU, Python and NumPy streams are)")
-
-
-def capture_rng_state():
-    np_state = np.random.get_state(legacy=False)
-    state = {
-        "python": random.getstate(),
-        "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def restore_rng_state(state):
-    """Every generator the checkpoint holds that this machine has; returns the names of those it
-    skipped (a CUDA or MPS run resumed where that device is missing: nothing here draws from them)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": np.array(n["key"], dtype=np.uint32),
-                         "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    torch.set_rng_state(state["torch"])
-    skipped = []
-    if "cuda" in state:
-        if torch.cuda.is_available():
-            for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s, i)
-        else:
-            skipped.append("cuda")
-    if "mps" in state:
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            torch.mps.set_rng_state(state["mps"])
-        else:
-            skipped.append("mps")
-    return skipped
-
 
 
 if __name__ == "__main__":  # the tools live in scripts/checkpoint_tool.py; this keeps `python checkpoint.py ...` working

@@ -1,18 +1,18 @@
 """The checkpoint manager: saves and restores a run's stateful objects, keeps the last N, writes in
-the background, and moves the state between ranks, so that a file resumes under one process, DDP or
-FSDP at any world size, and no rank but 0 needs to see it.
+the background. A file resumes under one process, DDP or FSDP at any world size, and no rank but 0
+needs to see it (full_state.py moves the state between the ranks).
 
     ckpt = CheckpointManager(log_dir, {"model": model, "optimizer": opt, "dataloader": loader, "rng": RandomState(),
-                                       "train_state": train_state, "scaler": None}, meta={...}, interval=...)
-    start_step = ckpt.resume(auto=True, path=None, load_optimizer=True)   # 0 when starting fresh
+                                       "train_state": train_state, "scaler": None}, meta={...},
+                             checkpoint_interval=1000, keep_last_n_checkpoints=-1, save_optimizer="all",
+                             async_checkpoint=False)
+    start_step = ckpt.resume(auto=True, path=None, reset_optimizer=False)  # 0 when starting fresh
     ckpt.maybe_save(step, best=False, force=False, epoch=None)            # interval, last step, best, epoch end
     with ckpt.saved_on_error(step): ...                                   # a crash in evaluation still saves the step
     ckpt.close()                                                          # waits for a background write
-    init_shape(path, block_size, with_optimizer) -> GPTConfig      --init_from FILE's model shape, checked
-    init_from_file(path, model, optimizer, load_optimizer)               # a new run from any checkpoint file's weights
 
-The manager saves and restores objects that have state_dict() / load_state_dict(); it knows
-nothing of losses. The files themselves: checkpoint.py.
+The manager saves and restores objects that have state_dict() / load_state_dict(), each under its name
+in checkpoint.PARTS; it knows nothing of losses. The files themselves: checkpoint.py.
 """
 import contextlib
 import os
@@ -27,172 +27,13 @@ import torch
 import converters
 import distributed
 import files
-from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, CheckpointError,
-                        check_zip_crc, is_epoch_checkpoint, list_checkpoints, load_checkpoint, not_resumable,
-                        point_latest, read_latest, read_weights, remove_stale_temp_files, run_config_of, save_file,
-                        shapes, step_path, summary, verify_checkpoint)
+from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, PARTS, CheckpointError, check_zip_crc,
+                        is_epoch_checkpoint, list_checkpoints, load_checkpoint, not_resumable, point_latest,
+                        read_latest, remove_stale_temp_files, run_config_of, save_file, shapes, step_path,
+                        verify_checkpoint)
 from cli import UserError, log
-from model import TIED_WEIGHTS, GPTConfig, unwrap
-
-
-def init_shape(path, block_size, with_optimizer=False):
-    """--init_from FILE: the file's model shape (a GPTConfig), its position table cut to block_size where that is
-    shorter (as gpt2_hf does). Read before anything is written, so that what the file cannot do is refused first."""
-    _, stored, ckpt = read_weights(path, for_training=True)
-    config = GPTConfig(**{**stored, "block_size": min(block_size, stored["block_size"])})
-    if with_optimizer and ckpt.get("optimizer") is None:
-        raise CheckpointError(f"--init_from_optimizer: {path} ({summary(ckpt)}) holds no AdamW state that maps "
-                              "onto this trainer's; drop the flag to start with a fresh one")
-    if with_optimizer and config.block_size < stored["block_size"]:
-        raise CheckpointError(f"--init_from_optimizer continues moments of all {stored['block_size']} positions of "
-                              f"{path}; drop --block_size {block_size}, or the flag")
-    return config
-
-
-def init_from_file(path, model, optimizer, load_optimizer=False):
-    """Start a new run (step 0) from the weights of any checkpoint file, copied into model; a model with a
-    shorter position table keeps the first positions. With load_optimizer, the file's AdamW state as well
-    (load_adamw_state). One line each: the conversion's notes, what the file is, what the optimizer does.
-    Every rank calls it; rank 0 reads the file and sends the others their part (DDP, FSDP)."""
-    tensors = state = None
-    if distributed.is_master():
-        tensors, model_config, ckpt = read_weights(path, for_training=True)
-        for note in ckpt.get("notes", ()):
-            log(note)
-        log(f"init_from {path}: {summary(ckpt)}; training starts at step 0 of a new run")
-        block_size = unwrap(model).config.block_size
-        if block_size < model_config["block_size"]:
-            log(f"--block_size {block_size}: the first {block_size} of the file's {model_config['block_size']} positions")
-            tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"][:block_size]
-        state = ckpt.get("optimizer")
-        if state is not None and load_optimizer:
-            log(f"optimizer: the AdamW moments and step counts of {path} (--init_from_optimizer), with this run's "
-                "learning rate, betas and weight decay")
-        elif state is not None:
-            log(f"optimizer: fresh AdamW; {path} holds an AdamW state that maps onto it: --init_from_optimizer "
-                "continues it")
-        elif "foreign" not in ckpt:  # for other trainers' files, converters' notes say it
-            log(f"optimizer: fresh AdamW ({path} holds weights only)")
-    load_full_model_state(model, tensors)  # into the existing parameters, on their device
-    if distributed.from_rank0(state is not None) and load_optimizer:
-        load_adamw_state(optimizer, state)
-
-
-def load_adamw_state(optimizer, state):
-    """An AdamW state dict's moments and step counts (this trainer's, or nanoGPT's, which maps onto the same
-    groups) with this optimizer's hyperparameters: the run's flags win over the file's weight decay and betas,
-    and the fused / capturable settings decide where torch puts the step counts. state: on rank 0 (None on
-    the other ranks, which get their part from it)."""
-    if state is not None:
-        ours = optimizer.state_dict()["param_groups"]
-        groups = [{**theirs, **{k: v for k, v in mine.items() if k != "params"}}
-                  for theirs, mine in zip(state["param_groups"], ours)]
-        state = {**state, "param_groups": groups}
-    load_full_optimizer_state(optimizer, state)
-
-
-# -----------------------------------------------------------------------------
-# The whole state on rank 0, whatever the parallelism. A file always holds the unsharded model and
-# an optimizer state keyed by parameter index (torch.optim's format), so it moves between one
-# process, DDP and FSDP at any world size. Loading reads the file on rank 0 only and sends the
-# state to the other ranks over the process group: no rank but 0 needs to see the file.
-
-
-def _is_tensor(value):
-    return isinstance(value, torch.Tensor)
-
-
-def full_model_state(model):
-    """Every rank calls it. FSDP: the shards gathered one tensor at a time to rank 0's CPU (a dict of
-    plain tensors there, {} elsewhere), so host memory holds one copy. Otherwise the module's own
-    state_dict (live tensors, unwrapped)."""
-    module = unwrap(model)
-    state = module.state_dict()
-    if not distributed.is_sharded(module):
-        return state
-    master, full = distributed.is_master(), {}
-    for name, tensor in state.items():
-        if TIED_WEIGHTS.get(name) in state:  # one tensor with the weight it is tied to, stored once
-            if master:
-                full[name] = full[TIED_WEIGHTS[name]]
-            continue
-        whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective for a shard
-        if master:
-            full[name] = whole.detach().to("cpu", copy=True)
-    return full if master else {}
-
-
-def full_optimizer_state(optimizer):
-    """Every rank calls it. optimizer.state_dict(), with FSDP's sharded moments gathered to rank 0's
-    CPU ({} on the other ranks)."""
-    state = optimizer.state_dict()
-    if not any(hasattr(v, "full_tensor") for entry in state["state"].values() for v in entry.values()):
-        return state
-    master, gathered = distributed.is_master(), {}
-    for index, entry in state["state"].items():
-        values = {}
-        for key, value in entry.items():
-            whole = value.full_tensor() if hasattr(value, "full_tensor") else value
-            values[key] = whole.detach().to("cpu", copy=True) if _is_tensor(whole) else whole
-        if master:
-            gathered[index] = values
-    return {"state": gathered, "param_groups": state["param_groups"]} if master else {}
-
-
-def _receive(like, source, shape, dtype):
-    """Rank 0's tensor (source on rank 0, None elsewhere) as this rank's value shaped like `like`:
-    its shard when `like` is an FSDP DTensor of that shape, the whole tensor otherwise."""
-    device = distributed.local(like).device
-    whole = source.to(device, dtype) if source is not None else torch.empty(shape, dtype=dtype, device=device)
-    if hasattr(like, "device_mesh") and tuple(like.shape) == tuple(shape):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=0)
-    return distributed.broadcast_(whole)
-
-
-def load_full_model_state(model, state):
-    """Every rank calls it; state is the file's weights on rank 0, None elsewhere."""
-    module = unwrap(model)
-    if not distributed.active():
-        module.load_state_dict(state)
-        return
-    local_state = module.state_dict()
-    if distributed.is_master():
-        missing = sorted(set(local_state) - set(state) - set(TIED_WEIGHTS))
-        if missing:
-            raise CheckpointError(f"the checkpoint has no tensor {missing[0]}")
-    with torch.no_grad():
-        for name, tensor in local_state.items():
-            if TIED_WEIGHTS.get(name) in local_state:
-                continue  # the same parameter as the one it is tied to
-            source = state.get(name, state.get(TIED_WEIGHTS.get(name))) if state is not None else None
-            value = _receive(tensor, source, tensor.shape, tensor.dtype)
-            distributed.local(tensor).copy_(distributed.local(value))
-
-
-def load_full_optimizer_state(optimizer, state):
-    """Every rank calls it; state is the file's optimizer state on rank 0, None elsewhere. Each
-    rank gets its part: FSDP ranks the shards of their parameters, DDP ranks a whole copy."""
-    if not distributed.active():
-        optimizer.load_state_dict(state)
-        return
-    def shape_of(value):
-        return ("tensor", tuple(value.shape), value.dtype) if _is_tensor(value) else value
-
-    skeleton = distributed.from_rank0(
-        {"state": {i: {k: shape_of(v) for k, v in e.items()} for i, e in state["state"].items()},
-         "param_groups": state["param_groups"]} if state is not None else None)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    loaded = {}
-    for index, entry in skeleton["state"].items():
-        loaded[index] = {}
-        for key, value in entry.items():
-            if isinstance(value, tuple) and value[:1] == ("tensor",):
-                source = state["state"][index][key] if state is not None else None
-                value = _receive(params[index], source, value[1], value[2])
-            loaded[index][key] = value
-    optimizer.load_state_dict({"state": loaded, "param_groups": skeleton["param_groups"]})
+from full_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
+from model import unwrap
 
 
 # -----------------------------------------------------------------------------
@@ -230,21 +71,22 @@ def snapshot_to_cpu(obj, buffers, copied=None):
 class CheckpointManager:
     """Saves and restores a run's stateful objects; keeps the last N; writes in the background.
 
-    parts: {name: object with state_dict() and load_state_dict(), or None}. "model" is saved
-    without its DDP / compile wrappers; "train_state" (a TrainState) is spread over the file's top
-    level (step, val_loss, best_val_loss, history), where the tools read it; every other part is
-    stored under its name. meta: plain values stored as they are (model_config, run_config,
-    world_size). Every rank calls every method; rank 0 reads, chooses and writes, and all ranks
-    return or raise together."""
+    parts: {name in checkpoint.PARTS: object with state_dict() and load_state_dict(), or None}, each stored
+    under its name ("model" without its DDP / compile wrappers). meta: plain values stored as they are
+    (model_config, run_config, world_size). Every rank calls every method; rank 0 reads, chooses and
+    writes, and all ranks return or raise together."""
 
-    def __init__(self, log_dir, parts, *, meta=None, interval, keep_last_n=-1, save_optimizer="all",
-                 async_save=False):
+    def __init__(self, log_dir, parts, *, meta=None, checkpoint_interval, keep_last_n_checkpoints=-1,
+                 save_optimizer="all", async_checkpoint=False):
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"parts {sorted(unknown)} are not in checkpoint.PARTS")
         self.log_dir = Path(log_dir)
         self.parts = dict(parts)
         self.model, self.train_state = self.parts["model"], self.parts["train_state"]
         self.meta = dict(meta or {})
-        self.interval, self.keep_last_n = interval, keep_last_n
-        self.save_optimizer, self.async_save = save_optimizer, async_save
+        self.interval, self.keep_last_n = checkpoint_interval, keep_last_n_checkpoints
+        self.save_optimizer, self.async_save = save_optimizer, async_checkpoint
         self.is_master = distributed.is_master()
         self._thread, self._thread_error, self._buffers = None, None, {}
         self.last_save_stall_s = None  # how long the last save held up training
@@ -254,18 +96,20 @@ class CheckpointManager:
 
     # -- resuming ------------------------------------------------------------
 
-    def resume(self, auto=False, path=None, load_optimizer=True):
-        """Load the chosen checkpoint into every part; return the step to start at (0: fresh)."""
+    def resume(self, auto=False, path=None, reset_optimizer=False):
+        """Load the chosen checkpoint into every part; return the step to start at (0: fresh). Rank 0 reads,
+        verifies and loads the file once; the other ranks receive the state."""
         if not auto and path is None:
             return 0
-        chosen = distributed.on_rank0(self._choose, auto, path, load_optimizer)
+        chosen = distributed.on_rank0(self._choose, auto, path, reset_optimizer,
+                                      share=lambda found: found and found[0])
         if auto:
-            self._check_other_machines(chosen)
+            self._check_other_machines(chosen and (chosen[0] if self.is_master else chosen))
         if chosen is None:
             log(f"no checkpoint in {self.log_dir}: starting fresh")
             return 0
-        ckpt = load_checkpoint(chosen) if self.is_master else None  # rank 0 reads it; the others receive the state
-        return self._apply(ckpt, Path(chosen), load_optimizer) + 1
+        path, ckpt = chosen if self.is_master else (chosen, None)
+        return self._apply(ckpt, Path(path), reset_optimizer) + 1
 
     def _check_other_machines(self, chosen):
         """Without a shared disk only the machine that ran rank 0 holds the checkpoints. If rank 0 now
@@ -285,15 +129,16 @@ class CheckpointManager:
         log(f"auto-resume: {where} is newer than rank 0's {Path(chosen).name}; resuming rank 0's (make that "
                  "machine node rank 0 to continue from its files)")
 
-    def _choose(self, auto, path, load_optimizer):
+    def _choose(self, auto, path, reset_optimizer):
+        """(path, its checkpoint dict, verified) of the file to resume from, or None; rank 0."""
         if path is not None:  # exactly this file: a bad one is an error, not a fallback
             path = Path(path)
             try:
                 ckpt = self._verified(path)
             except CheckpointError as exc:
                 raise CheckpointError(f"cannot resume from {path}: {exc}. {self.existing_summary()}") from None
-            self._check_optimizer(ckpt, path, load_optimizer)
-            return str(path)
+            self._check_optimizer(ckpt, path, reset_optimizer)
+            return str(path), ckpt
         candidates = []
         latest = read_latest(self.log_dir)
         if latest is not None:
@@ -305,9 +150,9 @@ class CheckpointManager:
             except CheckpointError as exc:
                 log(f"auto-resume: skipping {candidate.name}: {exc}")
                 continue
-            self._check_optimizer(ckpt, candidate, load_optimizer)
+            self._check_optimizer(ckpt, candidate, reset_optimizer)
             log(f"auto-resume: {candidate}")
-            return str(candidate)
+            return str(candidate), ckpt
         return None
 
     def _verified(self, path):
@@ -320,8 +165,8 @@ class CheckpointManager:
         verify_checkpoint(ckpt, path, self.meta.get("model_config"), shapes(unwrap(self.model)))
         return ckpt
 
-    def _check_optimizer(self, ckpt, path, load_optimizer):
-        if load_optimizer and self.parts.get("optimizer") is not None and ckpt.get("optimizer") is None:
+    def _check_optimizer(self, ckpt, path, reset_optimizer):
+        if not reset_optimizer and self.parts.get("optimizer") is not None and ckpt.get("optimizer") is None:
             raise CheckpointError(f"{path} holds weights only (an older file of --save_optimizer latest, or "
                                   f"{BEST_NAME}); resume from the newest checkpoint, or pass --reset_optimizer "
                                   "to continue its weights with a fresh optimizer")
@@ -334,11 +179,8 @@ class CheckpointManager:
             return f"There are no checkpoints in {self.log_dir}."
         return "Checkpoints in {}: {}".format(self.log_dir, ", ".join(p.name for _, p in existing))
 
-    def _apply(self, ckpt, path, load_optimizer):
-        """Load rank 0's checkpoint (None on the other ranks) into every part; returns its step."""
-        if ckpt is not None:
-            verify_checkpoint(ckpt, path, self.meta.get("model_config"), shapes(unwrap(self.model)))
-            self._check_optimizer(ckpt, path, load_optimizer)
+    def _apply(self, ckpt, path, reset_optimizer):
+        """Load rank 0's checkpoint, verified (None on the other ranks), into every part; returns its step."""
         # Everything but the weights and the optimizer is small: rank 0 sends it as it is.
         rest = distributed.from_rank0({k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
                                       if ckpt is not None else None)
@@ -348,19 +190,18 @@ class CheckpointManager:
             if name == "model":
                 load_full_model_state(part, ckpt["model"] if ckpt is not None else None)  # into the existing parameters
             elif name == "optimizer":
-                if load_optimizer:
+                if not reset_optimizer:
                     load_full_optimizer_state(part, ckpt["optimizer"] if ckpt is not None else None)
                 else:
                     log("weights loaded with a fresh optimizer (--reset_optimizer)")
-            elif name == "train_state":
-                part.load_state_dict(rest)
-            elif name == "scaler" and not load_optimizer:
+            elif name == "scaler" and reset_optimizer:
                 continue
             elif rest.get(name) is not None:  # a scaler of a run without fp16 stores None
                 part.load_state_dict(rest[name])
-        self._say_changes(run_config_of(rest), rest["step"])
-        log(f"resumed from {path} (step {rest['step']}): continuing at step {rest['step'] + 1}")
-        return rest["step"]
+        step = rest["train_state"]["step"]
+        self._say_changes(run_config_of(rest), step)
+        log(f"resumed from {path} (step {step}): continuing at step {step + 1}")
+        return step
 
     def _say_changes(self, old, step):
         new = self.meta.get("run_config") or {}
@@ -409,13 +250,16 @@ class CheckpointManager:
     def best_val_loss_on_disk(self):
         """The validation loss best_model.pt was saved with (inf without one): the best the folder has
         seen, also where a run resumed from an older checkpoint or started over is not yet that good."""
-        best = float("inf")
-        if self.is_master and (self.log_dir / BEST_NAME).is_file():
-            try:
-                best = float(load_checkpoint(self.log_dir / BEST_NAME).get("val_loss") or float("inf"))
-            except CheckpointError as exc:
-                log(f"{BEST_NAME} is unreadable ({exc}); a new one is written at the next best validation loss")
-        return distributed.from_rank0(best)
+        return distributed.on_rank0(self._best_on_disk)
+
+    def _best_on_disk(self):
+        if not (self.log_dir / BEST_NAME).is_file():
+            return float("inf")
+        try:  # memory-mapped: the pickle is read, no tensor is
+            return float(load_checkpoint(self.log_dir / BEST_NAME).get("train_state", {}).get("val_loss") or "inf")
+        except CheckpointError as exc:
+            log(f"{BEST_NAME} is unreadable ({exc}); a new one is written at the next best validation loss")
+            return float("inf")
 
     def estimate_file_bytes(self, with_optimizer=True):
         """About the size of one checkpoint: the weights, plus AdamW's two moments per weight."""
@@ -491,8 +335,6 @@ class CheckpointManager:
                 state["model"] = full_model_state(part)
             elif name == "optimizer":
                 state["optimizer"] = full_optimizer_state(part) if part is not None else None
-            elif name == "train_state":
-                state.update(part.state_dict())
             else:
                 state[name] = part.state_dict() if part is not None else None
         state.update(self.meta)

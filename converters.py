@@ -1,13 +1,10 @@
 """Checkpoints other GPT-2 trainers wrote: nanoGPT, build-nanogpt, llm.c.
 
-Public API:
-    read(path, for_training=False) -> Foreign or None    any of the files below; None: not one of theirs
-                                                          (this trainer's own checkpoints and exports)
-    read_any(path, for_training=False) -> Foreign or object   the same, loading every file once: for files that
-                                                          are not theirs, what load() reads (checkpoint.py's way in)
-    load(path) -> object                   a .pt file's contents, read safely (weights_only; see PickledConfig);
-                                           the one safe loader: checkpoint.load_checkpoint is this
+Public API (checkpoint.py reads the files, safely, and hands these their contents):
     KINDS[kind]                            what each kind of file is called where users read it
+    PICKLE_STAND_INS                       what checkpoint.load_file lets a pickle name: build-nanogpt's GPTConfig,
+                                           read as a PickledConfig that runs nothing
+    is_llmc_file(path) -> bool             an llm.c file (not a torch.save'd one), by its suffix or first number
     is_llmc_model(path) -> bool            an llm.c model file, by its first number (not its state or tokenizer files)
     detect(obj) -> "nanogpt" | "build-nanogpt" | None     whose checkpoint dict obj is
     convert(obj, path, kind, for_training=False) -> Foreign
@@ -16,7 +13,7 @@ Public API:
     Foreign                                what a file holds, in this trainer's terms; .build_model(device)
     ConverterError                         what cannot be read or mapped, and what to do instead
 
-    foreign = converters.read("out/ckpt.pt", for_training=True)
+    foreign = checkpoint.read_foreign("out/ckpt.pt", for_training=True)
     for line in foreign.notes: print(line)
     model = foreign.build_model("cuda")
 
@@ -45,7 +42,7 @@ import torch
 
 import files
 from cli import UserError
-from model import GPTConfig, ModelConfigError, config_from_dict, model_from_config, unwrap
+from model import TIED_WEIGHTS, GPTConfig, ModelConfigError, config_from_dict, model_from_config, unwrap
 
 KINDS = {"nanogpt": "nanoGPT checkpoint", "build-nanogpt": "build-nanogpt checkpoint", "llm.c": "llm.c model file"}
 GPT2_TOKENS = GPTConfig.real_vocab_size  # 50257: GPT-2's BPE, the only tokenizer this trainer has
@@ -109,41 +106,11 @@ class PickledConfig:
         return f"GPTConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).get('fields', {}).items())})"
 
 
+PICKLE_STAND_INS = [(PickledConfig, name) for name in PICKLED_CONFIG_NAMES]
+
+
 # -----------------------------------------------------------------------------
 # nanoGPT and build-nanogpt: torch.save'd dicts
-
-
-def load(path):
-    """The object a .pt file holds: weights_only, memory-mapped on the CPU where the file is a zip (pages are
-    read as tensors are copied, so host RAM stays near one checkpoint and a GPU never holds a second copy). The
-    one global allowed is the GPTConfig build-nanogpt pickles, read as a PickledConfig, which runs nothing; any
-    other global (a class, a function: code) is refused before it is built."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConverterError(f"{path} does not exist")
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format; mmap needs it, older files are raw pickles
-    try:
-        with torch.serialization.safe_globals([(PickledConfig, name) for name in PICKLED_CONFIG_NAMES]):
-            return torch.load(path, map_location="cpu", mmap=is_zip, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"GLOBAL (\S+)", str(exc))
-        if unsafe:
-            raise ConverterError(
-                f"refused to load {path}: loading it would construct {unsafe.group(1)}, i.e. run code, not just read "
-                "tensors and plain values. Only load files you trust; re-save it as a plain state dict") from None
-        raise ConverterError(f"{path} is not a readable checkpoint ({_reason(exc)})") from None
-    except Exception as exc:  # truncated zip, garbage bytes, wrong format: all mean "unreadable"
-        raise ConverterError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {_reason(exc)})") from None
-
-
-def _reason(exc):
-    """The informative sentence of torch's long load errors."""
-    text = str(exc).strip()
-    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if unpickler:
-        return unpickler.group(1).strip()
-    return re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else "no details"
 
 
 def detect(obj):
@@ -264,12 +231,13 @@ def _our_tensors(state, path):
         if not isinstance(value, torch.Tensor):
             raise ConverterError(f"{path}: model entry {key} is a {type(value).__name__}, not a tensor")
         tensors[name] = value
-    head, embedding = tensors.get("lm_head.weight"), tensors.get("transformer.wte.weight")
-    if head is None and embedding is not None:
-        tensors["lm_head.weight"] = embedding
-    elif head is not None and embedding is not None and not _same(head, embedding):
-        raise ConverterError(f"{path}: lm_head.weight differs from transformer.wte.weight, an output layer not tied "
-                             "to the token embedding; this trainer's GPT-2 ties them, so it cannot hold this model")
+    for tied, source in TIED_WEIGHTS.items():
+        head, embedding = tensors.get(tied), tensors.get(source)
+        if head is None and embedding is not None:
+            tensors[tied] = embedding
+        elif head is not None and embedding is not None and not _same(head, embedding):
+            raise ConverterError(f"{path}: {tied} differs from {source}, an output layer not tied to the token "
+                                 "embedding; this trainer's GPT-2 ties them, so it cannot hold this model")
     return tensors
 
 
@@ -406,7 +374,8 @@ def read_llmc(path):
         n = math.prod(shape)
         tensors[name] = flat[offset:offset + n].view(shape)
         offset += n
-    tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # llm.c ties them: one matrix in the file
+    for tied, source in TIED_WEIGHTS.items():  # llm.c ties them: one matrix in the file
+        tensors[tied] = tensors[source]
     notes = [f"llm.c model, {dtype}: {vocab} tokens in {padded_vocab} rows, the padding masked as llm.c's "
              "softmax leaves it out",
              "optimizer: llm.c model files hold none, so training continues with a fresh AdamW"]
@@ -434,9 +403,10 @@ def write_llmc(model_or_state, model_config, path, dtype="fp32"):
     if wrong:
         raise ConverterError(f"cannot write {path}: the weights do not fit model config {model_config}: "
                              f"{_some(wrong)} missing or of another shape")
-    if "lm_head.weight" in state and not _same(state["lm_head.weight"], state["transformer.wte.weight"]):
-        raise ConverterError(f"cannot write {path}: lm_head.weight is not tied to transformer.wte.weight, and llm.c "
-                             "stores one matrix for both")
+    for tied, source in TIED_WEIGHTS.items():
+        if tied in state and not _same(state[tied], state[source]):
+            raise ConverterError(f"cannot write {path}: {tied} is not tied to {source}, and llm.c stores one matrix "
+                                 "for both")
     version = {v: k for k, v in LLMC_DTYPES.items()}[dtype]
     header = np.zeros(256, dtype="<i4")
     header[:8] = [LLMC_MAGIC, version, config.block_size, config.real_vocab_size, config.n_layer, config.n_head,
@@ -459,31 +429,14 @@ def write_llmc(model_or_state, model_config, path, dtype="fp32"):
 # Any of them
 
 
-def read(path, for_training=False):
-    """The Foreign of an llm.c, nanoGPT or build-nanogpt file; None for other .pt files (this trainer's own
-    checkpoints and exports, Hugging Face's pytorch_model.bin) and .safetensors. Unreadable files and models
-    this trainer cannot hold raise a ConverterError."""
-    found = read_any(path, for_training)
-    return found if isinstance(found, Foreign) else None
-
-
-def read_any(path, for_training=False):
-    """read's Foreign for another trainer's file; for any other .pt file the object load() reads from it,
-    so that a caller that handles both loads each file once; None for .safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConverterError(f"{path} does not exist")
+def is_llmc_file(path):
+    """True for a file of llm.c's (model, state, tokenizer or token shard), False for torch.save's zip or pickle."""
     with open(path, "rb") as f:
         start = f.read(4)
-    is_torch = start == b"PK\x03\x04" or start[:1] == b"\x80"  # torch.save's zip, or an older raw pickle
+    if start == b"PK\x03\x04" or start[:1] == b"\x80":  # torch.save's zip, or an older raw pickle
+        return False
     first_int = int.from_bytes(start, "little") if len(start) == 4 else None
-    if not is_torch and (path.suffix == ".bin" or first_int == LLMC_MAGIC or first_int in LLMC_OTHER_MAGICS):
-        return read_llmc(path)
-    if path.suffix == ".safetensors":
-        return None
-    obj = load(path)
-    kind = detect(obj)
-    return convert(obj, path, kind, for_training) if kind else obj
+    return Path(path).suffix == ".bin" or first_int == LLMC_MAGIC or first_int in LLMC_OTHER_MAGICS
 
 
 def is_llmc_model(path):

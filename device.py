@@ -15,7 +15,6 @@ Public API:
     auto_micro_batch_size(make_model, tokens_per_rank, seq_len, device, dtype) -> (micro batch, one line)
     memory_stats(device)                    -> {"mem_alloc_gib", "mem_reserved_gib", "mem_peak_gib"}, {} on CPU
     is_oom(exc), oom_message(...)           recognise and explain an out-of-memory error
-    peak_flops(device, dtype)               -> datasheet peak FLOP/s for MFU, or None
 
 `python device.py` prints a report of what this machine has and what training would use.
 """
@@ -446,36 +445,6 @@ def oom_message(device, micro_batch_size, seq_len, activation_checkpointing):
     fixes.append("a smaller --model or --seq_len")
     return (f"out of memory on {device} at micro batch size {micro_batch_size} x {seq_len} tokens{used}; "
             f"try {', or '.join(fixes)}")
-
-
-# -----------------------------------------------------------------------------
-# Model FLOP utilisation.
-
-# Dense (no sparsity) peak tensor-core FLOP/s by GPU name, from the vendors' datasheets.
-# MFU = achieved model FLOP/s / this. Unknown GPUs get no MFU rather than a wrong one.
-PEAK_FLOPS = {  # name substring: {dtype: FLOP/s}
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
-    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12},
-    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},   # SXM
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
-    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12},
-    "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12},
-    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12},
-    "RTX 3090": {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12},
-    "V100": {"fp16": 125e12, "fp32": 15.7e12},
-}
-
-
-def peak_flops(device, dtype):
-    """Peak FLOP/s of this GPU for `dtype` (TF32 for fp32 matmuls), or None when unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, rates in PEAK_FLOPS.items():  # ordered: specific names before their family
-        if key in name:
-            return rates.get(dtype)
-    return None
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Public API (the loop makes one call per step, one per evaluation):
     metrics.log(step, val_loss=...)            # any other record: val_loss, hellaswag_acc_norm, ...
     metrics.close()
     mfu(flops_per_token, tokens, seconds, peak_flops, world_size) -> float or None
+    peak_flops(device, dtype)   datasheet peak FLOP/s of this GPU (PEAK_FLOPS), or None: no MFU
     MetricsError                               # a missing optional package; the message names the fix
 
 What it writes (rank 0 only; other ranks keep quiet):
@@ -36,7 +37,7 @@ two matmuls with the T keys (Q K^T and the weighted sum of V, n_head * head_dim 
 2 * 2 * n_embd * T per token and layer forward, times 3 with the backward; causal masking is not
 subtracted (the PaLM convention). Recomputation (activation checkpointing) is not counted: MFU counts
 the model's FLOPs, not the hardware's. peak_flops is the datasheet dense peak for the precision
-(device.PEAK_FLOPS); on an unknown GPU, MPS or CPU there is no mfu rather than a wrong one.
+(PEAK_FLOPS, below); on an unknown GPU, MPS or CPU there is no mfu rather than a wrong one.
 """
 import json
 import os
@@ -75,6 +76,35 @@ def mfu(flops_per_token, tokens, seconds, peak_flops, world_size=1):
     if not peak_flops or seconds <= 0:
         return None
     return flops_per_token * tokens / seconds / (peak_flops * world_size)
+
+
+# Dense (no sparsity) peak tensor-core FLOP/s by GPU name, from the vendors' datasheets.
+# MFU = achieved model FLOP/s / this. Unknown GPUs get no MFU rather than a wrong one.
+PEAK_FLOPS = {  # name substring: {dtype: FLOP/s}
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},   # SXM
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12},
+    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12},
+    "RTX 3090": {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+}
+
+
+def peak_flops(device, dtype):
+    """Peak FLOP/s of this GPU for `dtype` (TF32 for fp32 matmuls), or None when unknown."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    for key, rates in PEAK_FLOPS.items():  # ordered: specific names before their family
+        if key in name:
+            return rates.get(dtype)
+    return None
 
 
 class StepTimer:

@@ -19,12 +19,14 @@ import environment  # noqa: F401  before torch: it sets variables torch reads wh
 import torch
 
 import checkpoint
+import run_state
 import checkpoint_manager
 import cli
 import dataloader
 import device
 import distributed
 import files
+import full_state
 import gpt2_hf
 import hellaswag
 import metrics as metrics_mod
@@ -143,8 +145,9 @@ def print_samples(model, enc, config, dev, step, rank, quiet=False):
 
 def setup(args):
     """From the command line to a checked RunConfig, doing what the configuration needs done, in this order:
-    the process group, the flags' checks (run_config.resolve, pure), the run folder's checks and its lock, the
-    device's settings, the shape of --init_from, the micro batch probe. Returns (config, device, ctx, lock)."""
+    the process group, the flags' checks (run_config.resolve, pure), the run folder's checks, the device's
+    settings, the shape of --init_from, the micro batch probe, the run folder's lock: a refused command has
+    written nothing. Returns (config, device, ctx, lock)."""
     device_type = device.select_device(args.device or "auto")
     ctx = distributed.setup(device_type)
     config = run_config.resolve(args, device_type, ctx.world_size)
@@ -153,7 +156,6 @@ def setup(args):
     dev = device.torch_device(device_type, ctx.local_rank)
     distributed.on_rank0(checkpoint.check_run_folder, config.log_dir, resuming=config.auto_resume or config.resume,
                          start_over=config.start_over)  # other machines may not see the folder: rank 0 looks
-    lock = files.RunLock(config.log_dir).acquire() if ctx.master else None  # one trainer per folder, the whole run
     for line in device.apply_device_settings(dev.type, config.num_threads, config.mps_memory_fraction,
                                              config.deterministic):
         log(line)
@@ -169,13 +171,15 @@ def setup(args):
                                                       config.loss_chunk_rows),
             config.total_batch_size // ctx.world_size, config.seq_len, dev, found["dtype"])
         log(line)
-    return run_config.resolve(args, device_type, ctx.world_size, found=found), dev, ctx, lock
+    config = run_config.resolve(args, device_type, ctx.world_size, found=found)
+    lock = files.RunLock(config.log_dir).acquire() if ctx.master else None  # one trainer per folder, the whole run
+    return config, dev, ctx, lock
 
 
 def init_shape(config):
     """(model shape, from transformers?) of --init_from: a checkpoint file's, or OpenAI's weights via transformers."""
     if run_config.is_checkpoint_file(config.init_from):
-        return checkpoint_manager.init_shape(config.init_from, config.block_size, config.init_from_optimizer), False
+        return full_state.init_shape(config.init_from, config.block_size, config.init_from_optimizer), False
     if config.init_from_optimizer:
         raise run_config.ConfigError(run_config.INIT_FROM_OPTIMIZER_NEEDS_A_FILE)
     return gpt2_hf.gpt_config(config.init_from, config.block_size), True
@@ -212,7 +216,7 @@ def build_model(config, dev, ctx):
     if not optimizer.defaults.get("fused"):
         log(f"fused AdamW is not available on {dev.type}; using the for-each implementation")
     if config.init_from and not config.init_from_transformers:
-        checkpoint_manager.init_from_file(config.init_from, model, optimizer, config.init_from_optimizer)
+        full_state.init_from_file(config.init_from, model, optimizer, config.init_from_optimizer)
     return model, optimizer
 
 
@@ -243,17 +247,17 @@ def train_run(config, dev, ctx):
     raw_model, optimizer = build_model(config, dev, ctx)
     scaler = torch.amp.GradScaler(dev.type, enabled=config.dtype == "fp16")
 
-    train_state, tracked = checkpoint.TrainState(), metrics_mod.TrackedRun()
+    train_state, tracked = run_state.TrainState(), metrics_mod.TrackedRun()
     ckpt = checkpoint_manager.CheckpointManager(
         config.log_dir,
         {"model": raw_model, "optimizer": optimizer, "scaler": scaler if scaler.is_enabled() else None,
-         "dataloader": train_loader, "rng": checkpoint.RandomState(), "train_state": train_state,
+         "dataloader": train_loader, "rng": run_state.RandomState(), "train_state": train_state,
          "tracking": tracked},
         meta={"model_config": asdict(config.model_config), "run_config": config.to_dict(), "world_size": ctx.world_size},
-        interval=config.checkpoint_interval, keep_last_n=config.keep_last_n_checkpoints,
-        save_optimizer=config.save_optimizer, async_save=config.async_checkpoint)
+        checkpoint_interval=config.checkpoint_interval, keep_last_n_checkpoints=config.keep_last_n_checkpoints,
+        save_optimizer=config.save_optimizer, async_checkpoint=config.async_checkpoint)
     start_step = ckpt.resume(auto=config.auto_resume, path=config.resume_from_checkpoint,
-                           load_optimizer=not config.reset_optimizer)
+                             reset_optimizer=config.reset_optimizer)
     train_state.keep_best(ckpt.best_val_loss_on_disk())  # best_model.pt stays the best the folder has seen
     ckpt.check_space(planned_saves(config, start_step))
     # torch.compile down the fallback chain, each mode checked on one micro batch (under DDP, as trained;
@@ -265,7 +269,7 @@ def train_run(config, dev, ctx):
         trial=lambda m: device.forward_backward(m, config.micro_batch_size, config.seq_len, dev, config.dtype))
     spec = StepSpec(config.grad_accum_steps, config.grad_clip, dev, "fp32" if config.fsdp else config.dtype, parallel)
     throughput = metrics_mod.Throughput(config.total_batch_size, raw_model.flops_per_token(config.seq_len),
-                                        device.peak_flops(dev, config.dtype),  # None where unknown: no MFU
+                                        metrics_mod.peak_flops(dev, config.dtype),  # None where unknown: no MFU
                                         ctx.world_size)
     metrics = metrics_mod.Metrics(
         config.log_dir, throughput, enabled=ctx.master, device_type=dev.type, start_step=start_step,

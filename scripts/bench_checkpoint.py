@@ -31,6 +31,7 @@ import cli  # noqa: E402
 import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
 import files  # noqa: E402
+import run_state  # noqa: E402
 from model import GPT, GPTConfig, MODEL_PRESETS  # noqa: E402
 from train_gpt2 import StepSpec, train_step  # noqa: E402
 
@@ -131,8 +132,9 @@ def measure(args, work):
 
     def manager(name, **kwargs):
         parts = {"model": model, "optimizer": optimizer, "scaler": scaler if scaler.is_enabled() else None,
-                 "dataloader": loader, "rng": checkpoint.RandomState(), "train_state": checkpoint.TrainState()}
-        return checkpoint_manager.CheckpointManager(work / name, parts, meta={"model_config": vars(model.config)}, interval=1,
+                 "dataloader": loader, "rng": run_state.RandomState(), "train_state": run_state.TrainState()}
+        return checkpoint_manager.CheckpointManager(work / name, parts, meta={"model_config": vars(model.config)},
+                                                    checkpoint_interval=1,
                                             **kwargs)
 
     for _ in range(3):
@@ -153,7 +155,7 @@ def measure(args, work):
     weights_only = work / "weights_only.pt"
     checkpoint.save_file({**checkpoint.load_checkpoint(full_file), "optimizer": None}, weights_only)
 
-    background = manager("async", async_save=True)
+    background = manager("async", async_checkpoint=True)
     async_stalls, async_writes, overlapped = [], [], []
     for i in range(args.saves):
         step()

@@ -15,7 +15,7 @@ one GPU's row for the scaling efficiency.
 Each configuration runs --warmup steps (compilation, cuDNN autotuning, allocator growth)
 then --steps timed steps; the median step time is reported. MFU = model FLOPs per second
 (6N + 12 * n_layer * n_embd * T per token, N without position embeddings) over the GPU's
-datasheet peak for the precision (device.PEAK_FLOPS); blank where the peak is unknown.
+datasheet peak for the precision (metrics.PEAK_FLOPS); blank where the peak is unknown.
 """
 import itertools
 import os
@@ -102,7 +102,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
         if args.profile:
             profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}", show=ddp.master)
     dt = statistics.median(times)
-    peak = device_mod.peak_flops(dev, dtype)
+    peak = metrics.peak_flops(dev, dtype)
     mfu = metrics.mfu(model.flops_per_token(args.seq_len), tokens_per_step, dt, peak)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     row = dict(model=model_name, B=micro_batch_size, T=args.seq_len, accum=args.grad_accum_steps, compile=used_mode,

@@ -43,9 +43,10 @@ def tensor_stats(obj):
 
 
 def last_val(ckpt):
-    if ckpt.get("val_loss") is not None:
-        return ckpt["val_loss"]
-    val = ckpt.get("history", {}).get("val") or [[None, None]]
+    state = ckpt.get("train_state") or {}
+    if state.get("val_loss") is not None:
+        return state["val_loss"]
+    val = (state.get("history") or {}).get("val") or [[None, None]]
     return val[-1][1]
 
 
@@ -83,7 +84,8 @@ def cmd_list(args):
         try:
             ckpt = read_checkpoint(path)
             val = last_val(ckpt)
-            row = (f"{'-' if ckpt.get('step') is None else ckpt['step']:>7} {'-' if val is None else f'{val:.4f}':>9} "
+            step = (ckpt.get("train_state") or {}).get("step")
+            row = (f"{'-' if step is None else step:>7} {'-' if val is None else f'{val:.4f}':>9} "
                    f"{path.stat().st_size / 1e6:>7.1f} MB  {'yes' if ckpt.get('optimizer') is not None else 'no'}"
                    f"{what(ckpt)}")
         except CheckpointError as exc:
@@ -105,8 +107,8 @@ def cmd_inspect(args):
         k: run_config[k] for k in ("model", "data_root", "max_steps", "total_batch_size", "micro_batch_size",
                                    "seq_len", "max_lr", "min_lr", "warmup_steps", "dtype", "device", "seed")
         if k in run_config}
-    step = ckpt.get("step")
-    history = ckpt.get("history") or {}
+    state = ckpt.get("train_state") or {}
+    step, history = state.get("step"), state.get("history") or {}
     model_count, model_bytes = tensor_stats(ckpt.get("model"))
     opt_count, opt_bytes = tensor_stats(ckpt.get("optimizer"))
     config = stored_config(ckpt, path) if "model_config" in ckpt else None
@@ -119,8 +121,8 @@ def cmd_inspect(args):
         ("model_config", json.dumps(config)),
         ("run config", json.dumps(summary)),
         ("world size", ckpt.get("world_size")),
-        ("val loss", ckpt.get("val_loss")),
-        ("best val loss", ckpt.get("best_val_loss")),
+        ("val loss", state.get("val_loss")),
+        ("best val loss", state.get("best_val_loss")),
         ("dataloader", json.dumps({k: v for k, v in (ckpt.get("dataloader") or {}).items() if k != "shards"})),
         ("history", f"{len(history.get('train', []))} train losses, {len(history.get('val', []))} val losses"),
         ("model tensors", f"{model_count} ({model_bytes / 1e6:.1f} MB)"),
@@ -148,7 +150,7 @@ def cmd_verify(args):
         try:
             ckpt = verify_file(file)
             count, nbytes = tensor_stats(ckpt)
-            print(f"ok   {file}  step {ckpt.get('step')}  {count} tensors, {nbytes / 1e6:.1f} MB read{what(ckpt)}")
+            print(f"ok   {file}  step {ckpt['train_state'].get('step')}  {count} tensors, {nbytes / 1e6:.1f} MB read{what(ckpt)}")
         except CheckpointError as exc:
             print(f"BAD  {file}: {exc}")
             status = 1
@@ -180,7 +182,8 @@ def cmd_export(args):
             cast[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
         weights[name] = cast[key]
     meta = {"format_version": FORMAT_VERSION, "kind": "export", "torch_version": str(torch.__version__),
-            "step": ckpt.get("step"), "model_config": stored_config(ckpt, source), "val_loss": last_val(ckpt),
+            "train_state": {"step": ckpt["train_state"].get("step"), "val_loss": last_val(ckpt)},
+            "model_config": stored_config(ckpt, source),
             "dtype": args.dtype, "source": source.name}
     if out.suffix == ".pt":
         save_file({**meta, "model": weights}, out, hint="Free some space, or export elsewhere")
@@ -195,7 +198,7 @@ def cmd_export(args):
 
 
 def exported(source, ckpt, dtype, out, holding):
-    print(f"exported {source} (step {ckpt.get('step')}) as {dtype} to {out}: {holding} "
+    print(f"exported {source} (step {ckpt['train_state'].get('step')}) as {dtype} to {out}: {holding} "
           f"({out.stat().st_size / 1e6:.1f} MB){what(ckpt)}")
     return 0
 

@@ -9,10 +9,13 @@ import sys
 import threading
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 
 import checkpoint
+import run_state
 import checkpoint_manager
 import files
 from checkpoint import CheckpointError, load_checkpoint, read_latest, step_path
@@ -51,10 +54,10 @@ class Run:
         self.model = GPT(GPTConfig(**config))
         self.optimizer = self.model.configure_optimizer(0.1, 1e-3)
         self.loader = ShardedDataLoader(data, "train", B, T)
-        self.state = checkpoint.TrainState()
-        manager_kwargs.setdefault("interval", 1)
+        self.state = run_state.TrainState()
+        manager_kwargs.setdefault("checkpoint_interval", 1)
         parts = {"model": self.model, "optimizer": self.optimizer, "scaler": scaler, "dataloader": self.loader,
-                 "rng": checkpoint.RandomState(), "train_state": self.state}
+                 "rng": run_state.RandomState(), "train_state": self.state}
         meta = {"model_config": vars(GPTConfig(**config)), "run_config": {"max_steps": 100}}
         self.ckpt = CheckpointManager(log_dir, parts, meta=meta, **manager_kwargs)
 
@@ -117,13 +120,13 @@ def test_latest_falls_back_to_a_pointer_file_where_symlinks_fail(data, log_dir, 
 
 
 def test_keep_last_n_deletes_the_oldest(data, log_dir):
-    Run(data, log_dir, keep_last_n=2).train(0, 6)
+    Run(data, log_dir, keep_last_n_checkpoints=2).train(0, 6)
     assert names(log_dir) == ["model_00004.pt", "model_00005.pt"]
 
 
 def test_keep_last_n_never_deletes_the_file_latest_points_at(data, log_dir):
     Run(data, log_dir).train(0, 5)  # model_00001..4
-    run = Run(data, log_dir, keep_last_n=1)
+    run = Run(data, log_dir, keep_last_n_checkpoints=1)
     run.ckpt.resume(path=step_path(log_dir, 1))  # back to step 1: the new timeline's step 2 is the newest work
     run.train(2, 3)
     assert names(log_dir) == ["model_00002.pt"]  # by step alone, 00004 would have been kept and 00002 deleted
@@ -137,22 +140,22 @@ def test_save_optimizer_latest_strips_the_optimizer_from_older_files(data, log_d
     assert Run(data, log_dir).ckpt.resume(auto=True) == 4
     with pytest.raises(CheckpointError, match="weights only.*--reset_optimizer"):
         Run(data, log_dir).ckpt.resume(path=step_path(log_dir, 1))
-    assert Run(data, log_dir).ckpt.resume(path=step_path(log_dir, 1), load_optimizer=False) == 2
+    assert Run(data, log_dir).ckpt.resume(path=step_path(log_dir, 1), reset_optimizer=True) == 2
 
 
 def test_best_model_is_written_only_when_validation_loss_improves(data, log_dir):
-    run = Run(data, log_dir, interval=0)
+    run = Run(data, log_dir, checkpoint_interval=0)
     best = log_dir / checkpoint.BEST_NAME
     for step, val in enumerate([5.0, 4.0, 4.5, 3.0, float("nan")]):
         run.step()
         run.save(step, val_loss=val)
         saved = load_checkpoint(best)
-        assert (saved["step"], saved["val_loss"]) == [(0, 5.0), (1, 4.0), (1, 4.0), (3, 3.0), (3, 3.0)][step]
+        assert (saved["train_state"]["step"], saved["train_state"]["val_loss"]) == [(0, 5.0), (1, 4.0), (1, 4.0), (3, 3.0), (3, 3.0)][step]
     assert saved["optimizer"] is None and names(log_dir) == []
 
 
 def test_resume_restores_model_optimizer_data_and_losses_exactly(data, log_dir):
-    expected = Run(data, log_dir, interval=3).train(0, 6)
+    expected = Run(data, log_dir, checkpoint_interval=3).train(0, 6)
     resumed = Run(data, log_dir / "other", seed=123)  # another init: everything must come from the file
     resumed.ckpt.log_dir = log_dir
     assert resumed.ckpt.resume(path=step_path(log_dir, 3)) == 4
@@ -278,7 +281,7 @@ def test_a_save_with_nan_weights_is_refused(data, log_dir):
 
 
 def test_async_save_writes_the_state_at_save_time_not_later(data, log_dir, monkeypatch):
-    run = Run(data, log_dir, interval=0, async_save=True)
+    run = Run(data, log_dir, checkpoint_interval=0, async_checkpoint=True)
     run.train(0, 2)
     expected = {k: v.clone() for k, v in run.model.state_dict().items()}
     expected_avg = run.optimizer.state[run.model.lm_head.weight]["exp_avg"].clone()
@@ -305,7 +308,7 @@ def test_async_save_writes_the_state_at_save_time_not_later(data, log_dir, monke
 
 
 def test_async_and_sync_checkpoints_hold_the_same_bytes_of_tensors(data, log_dir):
-    sync, background = Run(data, log_dir / "sync"), Run(data, log_dir / "async", async_save=True)
+    sync, background = Run(data, log_dir / "sync"), Run(data, log_dir / "async", async_checkpoint=True)
     sync.train(0, 3), background.train(0, 3)
     a, b = load_checkpoint(step_path(log_dir / "sync", 2)), load_checkpoint(step_path(log_dir / "async", 2))
     assert tool.tensor_stats(a) == tool.tensor_stats(b)
@@ -315,11 +318,11 @@ def test_async_and_sync_checkpoints_hold_the_same_bytes_of_tensors(data, log_dir
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    checkpoint.save_file({"rng": checkpoint.capture_rng_state()}, tmp_path / "rng.pt")
+    checkpoint.save_file({"rng": run_state.capture_rng_state()}, tmp_path / "rng.pt")
     draw = lambda: (random.random(), np.random.rand(3).tolist(), np.random.normal(), torch.rand(3).tolist())  # noqa: E731
     expected = draw()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    checkpoint.restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    run_state.restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
     assert draw() == expected
 
 
@@ -363,7 +366,7 @@ def test_inspect_prints_what_a_checkpoint_holds(data, log_dir, capsys):
     Run(data, log_dir).train(0, 3, val_losses=[3.0, 2.5, 2.75])
     assert run_tool("inspect", str(step_path(log_dir, 2))) == 0
     out = capsys.readouterr().out
-    for expected in ("format version  2", f"torch version   {torch.__version__}", "step            2",
+    for expected in (f"format version  {checkpoint.FORMAT_VERSION}", f"torch version   {torch.__version__}", "step            2",
                      '"n_layer": 2', '"max_steps": 100', "val loss        2.75", "best val loss   2.5",
                      '"position": 96', "3 train losses, 3 val losses", "optimizer       "):
         assert expected in out
@@ -465,30 +468,56 @@ def test_rng_state_of_a_cuda_or_mps_run_restores_on_a_cpu_machine(tmp_path):
     """A checkpoint from a GPU run carries CUDA / MPS generator states; on a machine without that
     device they are skipped and the CPU streams still continue exactly."""
     torch.manual_seed(3)
-    state = checkpoint.capture_rng_state()
+    state = run_state.capture_rng_state()
     state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
     state["mps"] = torch.zeros(16, dtype=torch.uint8)
     checkpoint.save_file({"rng": state}, tmp_path / "gpu_rng.pt")
     expected = torch.rand(3).tolist()
     torch.manual_seed(9)
-    skipped = checkpoint.restore_rng_state(load_checkpoint(tmp_path / "gpu_rng.pt")["rng"])
+    skipped = run_state.restore_rng_state(load_checkpoint(tmp_path / "gpu_rng.pt")["rng"])
     assert torch.rand(3).tolist() == expected
     expected_skips = [name for name, here in (("cuda", torch.cuda.is_available()),
                                               ("mps", torch.backends.mps.is_available())) if not here]
     assert skipped == expected_skips
 
 
-def test_a_checkpoint_of_the_previous_format_resumes_exactly(data, log_dir, tmp_path):
-    """Format 1 (before model.py): run_args instead of run_config, and a model_config without
-    real_vocab_size and gelu, whose defaults are what that code computed."""
-    expected = Run(data, log_dir, interval=3).train(0, 6)
-    ckpt = dict(load_checkpoint(step_path(log_dir, 3)))
-    ckpt["format_version"], ckpt["run_args"] = 1, ckpt.pop("run_config")
-    ckpt["model_config"] = {k: v for k, v in ckpt["model_config"].items() if k not in ("real_vocab_size", "gelu")}
+def older_format(ckpt, version):
+    """ckpt as format `version` wrote it. 2: the TrainState spread over the top level. 1 (before model.py), also:
+    run_args instead of run_config, and a model_config without real_vocab_size and gelu, whose defaults are what
+    that code computed."""
+    ckpt = dict(ckpt)
+    ckpt.update(ckpt.pop("train_state"))
+    ckpt["format_version"] = version
+    if version == 1:
+        ckpt["run_args"] = ckpt.pop("run_config")
+        ckpt["model_config"] = {k: v for k, v in ckpt["model_config"].items() if k not in ("real_vocab_size", "gelu")}
+    return ckpt
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_checkpoint_of_an_older_format_resumes_exactly(data, log_dir, tmp_path, version):
+    expected = Run(data, log_dir, checkpoint_interval=3).train(0, 6)
     old = tmp_path / "old" / "model_00003.pt"
     old.parent.mkdir()
-    torch.save(ckpt, old)
+    torch.save(older_format(load_checkpoint(step_path(log_dir, 3)), version), old)
     resumed = Run(data, tmp_path / "new", seed=123)
     assert resumed.ckpt.resume(path=old) == 4
     assert [resumed.step() for _ in range(2)] == [expected[4], expected[5]]
     assert run_tool("verify", old) == 0
+
+
+def test_a_resume_reads_and_verifies_the_chosen_file_once(data, log_dir, monkeypatch):
+    """For an 18.7 GB gpt2-xl checkpoint each pass is minutes: one CRC pass, one (memory-mapped) load, and
+    best_model.pt's validation loss without reading its tensors."""
+    Run(data, log_dir).train(0, 3, val_losses=[3.0, 2.5, 2.75])
+    loads, crc_checks = [], []
+    real_load, real_crc = torch.load, checkpoint.check_zip_crc
+    monkeypatch.setattr(torch, "load", lambda path, **kw: loads.append((Path(path).name, kw["mmap"]))
+                        or real_load(path, **kw))
+    monkeypatch.setattr(checkpoint_manager, "check_zip_crc", lambda path: crc_checks.append(Path(path).name) or real_crc(path))
+    run = Run(data, log_dir)
+    assert run.ckpt.resume(auto=True) == 3
+    assert loads == [("model_00002.pt", True)] and crc_checks == ["model_00002.pt"]
+    loads.clear()
+    assert run.ckpt.best_val_loss_on_disk() == 2.5
+    assert loads == [("best_model.pt", True)] and crc_checks == ["model_00002.pt"]  # mapped, not read, not checked

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import checkpoint
+import run_state
 import checkpoint_manager
 import converters
-from converters import ConverterError
 from foreign_trainers import (LLMC_ORDER, ForeignGPT, RunsCode, Shape, batch, save_build_nanogpt, save_llmc,
                              train_steps, trained_nanogpt)
 from model import GPT, GPTConfig, model_from_config
@@ -42,7 +42,7 @@ def test_build_nanogpt_checkpoint_gives_the_same_loss(tmp_path):
         pickled = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
     assert b"c__main__\nGPTConfig" in pickled
 
-    foreign = converters.read(path)
+    foreign = checkpoint.read_foreign(path)
 
     assert foreign.kind == "build-nanogpt" and foreign.steps_done == 5000 and foreign.val_loss == 3.0625
     assert foreign.model_config == dict(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=32,
@@ -58,7 +58,7 @@ def test_nanogpt_checkpoint_gives_the_same_loss_and_continues_its_adamw(tmp_path
     assert all(k.startswith("_orig_mod.") for k in raw["model"])
     assert all(s["exp_avg"].abs().sum() > 0 for s in raw["optimizer"]["state"].values())
 
-    foreign = converters.read(path, for_training=True)
+    foreign = checkpoint.read_foreign(path, for_training=True)
 
     assert foreign.kind == "nanogpt" and foreign.steps_done == 2 and foreign.best_val_loss == 3.25
     assert foreign.model_config["gelu"] == "none" and foreign.model_config["real_vocab_size"] == 50304
@@ -91,7 +91,7 @@ def test_nanogpt_optimizer_state_that_does_not_map_is_left_out(tmp_path):
         ckpt["optimizer"] = optimizer.state_dict()
         path = tmp_path / f"{case.replace(' ', '_')}.pt"
         torch.save(ckpt, path)
-        foreign = converters.read(path, for_training=True)
+        foreign = checkpoint.read_foreign(path, for_training=True)
         assert foreign.optimizer is None, case
         assert any("does not map" in n and "fresh AdamW" in n for n in foreign.notes), case
 
@@ -99,13 +99,13 @@ def test_nanogpt_optimizer_state_that_does_not_map_is_left_out(tmp_path):
 def test_nanogpt_dropout_is_refused_for_training_only(tmp_path):
     original, _, path = trained_nanogpt(tmp_path, steps=1, dropout=0.1)
 
-    foreign = converters.read(path)  # for inference
+    foreign = checkpoint.read_foreign(path)  # for inference
     assert any("dropout 0.1" in n for n in foreign.notes)
     x, y = batch(0)
     assert loss_of(foreign.build_model(), x, y) == pytest.approx(loss_of(original, x, y), rel=1e-6)
 
-    with pytest.raises(ConverterError) as exc:
-        converters.read(path, for_training=True)
+    with pytest.raises(checkpoint.CheckpointError) as exc:
+        checkpoint.read_foreign(path, for_training=True)
     assert "dropout 0.1" in one_line(exc) and "no dropout" in str(exc.value) and str(path) in str(exc.value)
 
 
@@ -117,7 +117,7 @@ def test_llmc_file_gives_the_same_loss_over_the_real_vocabulary(tmp_path):
     for dtype in ("fp32", "bf16"):
         path = tmp_path / f"gpt2_{dtype}.bin"
         save_llmc(original, path, dtype)
-        foreign = converters.read(path)
+        foreign = checkpoint.read_foreign(path)
         assert foreign.kind == "llm.c" and foreign.model_config["real_vocab_size"] == 50257
         assert foreign.model_config["vocab_size"] == 50304 and foreign.model_config["gelu"] == "tanh"
         reference = original
@@ -153,14 +153,14 @@ def test_models_this_trainer_cannot_hold_are_refused_in_one_line(tmp_path):
                 "missing tensor": "lacks tensors a GPT-2 of its shape has: transformer.ln_f.bias",
                 "untied": "not tied"}
     for case, path in cases.items():
-        with pytest.raises(ConverterError) as exc:
-            converters.read(path)
+        with pytest.raises(checkpoint.CheckpointError) as exc:
+            checkpoint.read_foreign(path)
         assert expected[case] in one_line(exc) and str(path) in str(exc.value), case
 
 
 def test_write_llmc_refuses_the_exact_gelu(tmp_path):
     config = dict(block_size=32, n_layer=1, n_head=2, n_embd=32, gelu="none")
-    with pytest.raises(ConverterError) as exc:
+    with pytest.raises(converters.ConverterError) as exc:
         converters.write_llmc(model_from_config(config), config, tmp_path / "m.bin")
     assert "tanh" in one_line(exc) and not (tmp_path / "m.bin").exists()
 
@@ -175,8 +175,8 @@ def test_hostile_pickles_are_refused_and_never_run(tmp_path):
         edit(ckpt)
         path = tmp_path / f"hostile_{slot}.pt"
         torch.save(ckpt, path)
-        with pytest.raises(ConverterError) as exc:
-            converters.read(path)
+        with pytest.raises(checkpoint.CheckpointError) as exc:
+            checkpoint.read_foreign(path)
         assert "refused to load" in one_line(exc) and "system" in str(exc.value), slot
         assert not marker.exists(), slot
         torch.load(path, weights_only=False)  # the fixture is hostile: an unsafe load runs it
@@ -196,7 +196,7 @@ def test_build_nanogpt_config_class_is_never_looked_up(tmp_path, monkeypatch):
             marker.touch()
 
     monkeypatch.setattr(sys.modules["__main__"], "GPTConfig", GPTConfig, raising=False)
-    foreign = converters.read(path)
+    foreign = checkpoint.read_foreign(path)
     assert not marker.exists() and foreign.model_config["n_embd"] == 32
     torch.load(path, weights_only=False)  # an unsafe load would have used it
     assert marker.exists()
@@ -275,8 +275,8 @@ def test_bad_llmc_files_are_one_clear_line(tmp_path):
         variant("tiny.bin", data[:100]): "less than llm.c's 1024-byte header",
     }
     for path, expected in cases.items():
-        with pytest.raises(ConverterError) as exc:
-            converters.read(path)
+        with pytest.raises(checkpoint.CheckpointError) as exc:
+            checkpoint.read_foreign(path)
         assert expected in one_line(exc) and str(path) in str(exc.value)
 
 
@@ -288,12 +288,12 @@ def test_this_trainers_checkpoints_are_not_foreign(tmp_path):
     model = our_model()
     manager = checkpoint_manager.CheckpointManager(
         tmp_path, {"model": model, "optimizer": model.configure_optimizer(0.1, 1e-3),
-                   "train_state": checkpoint.TrainState(), "rng": checkpoint.RandomState()},
-        meta={"model_config": dataclasses.asdict(model.config), "run_config": {}}, interval=1)
+                   "train_state": run_state.TrainState(), "rng": run_state.RandomState()},
+        meta={"model_config": dataclasses.asdict(model.config), "run_config": {}}, checkpoint_interval=1)
     path = manager.save(0)
     manager.close()
-    assert converters.detect(converters.load(path)) is None
-    assert converters.read(path) is None
+    assert converters.detect(checkpoint.load_file(path)) is None
+    assert checkpoint.read_foreign(path) is None
     plain = tmp_path / "pytorch_model.bin"  # a bare state dict, as Hugging Face names it
     torch.save(model.state_dict(), plain)
-    assert converters.read(plain) is None
+    assert checkpoint.read_foreign(plain) is None

@@ -67,7 +67,7 @@ def test_load_model_computes_what_the_trainer_computed_and_says_what_it_chose(tr
     model, _ = checkpoint.load_model(path)
     x, y = batch(0)
     assert loss_of(model, x, y) == pytest.approx(loss_of(original, x, y), rel=1e-6)
-    assert capsys.readouterr().out.splitlines() == converters.read(path).notes  # one line each (the CLIs log to stderr)
+    assert capsys.readouterr().out.splitlines() == checkpoint.read_foreign(path).notes  # one line each (the CLIs log to stderr)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -76,10 +76,10 @@ def test_sample_script_samples_each_trainers_file_seeded(trainers, kind, capsys)
     assert run_main(load_script("sample.py").main, ["--checkpoint", path, "--prompt", "ROMEO:", "--num_samples", 2,
                                                     "--max_new_tokens", 8, "--device", "cpu", "--seed", 7]) == 0
     out, err = capsys.readouterr()
-    texts = sample_texts(converters.read(path).build_model(), dataloader.get_tokenizer(), "ROMEO:", 2, 8,
+    texts = sample_texts(checkpoint.read_foreign(path).build_model(), dataloader.get_tokenizer(), "ROMEO:", 2, 8,
                          torch.device("cpu"), "fp32", seed=7)
     assert out == "".join(f"--- sample {i} ---\nROMEO:{text}\n" for i, text in enumerate(texts))
-    assert converters.read(path).notes[0] in err.splitlines()
+    assert checkpoint.read_foreign(path).notes[0] in err.splitlines()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -89,7 +89,7 @@ def test_hellaswag_cli_scores_each_trainers_file(trainers, kind, capsys):
                                      "--limit", 6]) == 0
     result = json.loads(capsys.readouterr().out)  # the one line on stdout
     rendered = hellaswag.render_examples(hellaswag.load_examples(HELLASWAG, limit=6))
-    expected = hellaswag.evaluate(converters.read(path).build_model(), rendered, "cpu")
+    expected = hellaswag.evaluate(checkpoint.read_foreign(path).build_model(), rendered, "cpu")
     assert result["n"] == 6
     assert (result["acc"], result["acc_norm"]) == pytest.approx((expected["acc"], expected["acc_norm"]))
 
@@ -104,7 +104,7 @@ def test_inspect_says_what_each_file_is(trainers, capsys):
     out = capsys.readouterr().out.splitlines()
     expected = ["kind            nanoGPT checkpoint", "step            1 (the last completed step: 2 steps done)",
                 "best val loss   3.25", f"optimizer       {3 * len(list(nanogpt.parameters()))} tensors (13.1 MB)"]
-    expected += [f"note            {note}" for note in converters.read(path).notes]
+    expected += [f"note            {note}" for note in checkpoint.read_foreign(path).notes]
     assert set(expected) <= set(out)
     assert not any(line.startswith(("format version", "torch version", "dataloader")) for line in out)
     for kind, lines in (("build-nanogpt", ["kind            build-nanogpt checkpoint", "val loss        3.0625",
@@ -221,7 +221,7 @@ def test_init_from_a_file_starts_a_new_run_at_the_original_models_loss(trainers,
     assert init_run(tiny_data, tmp_path / "log", path) == 0
     out = capsys.readouterr().out.splitlines()
     assert f"init_from {path}: {SUMMARIES[kind]}; training starts at step 0 of a new run" in out
-    assert set(converters.read(path).notes) <= set(out)
+    assert set(checkpoint.read_foreign(path).notes) <= set(out)
     first = read_metrics(tmp_path / "log")[0]
     assert first["step"] == 0 and first["loss"] == pytest.approx(first_step_loss(original, tiny_data), rel=1e-5)
 

@@ -13,13 +13,13 @@ from conftest import REPO_ROOT
 # Lower layers never import higher ones; a module may import any module of a lower layer.
 LAYERS = [
     ["environment", "cli"],                             # what must come before torch; the command-line conventions
-    ["files", "triton_loss", "metrics", "distributed"],
+    ["files", "triton_loss", "metrics", "distributed", "run_state"],
     ["device", "dataloader", "signals"],
     ["model"],
-    ["converters"],
-    ["checkpoint"],                                     # checkpoint files
+    ["converters", "run_config"],                       # other trainers' files; every option -> one frozen config
+    ["checkpoint"],                                     # checkpoint files: layout, names, loading, checks
+    ["full_state"],                                     # the whole state between rank 0 and the ranks
     ["checkpoint_manager", "hellaswag", "gpt2_hf"],
-    ["run_config"],                                     # flags, presets and automatic choices -> one frozen config
     ["train_gpt2"],                                     # the trainer: CLI and loop; scripts/ sit above it
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

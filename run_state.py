@@ -1,0 +1,106 @@
+"""What a checkpoint holds besides the weights and the optimizer: the loop's record of the run
+(TrainState) and every random generator it draws from (RandomState), each a stateful object with
+state_dict() / load_state_dict() in plain types and tensors, which weights_only loading accepts.
+
+    TrainState()            step, loss history, best validation loss: what the loop records
+    RandomState()           Python, NumPy, torch's CPU, each CUDA device, MPS
+    capture_rng_state(), restore_rng_state(state) -> names of the devices skipped
+"""
+import random
+from dataclasses import dataclass, field
+
+import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
+import numpy as np
+import torch
+
+from cli import log
+
+
+@dataclass
+class TrainState:
+    """What the loop records: the last completed step, the losses so far and the best validation loss."""
+
+    step: int = -1
+    val_loss: float = None  # of `step`, when it was evaluated
+    best_val_loss: float = float("inf")
+    history: dict = field(default_factory=lambda: {"train": [], "val": []})
+
+    def record(self, step, train_loss=None, val_loss=None):
+        """This step's losses; True when val_loss is the best so far (NaN never is)."""
+        self.step, self.val_loss = step, val_loss
+        if train_loss is not None:
+            self.history["train"].append([step, train_loss])
+        if val_loss is None:
+            return False
+        self.history["val"].append([step, val_loss])
+        improved = val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = val_loss
+        return improved
+
+    def keep_best(self, val_loss):
+        """A best validation loss from elsewhere (best_model.pt of the folder) that this run must beat."""
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+
+    def state_dict(self):
+        return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
+                "history": {"train": list(self.history["train"]), "val": list(self.history["val"])}}
+
+    def load_state_dict(self, state):
+        self.step, self.val_loss = state["step"], state.get("val_loss")
+        self.best_val_loss = state.get("best_val_loss", float("inf"))
+        self.history = {"train": [list(x) for x in state["history"]["train"]],
+                        "val": [list(x) for x in state["history"]["val"]]}
+
+
+class RandomState:
+    """Every random generator the run draws from (Python, NumPy, torch's CPU, each CUDA device, MPS),
+    as plain types and tensors, so weights_only loading accepts it."""
+
+    def state_dict(self):
+        return capture_rng_state()
+
+    def load_state_dict(self, state):
+        skipped = restore_rng_state(state)
+        if skipped:
+            log(f"the checkpoint's {' and '.join(skipped)} random state is not restored: no such device here "
+                     f"(the CPU, Python and NumPy streams are)")
+
+
+def capture_rng_state():
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng_state(state):
+    """Every generator the checkpoint holds that this machine has; returns the names of those it
+    skipped (a CUDA or MPS run resumed where that device is missing: nothing here draws from them)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": np.array(n["key"], dtype=np.uint32),
+                         "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    skipped = []
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s, i)
+        else:
+            skipped.append("cuda")
+    if "mps" in state:
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(state["mps"])
+        else:
+            skipped.append("mps")
+    return skipped
