@@ -1,9 +1,7 @@
-"""Token shards on disk and the loader that streams them into (B, T) batches.
+"""The loader that streams token shards (shards.py: format, names, checks) into (B, T) batches.
 
-A shard is a 1-D uint16 array saved with np.save, named <name>_<split>_<index:06d>.npy:
-build-nanogpt's FineWeb-Edu shards (edufineweb_train_000001.npy) load as they are.
-scripts/prepare_data.py writes them; ShardedDataLoader reads them through a memory map,
-so no rank ever holds a whole 100M-token shard in RAM.
+ShardedDataLoader reads the shards through a memory map, so no rank ever holds a whole
+100M-token shard in RAM; build-nanogpt's FineWeb-Edu shards load as they are.
 
     loader = ShardedDataLoader("data/tinyshakespeare", "train", batch_size=8, seq_len=1024,
                                rank=rank, world_size=world_size)
@@ -12,7 +10,6 @@ so no rank ever holds a whole 100M-token shard in RAM.
     loader.close()                    # stops the read-ahead thread (prefetch=True; on by default with pin_memory)
 """
 import os
-import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,86 +19,9 @@ import numpy as np
 import torch
 
 import files
-from cli import UserError
+from shards import EOT_TOKEN, DataError, find_shards, get_tokenizer, shard_length, shard_path, write_shard
 
-EOT_TOKEN = 50256  # GPT-2 <|endoftext|>; it opens every document
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-PREPARE_HINT = "python scripts/prepare_data.py --source tinyshakespeare --out_dir {}"
-
-
-class DataError(UserError):
-    """A user mistake with the data: the message says what is wrong, where, and the fix."""
-
-
-def get_tokenizer():
-    """GPT-2's BPE. r50k_base has the same ranks, regex and <|endoftext|> as "gpt2" and
-    needs only one file, so it works offline from TIKTOKEN_CACHE_DIR."""
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("r50k_base")
-    except Exception as r50k_error:
-        try:
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as gpt2_error:
-            raise DataError(
-                f"cannot load the GPT-2 tokenizer: r50k_base failed ({r50k_error}); gpt2 failed "
-                f"({gpt2_error}). tiktoken downloads its BPE files on first use; offline, set "
-                f"TIKTOKEN_CACHE_DIR to a directory holding a tiktoken cache "
-                f"(TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR', '<unset>')})"
-            ) from None
-        print(f"tokenizer: r50k_base unavailable ({r50k_error}); using tiktoken's gpt2 (same tokens)")
-        return enc
-
-
-def shard_path(out_dir, name, split, index) -> Path:
-    return Path(out_dir) / f"{name}_{split}_{index:06d}.npy"
-
-
-def write_shard(path, tokens):
-    """Save tokens as a uint16 .npy, atomically: a killed writer leaves no half-written shard."""
-    path = Path(path)
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise DataError(f"cannot write {path}: tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.dtype != np.uint16:
-        if not np.issubdtype(tokens.dtype, np.integer):
-            raise DataError(f"cannot write {path}: token ids must be integers, got dtype {tokens.dtype}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-            raise DataError(
-                f"cannot write {path}: token ids must lie in [0, 65535] to fit uint16, got "
-                f"[{tokens.min()}, {tokens.max()}]; GPT-2 ids are below 50257, so check the tokenizer"
-            )
-        tokens = tokens.astype(np.uint16)  # uint16 is enough: GPT-2 has 50257 tokens
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(path, lambda f: np.save(f, tokens), expected_bytes=tokens.nbytes + 128,
-                       full_hint="Free some space, or write the shards to another folder (--out_dir)")
-
-
-def shard_files(data_root, split) -> list[Path]:
-    """The <name>_<split>_<index>.npy files in data_root, in order; [] when there are none."""
-    # The glob alone would let a dataset named 'x_val' leak its train shards into 'val'.
-    index_suffix = re.compile(rf"_{re.escape(split)}_\d+\.npy$")
-    return sorted(p for p in Path(data_root).glob(f"*_{split}_*.npy") if index_suffix.search(p.name))
-
-
-def find_shards(data_root, split) -> list[Path]:
-    """shard_files, or a DataError naming the command that makes them."""
-    data_root = Path(data_root)
-    pattern = f"*_{split}_*.npy"
-    if not data_root.is_dir():
-        raise DataError(
-            f"data directory {data_root} does not exist; create shards there, e.g. run: "
-            f"{PREPARE_HINT.format(data_root)}"
-        )
-    shards = shard_files(data_root, split)
-    if not shards:
-        raise DataError(
-            f"no shards matching '{pattern}' in {data_root}; run: {PREPARE_HINT.format(data_root)} "
-            f"(or --source text / fineweb-edu; a val split needs --val_fraction > 0)"
-        )
-    return shards
 
 
 def _read_tinyshakespeare(data_dir):
@@ -152,42 +72,14 @@ def ensure_tinyshakespeare(data_dir, val_fraction=0.1) -> bool:
 
 
 def _shard_length(path, min_tokens, step_desc):
-    """Check a shard before training reads it: a .npy header, dtype uint16, 1-D, and a file exactly
-    as long as the header says (a copy cut short would otherwise fail mid-run, or not at all)."""
-    remake = (f"copy it again, or re-create {path.parent} with the scripts/prepare_data.py command that made it "
-              f"(e.g. {PREPARE_HINT.format(path.parent)} --overwrite)")
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f"unsupported .npy format version {version}")
-            shape, fortran_order, dtype = read_header(f)
-            data_offset = f.tell()
-        size = path.stat().st_size
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"shard {path} is not a readable .npy file ({e}); {remake}") from None
-    if dtype != np.uint16:
+    """A checked shard's token count (shards.shard_length), if one step's windows fit in it."""
+    length = shard_length(path)
+    if length < min_tokens:
         raise DataError(
-            f"shard {path} has dtype {dtype}, expected uint16 (GPT-2 token ids fit in 16 bits); "
-            f"convert it with np.save(path, np.load(path).astype(np.uint16)) or {remake}"
-        )
-    if len(shape) != 1:
-        raise DataError(f"shard {path} has shape {shape}, expected a 1-D array of tokens; {remake}")
-    expected = data_offset + shape[0] * dtype.itemsize
-    if size != expected:
-        what = "cut short" if size < expected else "longer than its header says"
-        raise DataError(f"shard {path} is {what}: its header says {shape[0]:,} tokens ({expected:,} bytes) but the file "
-                        f"has {size:,} bytes (an interrupted copy or write?); {remake}")
-    if shape[0] == 0:
-        raise DataError(f"shard {path} is empty (0 tokens); delete it or {remake}")
-    if shape[0] < min_tokens:
-        raise DataError(
-            f"shard {path} has {shape[0]:,} tokens but one step needs {min_tokens:,} ({step_desc}, "
+            f"shard {path} has {length:,} tokens but one step needs {min_tokens:,} ({step_desc}, "
             f"+1 for the shifted targets); lower --micro_batch_size or --seq_len, or use more data"
         )
-    return shape[0]
+    return length
 
 
 class ShardedDataLoader:

@@ -31,6 +31,7 @@ import cli  # noqa: E402
 import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
 import files  # noqa: E402
+import shards  # noqa: E402
 from model import GPT, GPTConfig, MODEL_PRESETS  # noqa: E402
 from train_gpt2 import StepSpec, train_step  # noqa: E402
 
@@ -113,8 +114,8 @@ def measure(args, work):
     device_mod.apply_device_settings(device_type)
     cuda = device_type == "cuda"
     tokens_needed = (args.saves * 40 + 20) * args.micro_batch_size * args.seq_len + 1
-    dataloader.write_shard(dataloader.shard_path(work / "data", "random", "train", 0),
-                           np.random.default_rng(0).integers(0, dataloader.EOT_TOKEN, max(tokens_needed, 10_000)))
+    shards.write_shard(shards.shard_path(work / "data", "random", "train", 0),
+                           np.random.default_rng(0).integers(0, shards.EOT_TOKEN, max(tokens_needed, 10_000)))
     loader = dataloader.ShardedDataLoader(work / "data", "train", args.micro_batch_size, args.seq_len, pin_memory=cuda)
     model, optimizer = build(args, device, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "fp16")

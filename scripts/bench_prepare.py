@@ -44,6 +44,7 @@ if "TINYSHAKESPEARE_PATH" not in os.environ and (SHARED / "data" / "tinyshakespe
 import cli  # noqa: E402
 import dataloader  # noqa: E402
 import prepare_data  # noqa: E402
+import shards  # noqa: E402
 
 
 def make_documents(corpus, doc_chars):
@@ -90,7 +91,7 @@ def time_tiktoken(documents, copies, processes):
     """encode_ordinary over the documents: in this process, or split among forked processes
     (each with its share, nothing sent back but a count): the rate the machine itself allows."""
     global _work
-    _work = (dataloader.get_tokenizer(), documents, copies, processes)
+    _work = (shards.get_tokenizer(), documents, copies, processes)
     start, start_cpu = time.perf_counter(), cpu_seconds()
     if processes == 1:
         tokens = encode_share(0)

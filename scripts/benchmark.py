@@ -35,6 +35,7 @@ import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
 import distributed  # noqa: E402
 import metrics  # noqa: E402
+import shards  # noqa: E402
 from model import ATTENTION_BACKENDS, GPT, GPTConfig, MODEL_PRESETS, attention_backend, choose_loss  # noqa: E402
 from run_config import DDP_BUCKET_CAP_MB  # noqa: E402
 from train_gpt2 import StepSpec, train_step  # noqa: E402
@@ -47,7 +48,7 @@ class SyntheticLoader:
         g = torch.Generator().manual_seed(0)
         self.batches = []
         for _ in range(n_batches):
-            window = torch.randint(0, dataloader.EOT_TOKEN + 1, (batch_size * seq_len + 1,), generator=g)
+            window = torch.randint(0, shards.EOT_TOKEN + 1, (batch_size * seq_len + 1,), generator=g)
             x, y = window[:-1].view(batch_size, seq_len), window[1:].view(batch_size, seq_len)
             self.batches.append((x.pin_memory(), y.pin_memory()) if pin_memory else (x, y))
         self.cycle = itertools.cycle(self.batches)
@@ -172,8 +173,8 @@ def bench_hellaswag(args, dev, dtype):
     import hellaswag
 
     rng = random.Random(0)
-    examples = [hellaswag.RenderedExample([rng.randrange(dataloader.EOT_TOKEN) for _ in range(rng.randint(20, 110))],
-                                          [[rng.randrange(dataloader.EOT_TOKEN) for _ in range(rng.randint(8, 60))]
+    examples = [hellaswag.RenderedExample([rng.randrange(shards.EOT_TOKEN) for _ in range(rng.randint(20, 110))],
+                                          [[rng.randrange(shards.EOT_TOKEN) for _ in range(rng.randint(8, 60))]
                                            for _ in range(4)], rng.randrange(4))
                 for _ in range(args.hellaswag)]
     torch.manual_seed(0)

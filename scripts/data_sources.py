@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dataloader import DataError
+from shards import DataError
 
 TEXT_CHUNK_CHARS = 1 << 18  # files above ~256K characters are cut into pieces (one a worker task)
 # Cut just before a blank line that follows a non-space character: GPT-2's regex never joins

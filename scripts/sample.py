@@ -17,8 +17,8 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
-import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
+import shards  # noqa: E402
 from model import sample_texts  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def run(argv=None):
     device_type = device_mod.select_device(args.device)
     dtype = device_mod.resolve_dtype(device_type, args.dtype)
     model, _ = checkpoint.load_model(args.checkpoint, device_type)
-    enc = dataloader.get_tokenizer()
+    enc = shards.get_tokenizer()
     print(f"sampling {args.checkpoint} on {device_type} ({dtype}), seed {args.seed}", file=sys.stderr)
     texts = sample_texts(model, enc, args.prompt, args.num_samples, args.max_new_tokens, torch.device(device_type),
                          dtype, temperature=args.temperature, top_k=args.top_k, seed=args.seed)

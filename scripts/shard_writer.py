@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import files
-from dataloader import DataError, shard_files, shard_path, write_shard
+from shards import DataError, shard_files, shard_path, write_shard
 from tokenizer_pool import tokenize
 
 MANIFEST = "prepare_data.json"

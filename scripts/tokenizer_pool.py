@@ -15,7 +15,7 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from dataloader import EOT_TOKEN, DataError, get_tokenizer
+from shards import EOT_TOKEN, DataError, get_tokenizer
 
 # ~256K characters per task: ~0.1 s of tokenizing, next to which sending it costs well under 1%.
 # 1M-character tasks leave a worker idle longer at the start and the end of a run: with 2 workers

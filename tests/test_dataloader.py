@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import (
-    EOT_TOKEN,
-    TINYSHAKESPEARE_URL,
-    DataError,
-    ShardedDataLoader,
-    ensure_tinyshakespeare,
-    find_shards,
-    get_tokenizer,
-    shard_path,
-    write_shard,
-)
+from dataloader import TINYSHAKESPEARE_URL, ShardedDataLoader, ensure_tinyshakespeare
+from shards import EOT_TOKEN, DataError, find_shards, get_tokenizer, shard_path, write_shard
 
 B, T = 2, 4  # one window is B*T = 8 tokens; a step with 2 ranks needs 2*8+1 = 17
 

@@ -15,7 +15,7 @@ import pytest
 import checkpoint
 import train_gpt2
 from conftest import REPO_ROOT, load_script, read_metrics, run_main
-from dataloader import shard_path, write_shard
+from shards import shard_path, write_shard
 
 # One layer, 64 wide, one thread: steps and saves of well under a second, bit-identical losses.
 ARGS = ["--model", "d2", "--n_layer", "1", "--n_embd", "64", "--n_head", "2", "--block_size", "32", "--seq_len", "16",

@@ -14,8 +14,8 @@ from conftest import REPO_ROOT
 LAYERS = [
     ["environment", "cli"],                             # what must come before torch; the command-line conventions
     ["files", "triton_loss", "metrics", "distributed"],
-    ["device", "dataloader", "signals"],
-    ["model"],
+    ["device", "shards", "signals"],                    # shards: the tokenizer and the token files, without torch
+    ["model", "dataloader"],
     ["converters"],
     ["checkpoint"],                                     # checkpoint files
     ["checkpoint_manager", "hellaswag", "gpt2_hf"],

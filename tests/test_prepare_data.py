@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import run_main
-from dataloader import EOT_TOKEN, ShardedDataLoader, get_tokenizer
+from dataloader import ShardedDataLoader
+from shards import EOT_TOKEN, get_tokenizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
 sys.path.insert(0, str(SCRIPT.parent))
