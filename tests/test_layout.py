@@ -15,7 +15,7 @@ LAYERS = [
     ["environment", "cli"],                             # what must come before torch; the command-line conventions
     ["files", "triton_loss", "metrics", "distributed"],
     ["device", "shards", "signals"],                    # shards: the tokenizer and the token files, without torch
-    ["model", "dataloader"],
+    ["model", "dataloader", "dataprep"],                # dataprep: the preparation, a package (PACKAGES)
     ["converters"],
     ["checkpoint"],                                     # checkpoint files
     ["checkpoint_manager", "hellaswag", "gpt2_hf"],
@@ -23,52 +23,91 @@ LAYERS = [
     ["train_gpt2"],                                     # the trainer: CLI and loop; scripts/ sit above it
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+# A package is one entry of LAYERS to the modules outside it; inside, a module imports only those before it.
+PACKAGES = {"dataprep": ["sources", "tokenizer_pool", "shard_writer", "prepare", "__init__"]}
+PACKAGE_FILES = [f"{package}/{module}.py" for package, modules in PACKAGES.items() for module in modules]
 MODULES = sorted(p.stem for p in REPO_ROOT.glob("*.py"))
 SCRIPTS = sorted(p.name for p in (REPO_ROOT / "scripts").glob("*.py"))
 
 
 def imports(path):
-    """(module name, line) of every import of this repo's modules in path, top level or inside functions,
-    in file order."""
+    """(dotted module name, line) of every import in path, top level or inside functions, in file order;
+    relative imports as absolute names (from .sources import x in dataprep/prepare.py: dataprep.sources)."""
+    package = path.parent.name if path.parent != REPO_ROOT else None
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found += [(alias.name.split(".")[0], node.lineno) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.module.split(".")[0], node.lineno))
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append((node.module, node.lineno))
+        elif isinstance(node, ast.ImportFrom):  # relative: a module of this package
+            assert package and node.level == 1, f"{path}:{node.lineno}: a relative import outside a package"
+            found += ([(f"{package}.{node.module}", node.lineno)] if node.module
+                      else [(f"{package}.{alias.name}", node.lineno) for alias in node.names])
     return sorted(found, key=lambda item: item[1])
 
 
+def top(name):
+    return name.split(".")[0]
+
+
 def test_every_module_has_a_layer():
-    assert sorted(LAYER) == MODULES, "a new top-level module: give it a layer here and in the README's layout"
+    packages = sorted(p.parent.name for p in REPO_ROOT.glob("*/__init__.py") if p.parent.name not in ("scripts", "tests"))
+    assert sorted(LAYER) == sorted(MODULES + packages), \
+        "a new top-level module or package: give it a layer here and in the README's layout"
+    for package, modules in PACKAGES.items():
+        assert sorted(p.stem for p in (REPO_ROOT / package).glob("*.py")) == sorted(modules), \
+            f"a new module of {package}: give it its place in PACKAGES"
 
 
-@pytest.mark.parametrize("name", MODULES)
-def test_imports_run_downhill(name):
-    for imported, line in imports(REPO_ROOT / f"{name}.py"):
-        if imported in LAYER and imported != name:
-            assert LAYER[imported] < LAYER[name], f"{name}.py:{line} imports {imported}, which is not below it"
+@pytest.mark.parametrize("path", [f"{m}.py" for m in MODULES] + PACKAGE_FILES)
+def test_imports_run_downhill(path):
+    package, _, stem = path.removesuffix(".py").rpartition("/")
+    name = package or stem
+    for imported, line in imports(REPO_ROOT / path):
+        if package and top(imported) == package:
+            inner = imported.partition(".")[2] or "__init__"
+            order = PACKAGES[package]
+            assert order.index(inner) < order.index(stem), f"{path}:{line} imports {imported}, which is not before it"
+        elif top(imported) in LAYER and top(imported) != name:
+            assert LAYER[top(imported)] < LAYER[name], f"{path}:{line} imports {imported}, which is not below it"
 
 
 def test_no_module_imports_the_trainer_or_a_script():
-    for name in MODULES:
-        imported = {module for module, _ in imports(REPO_ROOT / f"{name}.py")}
-        assert "train_gpt2" not in imported or name == "train_gpt2"
-        assert not imported & {p.removesuffix(".py") for p in SCRIPTS}, name
+    for path in [f"{m}.py" for m in MODULES] + PACKAGE_FILES:
+        imported = {top(module) for module, _ in imports(REPO_ROOT / path)}
+        assert "train_gpt2" not in imported or path == "train_gpt2.py"
+        assert not imported & ({"scripts"} | {p.removesuffix(".py") for p in SCRIPTS}), path
 
 
-@pytest.mark.parametrize("path", [f"{m}.py" for m in MODULES] + [f"scripts/{s}" for s in SCRIPTS])
+def runs_environment(path, seen=()):
+    """Whether importing the file runs environment.py: it imports environment, or a module of ours that does."""
+    for imported, _ in imports(REPO_ROOT / path):
+        if imported == "environment":
+            return True
+        target = imported.replace(".", "/")
+        for candidate in (f"{target}.py", f"{target}/__init__.py"):
+            if candidate not in seen and (REPO_ROOT / candidate).is_file() and candidate != path:
+                if runs_environment(candidate, seen + (path,)):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("path", [f"{m}.py" for m in MODULES] + PACKAGE_FILES + [f"scripts/{s}" for s in SCRIPTS])
 def test_torch_is_imported_after_the_environment_module(path):
     """environment.py sets variables torch reads once, when it loads: in every file, no import that
     loads torch (torch itself, or a module of ours) may come before it."""
     if path == "environment.py":
         return
     names = [name for name, _ in imports(REPO_ROOT / path)]
-    if "torch" not in names:
+    if "torch" not in [top(name) for name in names]:
         return
-    # environment itself, or a module of ours, each of which imports it before anything else (checked here too)
-    sets_it = [i for i, name in enumerate(names) if name in LAYER and name != "cli"]
-    assert sets_it and sets_it[0] < names.index("torch"), f"{path} imports torch before environment"
+    first_torch = [top(name) for name in names].index("torch")
+    # environment itself, or a module of ours that imports it (each of which is checked here too)
+    sets_it = [i for i, name in enumerate(names)
+               if name == "environment" or (top(name) in LAYER and runs_environment(name.replace(".", "/") + ".py"
+                                                                                      if "." in name else f"{name}.py"))]
+    assert sets_it and sets_it[0] < first_torch, f"{path} imports torch before environment"
 
 
 WATCH_TORCH = """

@@ -1,4 +1,5 @@
 """scripts/prepare_data.py: every source writes shards the loader reads, with EOT-led documents."""
+import io
 import subprocess
 import sys
 import types
@@ -7,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import dataprep
 from conftest import run_main
 from dataloader import ShardedDataLoader
+from dataprep import sources, tokenizer_pool
+from scripts import prepare_data
 from shards import EOT_TOKEN, get_tokenizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import data_sources  # noqa: E402
-import prepare_data  # noqa: E402
 
 
 def read_split(out_dir, split):
@@ -37,6 +38,29 @@ def test_tinyshakespeare_shards_decode_to_the_text(tmp_path, tinyshakespeare_pat
     assert f"{len(train):,} tokens" in capsys.readouterr().out  # the summary
     x, _ = ShardedDataLoader(out_dir, "val", 4, 64).next_batch()
     assert x.flatten().tolist() == val[: 4 * 64].tolist()
+
+
+def test_tinyshakespeare_shards_are_byte_identical_to_the_old_writer(tmp_path, tinyshakespeare_path, capsys):
+    """The quickstart's shards as the old writer made them (EOT + the tokens, the last 10% val, np.save), so
+    training losses stay comparable with runs on the old shards; the trainer's path and the command's agree."""
+    tokens = np.array([EOT_TOKEN] + get_tokenizer().encode_ordinary(tinyshakespeare_path.read_text()), np.uint16)
+    n_train = int(len(tokens) * 0.9)
+    old = {}
+    for split, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
+        buffer = io.BytesIO()
+        np.save(buffer, part)
+        old[f"tinyshakespeare_{split}_000000.npy"] = buffer.getvalue()
+
+    assert dataprep.ensure_tinyshakespeare(tmp_path / "quickstart") is True
+    assert f"prepared tiny Shakespeare from {tinyshakespeare_path}: {n_train:,} train + " in capsys.readouterr().out
+    assert prepare_data.main(["--source", "tinyshakespeare", "--out_dir", tmp_path / "command"]) == 0
+    for folder in ("quickstart", "command"):
+        assert {p.name: p.read_bytes() for p in (tmp_path / folder).glob("*.npy")} == old, folder
+
+    assert dataprep.ensure_tinyshakespeare(tmp_path / "quickstart") is False  # once
+    capsys.readouterr()
+    assert prepare_data.main(["--source", "tinyshakespeare", "--out_dir", tmp_path / "quickstart"]) == 0
+    assert "is already finished (2 shards)" in capsys.readouterr().out  # one manifest for both paths
 
 
 def test_refuses_to_overwrite_shards_unless_asked(tmp_path, tinyshakespeare_path, capsys):
@@ -74,8 +98,8 @@ def test_text_source_glob_of_two_files(tmp_path):
 
 def test_large_files_cut_at_blank_lines_tokenize_like_the_whole(tmp_path, tinyshakespeare_path, monkeypatch):
     """Pieces shared among the workers must not change a single token, nor add an EOT."""
-    monkeypatch.setattr(data_sources, "TEXT_CHUNK_CHARS", 50_000)  # tiny Shakespeare: ~22 pieces
-    assert len(data_sources.split_paragraphs(tinyshakespeare_path.read_text())) > 10
+    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 50_000)  # tiny Shakespeare: ~22 pieces
+    assert len(sources.split_paragraphs(tinyshakespeare_path.read_text())) > 10
     assert prepare_data.main(["--source", "text", "--input", str(tinyshakespeare_path), "--name", "shk",
                               "--out_dir", str(tmp_path / "text"), "--num_proc", "2"]) == 0
     assert prepare_data.main(["--source", "tinyshakespeare", "--out_dir", str(tmp_path / "whole")]) == 0
@@ -208,8 +232,6 @@ def test_parquet_rows_are_documents_across_row_groups_and_files(tmp_path):
 
 def test_tokenizer_batches_equal_encode_ordinary_on_tricky_text():
     """The workers' encode_to_numpy path must give encode_ordinary's tokens, special-token text included."""
-    import tokenizer_pool
-
     texts = ["", " ", "<|endoftext|>", "a<|endoftext|>b", "\ud800 lone surrogate", "emoji 🚀🚀 and café",
              "\n\n\n  tabs\t\tand spaces   ", "x" * 5000]
     tokenizer_pool.load_tokenizer()

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dataprep import shard_writer, tokenizer_pool
+from scripts import prepare_data
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-import prepare_data  # noqa: E402
-import shard_writer  # noqa: E402
-import tokenizer_pool  # noqa: E402
 
 # A stand-in for Hugging Face datasets, put on the path of the process under test: it streams the
 # documents of $FAKE_DATASETS_DOCS, writes the index of each one it yields to $FAKE_DATASETS_LOG
