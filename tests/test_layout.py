@@ -80,16 +80,20 @@ def test_no_module_imports_the_trainer_or_a_script():
         assert not imported & ({"scripts"} | {p.removesuffix(".py") for p in SCRIPTS}), path
 
 
+def module_file(name):
+    """The file of one of our modules (dataprep.sources: dataprep/sources.py), or None."""
+    target = name.replace(".", "/")
+    return next((f for f in (f"{target}.py", f"{target}/__init__.py") if (REPO_ROOT / f).is_file()), None)
+
+
 def runs_environment(path, seen=()):
     """Whether importing the file runs environment.py: it imports environment, or a module of ours that does."""
     for imported, _ in imports(REPO_ROOT / path):
         if imported == "environment":
             return True
-        target = imported.replace(".", "/")
-        for candidate in (f"{target}.py", f"{target}/__init__.py"):
-            if candidate not in seen and (REPO_ROOT / candidate).is_file() and candidate != path:
-                if runs_environment(candidate, seen + (path,)):
-                    return True
+        candidate = module_file(imported)
+        if candidate and candidate != path and candidate not in seen and runs_environment(candidate, seen + (path,)):
+            return True
     return False
 
 
@@ -105,8 +109,7 @@ def test_torch_is_imported_after_the_environment_module(path):
     first_torch = [top(name) for name in names].index("torch")
     # environment itself, or a module of ours that imports it (each of which is checked here too)
     sets_it = [i for i, name in enumerate(names)
-               if name == "environment" or (top(name) in LAYER and runs_environment(name.replace(".", "/") + ".py"
-                                                                                      if "." in name else f"{name}.py"))]
+               if name == "environment" or (module_file(name) and runs_environment(module_file(name)))]
     assert sets_it and sets_it[0] < first_torch, f"{path} imports torch before environment"
 
 
