@@ -22,12 +22,14 @@ import checkpoint
 import checkpoint_manager
 import cli
 import dataloader
+import dataprep
 import device
 import distributed
 import files
 import gpt2_hf
 import hellaswag
 import metrics as metrics_mod
+import shards
 import signals
 from model import GPT, MODEL_PRESETS, sample_texts
 from run_config import DDP_BUCKET_CAP_MB, DEFAULT_DATA_ROOT, build_config, is_checkpoint_file, print_config
@@ -312,7 +314,7 @@ def train_run(config, dev, ctx, log):
 
     # Data: the quickstart prepares tiny Shakespeare once (rank 0), everyone else waits.
     if config.data_root == DEFAULT_DATA_ROOT and ctx.master:
-        dataloader.ensure_tinyshakespeare(config.data_root)
+        dataprep.ensure_tinyshakespeare(config.data_root)
     distributed.barrier()
     train_loader = dataloader.ShardedDataLoader(config.data_root, "train", config.micro_batch_size, config.seq_len,
                                                 ctx.rank, ctx.world_size, pin_memory=config.pin_memory)
@@ -353,7 +355,7 @@ def train_run(config, dev, ctx, log):
         if config.wandb else None)
     hellaswag_eval = hellaswag.TrainingEval(config.hellaswag_interval, config.hellaswag_file, config.hellaswag_limit,
                                             dev, config.dtype, ctx.rank, ctx.world_size, sharded=config.fsdp)
-    enc = dataloader.get_tokenizer()
+    enc = shards.get_tokenizer()
 
     val_loss = None
     with signals.GracefulStop() as stop:  # SIGTERM / Ctrl-C: finish the step, save, stop; handlers restored after
