@@ -9,8 +9,6 @@ ShardedDataLoader reads the shards through a memory map, so no rank ever holds a
     state = loader.state_dict()       # plain ints/strs/lists: fine for weights_only=True
     loader.close()                    # stops the read-ahead thread (prefetch=True; on by default with pin_memory)
 """
-import os
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,57 +16,7 @@ import environment  # noqa: F401  before torch: it sets variables torch reads wh
 import numpy as np
 import torch
 
-import files
-from shards import EOT_TOKEN, DataError, find_shards, get_tokenizer, shard_length, shard_path, write_shard
-
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-
-def _read_tinyshakespeare(data_dir):
-    """Return (text, where it came from): $TINYSHAKESPEARE_PATH, the cached copy, or the URL."""
-    env_path = os.environ.get("TINYSHAKESPEARE_PATH")
-    if env_path:
-        if not Path(env_path).is_file():
-            raise DataError(
-                f"TINYSHAKESPEARE_PATH={env_path} is not a file; point it at a copy of "
-                f"{TINYSHAKESPEARE_URL} or unset it to download"
-            )
-        return Path(env_path).read_text(encoding="utf-8"), env_path
-    cached = Path(data_dir) / "tinyshakespeare.txt"
-    if cached.is_file():
-        return cached.read_text(encoding="utf-8"), str(cached)
-    try:
-        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=10) as response:
-            text = response.read().decode("utf-8")
-    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
-        raise DataError(
-            f"could not download tiny Shakespeare from {TINYSHAKESPEARE_URL}: {e}. Fix: download it "
-            f"by hand to {cached} (curl -L -o {cached} {TINYSHAKESPEARE_URL}), "
-            f"or set TINYSHAKESPEARE_PATH to a local copy"
-        ) from None
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(cached, lambda f: f.write(text.encode("utf-8")))
-    return text, TINYSHAKESPEARE_URL
-
-
-def ensure_tinyshakespeare(data_dir, val_fraction=0.1) -> bool:
-    """Make tiny Shakespeare shards in data_dir unless train shards are already there.
-    The text is one document: EOT, then its tokens; the last val_fraction of tokens is val."""
-    data_dir = Path(data_dir)
-    try:
-        find_shards(data_dir, "train")
-        return False
-    except DataError:
-        pass
-    text, source = _read_tinyshakespeare(data_dir)
-    tokens = np.array([EOT_TOKEN] + get_tokenizer().encode_ordinary(text), dtype=np.uint16)
-    n_train = int(len(tokens) * (1 - val_fraction))
-    write_shard(shard_path(data_dir, "tinyshakespeare", "train", 0), tokens[:n_train])
-    if n_train < len(tokens):
-        write_shard(shard_path(data_dir, "tinyshakespeare", "val", 0), tokens[n_train:])
-    print(f"prepared tiny Shakespeare from {source}: {n_train:,} train + "
-          f"{len(tokens) - n_train:,} val tokens in {data_dir}")
-    return True
+from shards import DataError, find_shards, shard_length
 
 
 def _shard_length(path, min_tokens, step_desc):

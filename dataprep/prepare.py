@@ -94,13 +94,19 @@ def ensure_tinyshakespeare(data_dir) -> bool:
     10% of the tokens is val. True when it wrote shards."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir / MANIFEST)
-    if (manifest["shards"] is not None) if manifest else shard_files(data_dir, "train"):
+    overwrite = False
+    if manifest is None and shard_files(data_dir, "train"):
         return False
+    if manifest is not None and manifest["shards"] is not None:
+        if all((data_dir / shard["file"]).is_file() for shard in manifest["shards"]):
+            return False
+        print(f"{data_dir}: shards its {MANIFEST} lists are gone; preparing tiny Shakespeare there again")
+        overwrite = True  # the quickstart's own folder, which only the trainer fills: start it over
     source = open_source("tinyshakespeare", out_dir=data_dir)
     command_line = shlex.join(["python", "scripts/prepare_data.py", "--source", "tinyshakespeare",
                                "--out_dir", str(data_dir)])
     shards = prepare(source, data_dir, name=source.name, val_split="last_fraction", command_line=command_line,
-                     verbose=False)
+                     overwrite=overwrite, verbose=False)
     tokens = {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")}
     print(f"prepared {source.describe()}: {tokens['train']:,} train + {tokens['val']:,} val tokens in {data_dir}")
     return True

@@ -42,16 +42,16 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir
 if "TINYSHAKESPEARE_PATH" not in os.environ and (SHARED / "data" / "tinyshakespeare.txt").is_file():
     os.environ["TINYSHAKESPEARE_PATH"] = str(SHARED / "data" / "tinyshakespeare.txt")
 import cli  # noqa: E402
-import dataloader  # noqa: E402
 import prepare_data  # noqa: E402
 import shards  # noqa: E402
+from dataprep.sources import TINYSHAKESPEARE_URL  # noqa: E402
 
 
 def make_documents(corpus, doc_chars):
     """The corpus cut at blank lines into documents of at least doc_chars characters."""
     if corpus is None or not Path(corpus).is_file():
         raise cli.UserError(f"no corpus at {corpus or '$TINYSHAKESPEARE_PATH'}; pass --corpus FILE (any UTF-8 "
-                            f"text), e.g. after: curl -L -o tinyshakespeare.txt {dataloader.TINYSHAKESPEARE_URL}")
+                            f"text), e.g. after: curl -L -o tinyshakespeare.txt {TINYSHAKESPEARE_URL}")
     text = Path(corpus).read_text(encoding="utf-8")
     documents, current = [], ""
     for paragraph in text.split("\n\n"):

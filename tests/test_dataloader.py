@@ -1,16 +1,13 @@
 """The shard format and ShardedDataLoader: what training, DDP and exact resume rely on."""
-import io
 import re
 import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 
-from dataloader import TINYSHAKESPEARE_URL, ShardedDataLoader, ensure_tinyshakespeare
-from shards import EOT_TOKEN, DataError, find_shards, get_tokenizer, shard_path, write_shard
+from dataloader import ShardedDataLoader
+from shards import DataError, find_shards, get_tokenizer, shard_path, write_shard
 
 B, T = 2, 4  # one window is B*T = 8 tokens; a step with 2 ranks needs 2*8+1 = 17
 
@@ -305,46 +302,7 @@ def test_write_shard_is_atomic(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# Tiny Shakespeare, the default dataset
-
-
-def test_ensure_tinyshakespeare_makes_shards_that_decode_to_the_text(tmp_path, tinyshakespeare_path):
-    assert ensure_tinyshakespeare(tmp_path) is True
-    train = np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))
-    val = np.load(shard_path(tmp_path, "tinyshakespeare", "val", 0))
-    assert train.dtype == val.dtype == np.uint16
-    assert train[0] == EOT_TOKEN and EOT_TOKEN not in train[1:] and EOT_TOKEN not in val
-    assert len(train) == int(0.9 * (len(train) + len(val)))
-    assert get_tokenizer().decode(np.concatenate([train[1:], val]).tolist()) == tinyshakespeare_path.read_text()
-    assert ensure_tinyshakespeare(tmp_path) is False  # already there: nothing to do
-
-
-def refuse_network(*args, **kwargs):
-    raise urllib.error.URLError("no route to host")
-
-
-def test_ensure_tinyshakespeare_download_failure_says_how_to_fix(tmp_path, monkeypatch):
-    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)
-    with pytest.raises(DataError) as error:
-        ensure_tinyshakespeare(tmp_path / "data")
-    message = str(error.value)
-    assert TINYSHAKESPEARE_URL in message and "no route to host" in message
-    assert str(tmp_path / "data" / "tinyshakespeare.txt") in message and "TINYSHAKESPEARE_PATH" in message
-
-
-def test_ensure_tinyshakespeare_downloads_once_then_uses_the_cached_copy(tmp_path, monkeypatch):
-    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
-    assert ensure_tinyshakespeare(tmp_path)
-    assert (tmp_path / "tinyshakespeare.txt").read_text() == text
-
-    for shard in tmp_path.glob("*.npy"):
-        shard.unlink()
-    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)  # offline now: the cache must do
-    assert ensure_tinyshakespeare(tmp_path)
-    assert np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))[0] == EOT_TOKEN
+# The tokenizer (tiny Shakespeare, the quickstart's data: tests/test_prepare_data.py)
 
 
 def test_tokenizer_failure_explains_tiktoken_cache_dir(monkeypatch):

@@ -3,6 +3,8 @@ import io
 import subprocess
 import sys
 import types
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from conftest import run_main
 from dataloader import ShardedDataLoader
 from dataprep import sources, tokenizer_pool
 from scripts import prepare_data
-from shards import EOT_TOKEN, get_tokenizer
+from shards import EOT_TOKEN, DataError, get_tokenizer, shard_path, write_shard
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
 
@@ -61,6 +63,53 @@ def test_tinyshakespeare_shards_are_byte_identical_to_the_old_writer(tmp_path, t
     capsys.readouterr()
     assert prepare_data.main(["--source", "tinyshakespeare", "--out_dir", tmp_path / "quickstart"]) == 0
     assert "is already finished (2 shards)" in capsys.readouterr().out  # one manifest for both paths
+
+
+def test_ensure_tinyshakespeare_makes_shards_that_decode_to_the_text(tmp_path, tinyshakespeare_path):
+    assert dataprep.ensure_tinyshakespeare(tmp_path) is True
+    train = np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))
+    val = np.load(shard_path(tmp_path, "tinyshakespeare", "val", 0))
+    assert train.dtype == val.dtype == np.uint16
+    assert train[0] == EOT_TOKEN and EOT_TOKEN not in train[1:] and EOT_TOKEN not in val
+    assert len(train) == int(0.9 * (len(train) + len(val)))
+    assert get_tokenizer().decode(np.concatenate([train[1:], val]).tolist()) == tinyshakespeare_path.read_text()
+    assert dataprep.ensure_tinyshakespeare(tmp_path) is False  # already there: nothing to do
+
+
+def refuse_network(*args, **kwargs):
+    raise urllib.error.URLError("no route to host")
+
+
+def test_ensure_tinyshakespeare_download_failure_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)
+    with pytest.raises(DataError) as error:
+        dataprep.ensure_tinyshakespeare(tmp_path / "data")
+    message = str(error.value)
+    assert sources.TINYSHAKESPEARE_URL in message and "no route to host" in message
+    assert str(tmp_path / "data" / "tinyshakespeare.txt") in message and "TINYSHAKESPEARE_PATH" in message
+
+
+def test_ensure_tinyshakespeare_downloads_once_then_uses_the_cached_copy(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
+    assert dataprep.ensure_tinyshakespeare(tmp_path)
+    assert (tmp_path / "tinyshakespeare.txt").read_text() == text
+
+    for shard in tmp_path.glob("*.npy"):
+        shard.unlink()
+    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)  # offline now: the cache must do
+    capsys.readouterr()
+    assert dataprep.ensure_tinyshakespeare(tmp_path)
+    assert "shards its prepare_data.json lists are gone; preparing tiny Shakespeare there again" in capsys.readouterr().out
+    assert np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))[0] == EOT_TOKEN
+
+
+def test_ensure_tinyshakespeare_leaves_shards_made_some_other_way(tmp_path):
+    write_shard(shard_path(tmp_path, "mine", "train", 0), np.arange(100))
+    assert dataprep.ensure_tinyshakespeare(tmp_path) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine_train_000000.npy"]
 
 
 def test_refuses_to_overwrite_shards_unless_asked(tmp_path, tinyshakespeare_path, capsys):
