@@ -25,7 +25,7 @@ from cli import UserError
 
 EOT_TOKEN = 50256  # GPT-2 <|endoftext|>; it opens every document
 
-PREPARE_HINT = "python scripts/prepare_data.py --source tinyshakespeare --out_dir {}"
+PREPARE_HINT = "python -m scripts.prepare_data --source tinyshakespeare --out_dir {}"
 
 
 class DataError(UserError):
@@ -103,7 +103,7 @@ def find_shards(data_root, split) -> list[Path]:
 
 
 def remake_hint(path):
-    return (f"copy it again, or re-create {path.parent} with the scripts/prepare_data.py command that made "
+    return (f"copy it again, or re-create {path.parent} with the python -m scripts.prepare_data command that made "
             f"it (e.g. {PREPARE_HINT.format(path.parent)} --overwrite)")
 
 

@@ -1,5 +1,5 @@
 """Data preparation: documents tokenized with GPT-2's BPE into the shards the loader reads, resumably.
-The library behind `python scripts/prepare_data.py`; no torch.
+The library behind `python -m scripts.prepare_data`; no torch.
 
     import dataprep
 

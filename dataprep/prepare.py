@@ -89,7 +89,7 @@ def prepare(source, out_dir, *, name, val_split, command_line, val_fraction=VAL_
 def ensure_tinyshakespeare(data_dir) -> bool:
     """The quickstart's data: make tiny Shakespeare shards in data_dir unless its train shards are there
     (a finished preparation, or shards made some other way), exactly as
-    `python scripts/prepare_data.py --source tinyshakespeare --out_dir data_dir` makes them, manifest
+    `python -m scripts.prepare_data --source tinyshakespeare --out_dir data_dir` makes them, manifest
     included; an interrupted one is continued. The text is one document, EOT then its tokens; the last
     10% of the tokens is val. True when it wrote shards."""
     data_dir = Path(data_dir)
@@ -103,7 +103,7 @@ def ensure_tinyshakespeare(data_dir) -> bool:
         print(f"{data_dir}: shards its {MANIFEST} lists are gone; preparing tiny Shakespeare there again")
         overwrite = True  # the quickstart's own folder, which only the trainer fills: start it over
     source = open_source("tinyshakespeare", out_dir=data_dir)
-    command_line = shlex.join(["python", "scripts/prepare_data.py", "--source", "tinyshakespeare",
+    command_line = shlex.join(["python", "-m", "scripts.prepare_data", "--source", "tinyshakespeare",
                                "--out_dir", str(data_dir)])
     shards = prepare(source, data_dir, name=source.name, val_split="last_fraction", command_line=command_line,
                      overwrite=overwrite, verbose=False)

@@ -7,7 +7,7 @@ PYTHON="${PYTHON:-python}"
 RUN_ENV_HELP="  DRY_RUN=1       print the command, run nothing
   PYTHON          the python to use (default: python)"
 # How to make shards from your own text, for the scripts whose default is the quickstart.
-PREPARE_TEXT="python scripts/prepare_data.py --source text --input 'your/*.txt' --name NAME   (then DATA_ROOT=data/NAME)"
+PREPARE_TEXT="python -m scripts.prepare_data --source text --input 'your/*.txt' --name NAME   (then DATA_ROOT=data/NAME)"
 
 # show_help_if_asked USAGE ARGS...: print USAGE and exit 0 if -h or --help is among ARGS.
 show_help_if_asked() {

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Tokens per second of scripts/prepare_data.py against tiktoken's own encode_ordinary on the same
+"""Tokens per second of python -m scripts.prepare_data against tiktoken's own encode_ordinary on the same
 text, per process. Prints a table; needs no network.
 
-    python scripts/bench_prepare.py                                  # ~4 min on 2 cores
-    python scripts/bench_prepare.py --copies 40 --num_proc 1 2 4 --repeats 5
+    python -m scripts.bench_prepare                                  # ~4 min on 2 cores
+    python -m scripts.bench_prepare --copies 40 --num_proc 1 2 4 --repeats 5
 
 The corpus is made offline: tiny Shakespeare (--corpus; default $TINYSHAKESPEARE_PATH or
 ../shared/data/tinyshakespeare.txt) cut at blank lines into documents of at least --doc_chars
@@ -35,16 +35,19 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")  # offline machines: the local copy
 if "TINYSHAKESPEARE_PATH" not in os.environ and (SHARED / "data" / "tinyshakespeare.txt").is_file():
     os.environ["TINYSHAKESPEARE_PATH"] = str(SHARED / "data" / "tinyshakespeare.txt")
 import cli  # noqa: E402
-import prepare_data  # noqa: E402
 import shards  # noqa: E402
 from dataprep.sources import TINYSHAKESPEARE_URL  # noqa: E402
+from scripts import prepare_data  # noqa: E402
 
 
 def make_documents(corpus, doc_chars):

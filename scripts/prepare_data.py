@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Tokenize a corpus with GPT-2's BPE into uint16 shards that dataloader.py streams.
 
-    python scripts/prepare_data.py --source tinyshakespeare                 # -> data/tinyshakespeare
-    python scripts/prepare_data.py --source text --input 'books/*.txt' --name mybooks
-    python scripts/prepare_data.py --source jsonl --input 'crawl/*.jsonl.gz' --name crawl --text_field content
-    python scripts/prepare_data.py --source parquet --input 'fineweb-edu/sample/10BT/*.parquet' --name edufineweb
-    python scripts/prepare_data.py --source fineweb-edu                     # -> data/edu_fineweb10B
+    python -m scripts.prepare_data --source tinyshakespeare                 # -> data/tinyshakespeare
+    python -m scripts.prepare_data --source text --input 'books/*.txt' --name mybooks
+    python -m scripts.prepare_data --source jsonl --input 'crawl/*.jsonl.gz' --name crawl --text_field content
+    python -m scripts.prepare_data --source parquet --input 'fineweb-edu/sample/10BT/*.parquet' --name edufineweb
+    python -m scripts.prepare_data --source fineweb-edu                     # -> data/edu_fineweb10B
 
 Every document starts with <|endoftext|> (50256), as in build-nanogpt. --val_split first_shard,
 build-nanogpt's FineWeb-Edu layout and the default for jsonl, parquet and fineweb-edu: shard 0 is
@@ -23,7 +23,10 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 import cli  # noqa: E402
 import dataprep  # noqa: E402
 from dataprep.shard_writer import MANIFEST  # noqa: E402
@@ -114,7 +117,7 @@ def run(argv=None):
         dataprep.prepare(source, args.out_dir, name=args.name, val_split=args.val_split,
                          val_fraction=args.val_fraction, shard_size=args.shard_size, num_proc=args.num_proc,
                          max_shards=args.max_shards, overwrite=args.overwrite,
-                         command_line=shlex.join(["python", "scripts/prepare_data.py", *argv]))
+                         command_line=shlex.join(["python", "-m", "scripts.prepare_data", *argv]))
     except KeyboardInterrupt:
         print(f"\ninterrupted: the shards finished so far are recorded in {Path(args.out_dir) / MANIFEST}; "
               f"run the same command again to continue", file=sys.stderr)

@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """Sample text from a checkpoint.
 
-    python scripts/sample.py --checkpoint log/model_00300.pt --prompt "ROMEO:" --num_samples 3
-    python scripts/sample.py --checkpoint log/best_model.pt --temperature 0.8 --top_k 200 --seed 7
+    python -m scripts.sample --checkpoint log/model_00300.pt --prompt "ROMEO:" --num_samples 3
+    python -m scripts.sample --checkpoint log/best_model.pt --temperature 0.8 --top_k 200 --seed 7
 
 Works with training checkpoints (model_*.pt, best_model.pt), exports (`python checkpoint.py export`)
 and the files of nanoGPT, build-nanogpt and llm.c. Sampling is seeded: the same --seed gives the same
 samples on the same device.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
 

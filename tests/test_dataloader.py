@@ -246,14 +246,14 @@ def test_a_dataset_named_like_a_split_does_not_leak_into_it(tmp_path):
 
 
 @pytest.mark.parametrize("make_bad, expected", [
-    (lambda d: None, [r"does not exist", r"prepare_data\.py --source tinyshakespeare --out_dir"]),
-    (lambda d: d.mkdir(), [r"no shards matching '\*_train_\*\.npy'", r"prepare_data\.py"]),
+    (lambda d: None, [r"does not exist", r"python -m scripts\.prepare_data --source tinyshakespeare --out_dir"]),
+    (lambda d: d.mkdir(), [r"no shards matching '\*_train_\*\.npy'", r"python -m scripts\.prepare_data"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros(0, np.uint16))),
-     [r"x_train_000000\.npy is empty", r"prepare_data\.py"]),
+     [r"x_train_000000\.npy is empty", r"python -m scripts\.prepare_data"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.arange(100, dtype=np.int32))),
      [r"x_train_000000\.npy has dtype int32, expected uint16", r"astype\(np\.uint16\)"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros((10, 10), np.uint16))),
-     [r"shape \(10, 10\), expected a 1-D", r"prepare_data\.py"]),
+     [r"shape \(10, 10\), expected a 1-D", r"python -m scripts\.prepare_data"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros(16, np.uint16))),
      [r"has 16 tokens but one step needs 17", r"lower --micro_batch_size or --seq_len"]),
     (lambda d: (d.mkdir(), (d / "x_train_000000.npy").write_bytes(b"")),

@@ -156,7 +156,7 @@ def test_a_damaged_shard_is_one_line_naming_the_file_and_the_fix(data, tmp_path,
     assert train(broken, tmp_path / "log", "--max_steps", 2) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(shard_path(broken, "tiny", "train", 0)) in err and message in err
-    assert "copy it again, or re-create" in err and "python scripts/prepare_data.py" in err and "Traceback" not in err
+    assert "copy it again, or re-create" in err and "python -m scripts.prepare_data" in err and "Traceback" not in err
 
 
 def test_the_end_of_an_epoch_leaves_a_checkpoint_outside_the_rotation_that_resumes(tmp_path, capsys):

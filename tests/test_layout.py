@@ -3,6 +3,7 @@ imports the trainer, torch always loads after the environment it reads is set, a
 line answers --help with each default stated once."""
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -122,47 +123,66 @@ class Watch:
             sys.meta_path.remove(self)
         return None
 sys.meta_path.insert(0, Watch())
-script = sys.argv[1]
-sys.argv = [script, "--help"]
-sys.path.insert(0, os.path.dirname(script))
-runpy.run_path(script, run_name="__main__")
+command = sys.argv[1]
+sys.argv = [command, "--help"]
+if command.endswith(".py"):  # python train_gpt2.py: the file's folder is sys.path[0]
+    sys.path.insert(0, os.path.dirname(command))
+    runpy.run_path(command, run_name="__main__")
+else:  # python -m scripts.sample, from the repository root
+    sys.path.insert(0, os.getcwd())
+    runpy.run_module(command, run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("cli", ["hellaswag.py", "train_gpt2.py", "scripts/sample.py"])
+@pytest.mark.parametrize("cli", ["hellaswag.py", "train_gpt2.py", "scripts.sample"])
 def test_a_command_line_sets_the_environment_before_torch_loads(cli):
     """What the import order above guarantees, seen from a fresh interpreter: hellaswag.py used to load
     torch first, too late for PYTORCH_ENABLE_MPS_FALLBACK on a Mac."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTORCH_")}
-    result = subprocess.run([sys.executable, "-c", WATCH_TORCH, str(REPO_ROOT / cli)], capture_output=True, text=True,
+    command = str(REPO_ROOT / cli) if cli.endswith(".py") else cli
+    result = subprocess.run([sys.executable, "-c", WATCH_TORCH, command], capture_output=True, text=True,
                             timeout=120, env=env, cwd=REPO_ROOT)
     assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
     loaded = [line for line in result.stderr.splitlines() if line.startswith("torch loads")]
     assert loaded == ["torch loads with PYTORCH_ENABLE_MPS_FALLBACK=1"], result.stderr
 
 
-CLIS = ["train_gpt2.py", "checkpoint.py", "hellaswag.py", "gpt2_hf.py", "device.py"] + [
-    f"scripts/{s}" for s in SCRIPTS if "__main__" in (REPO_ROOT / "scripts" / s).read_text()]
+SCRIPT_CLIS = [s.removesuffix(".py") for s in SCRIPTS
+               if not s.startswith("_") and "__main__" in (REPO_ROOT / "scripts" / s).read_text()]
+CLIS = ["train_gpt2", "checkpoint", "hellaswag", "gpt2_hf", "device"] + [f"scripts.{s}" for s in SCRIPT_CLIS]
 
 
 @pytest.mark.parametrize("cli", CLIS)
 def test_every_command_line_answers_help_with_each_default_stated_once(cli, capsys):
     """In this process (the fresh-interpreter check is above): the module's main(["--help"])."""
-    import importlib.util
+    import importlib
 
-    path = REPO_ROOT / cli
-    if cli == "checkpoint.py":  # forwards to the tool
-        path = REPO_ROOT / "scripts" / "checkpoint_tool.py"
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(f"cli_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        entry = getattr(module, "main", None) or module.run
-        with pytest.raises(SystemExit) as exit_info:
-            entry(["--help"])
-    finally:
-        sys.path.remove(str(path.parent))
+    module = importlib.import_module("scripts.checkpoint_tool" if cli == "checkpoint" else cli)  # it forwards there
+    entry = getattr(module, "main", None) or module.run
+    with pytest.raises(SystemExit) as exit_info:
+        entry(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:") and "(default: None)" not in out, out[:300]
+
+
+def test_no_script_edits_sys_path():
+    edit = re.compile(r"sys\.path\.(insert|append|extend|remove)\(|sys\.path\s*(\+)?=")
+    for name in SCRIPTS:
+        assert not edit.search((REPO_ROOT / "scripts" / name).read_text()), name
+
+
+@pytest.mark.parametrize("name", SCRIPT_CLIS)
+def test_a_script_started_as_a_path_names_the_module_command_and_exits_2(name, tmp_path):
+    """Before any import of ours (they would fail there): one line with the user's arguments, exit status 2."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / f"{name}.py"), "--out", "my file", "-x"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: {name}.py is part of the scripts package; run it from the repository root "
+                             f"({REPO_ROOT}) as: python -m scripts.{name} --out 'my file' -x\n")
+
+
+def test_checkpoint_py_still_runs_the_tool_from_any_folder(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "checkpoint.py"), "list", str(tmp_path / "nothing")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr

@@ -1,5 +1,6 @@
 """scripts/prepare_data.py: every source writes shards the loader reads, with EOT-led documents."""
 import io
+import os
 import subprocess
 import sys
 import types
@@ -11,13 +12,12 @@ import numpy as np
 import pytest
 
 import dataprep
-from conftest import run_main
+from conftest import REPO_ROOT, run_main
 from dataloader import ShardedDataLoader
 from dataprep import sources, tokenizer_pool
 from scripts import prepare_data
 from shards import EOT_TOKEN, DataError, get_tokenizer, shard_path, write_shard
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
 
 
 def read_split(out_dir, split):
@@ -217,9 +217,17 @@ def test_fineweb_edu_without_datasets_says_pip_install(tmp_path, monkeypatch, ca
 ])
 def test_cli_bad_arguments_exit_nonzero_with_a_message(tmp_path, args, rc, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    result = subprocess.run([sys.executable, str(SCRIPT)] + args, capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-m", "scripts.prepare_data"] + args, capture_output=True, text=True,
+                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert result.returncode == rc
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_preparation_does_not_load_torch():
+    """python -m scripts.prepare_data starts without torch's seconds of imports."""
+    check = "import sys; import scripts.prepare_data; print(sorted(m for m in ('torch', 'dataloader') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert result.returncode == 0 and result.stdout == "[]\n", result.stderr
 
 
 def test_out_of_range_flags_are_usage_errors(capsys):

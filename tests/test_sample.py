@@ -30,8 +30,8 @@ def checkpoint_file(model, tmp_path_factory):
 
 
 def sample_cli(*args):
-    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "sample.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "scripts.sample", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 
 def test_sample_script_is_deterministic_for_a_seed(checkpoint_file, model):
