@@ -16,7 +16,7 @@ import environment  # noqa: F401  before torch: it sets variables torch reads wh
 import numpy as np
 import torch
 
-from shards import DataError, find_shards, shard_length
+from shards import VOCAB_SIZE, DataError, check_token_ids, find_shards, shard_length
 
 
 def _shard_length(path, min_tokens, step_desc):
@@ -46,10 +46,14 @@ class ShardedDataLoader:
     the read-ahead, so the batches and state_dict() are exactly those of prefetch=False.
     Default (None): on when pin_memory is, i.e. on CUDA;
     on the CPU there is no asynchronous device to hide the read behind.
+
+    vocab_size (default GPT-2's 50257 real ids; None: no check): each shard's token ids are checked when
+    the loader first opens it, and an id of vocab_size or more is a DataError naming the shard and the
+    offset, instead of an IndexError mid-run (or, for the padding rows 50257..50303, an infinite loss).
     """
 
     def __init__(self, data_root, split, batch_size, seq_len, rank=0, world_size=1, pin_memory=False,
-                 prefetch=None):
+                 prefetch=None, vocab_size=VOCAB_SIZE):
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"batch size and sequence length must be positive, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
@@ -68,6 +72,8 @@ class ShardedDataLoader:
         self.prefetch = self.pin_memory if prefetch is None else bool(prefetch)
         self._executor = None  # started on the first read-ahead
         self._ahead = None  # Future of the next step's (x, y), read ahead
+        self.vocab_size = vocab_size
+        self._ids_checked = set()  # shard indices whose token ids were checked against vocab_size
         self.shards = find_shards(self.data_root, split)
         step_desc = f"micro batch {batch_size} x seq_len {seq_len} x world size {world_size}"
         self.shard_lengths = [_shard_length(p, self.tokens_per_step + 1, step_desc) for p in self.shards]
@@ -86,6 +92,9 @@ class ShardedDataLoader:
         self.shard_index = index
         self.position = position
         self.tokens = np.load(self.shards[index], mmap_mode="r")
+        if self.vocab_size is not None and index not in self._ids_checked:
+            check_token_ids(self.shards[index], self.tokens, self.vocab_size)  # a memmap max: one read of the shard
+            self._ids_checked.add(index)
 
     def _skip_exhausted_shard(self):
         """Move to the next shard (or wrap) if the next step's windows do not fit in this one."""

@@ -12,6 +12,7 @@ the preparation starts without paying for it.
     shard_files(data_root, split)             the shards of a split there, in order ([] if none)
     find_shards(data_root, split)             the same, or a DataError naming the command that makes them
     shard_length(path)                        its token count, after checking header, dtype, shape and size
+    check_token_ids(path, tokens, vocab_size) a DataError naming the first id >= vocab_size and its offset
     DataError                                 a data mistake the user can fix (a cli.UserError)
 """
 import os
@@ -24,6 +25,9 @@ import files
 from cli import UserError
 
 EOT_TOKEN = 50256  # GPT-2 <|endoftext|>; it opens every document
+VOCAB_SIZE = 50257  # GPT-2's real token ids, 0..50256; the model pads its embedding to 50304 rows
+PADDED_VOCAB_SIZE = 50304  # ids from VOCAB_SIZE up to here hit the padding rows: no error, an infinite loss
+SCAN_TOKENS = 1 << 24  # tokens compared at a time when looking for the first bad id (32 MB of uint16)
 
 PREPARE_HINT = "python -m scripts.prepare_data --source tinyshakespeare --out_dir {}"
 
@@ -139,3 +143,22 @@ def shard_length(path) -> int:
     if shape[0] == 0:
         raise DataError(f"shard {path} is empty (0 tokens); delete it or {remake}")
     return shape[0]
+
+
+def check_token_ids(path, tokens, vocab_size):
+    """A DataError if any of tokens (a shard's memory map) is vocab_size or more, naming the first such id
+    and its offset: ids the model has no row for crash the embedding lookup mid-run, and ids of its padding
+    rows (VOCAB_SIZE..PADDED_VOCAB_SIZE-1) give an infinite loss. One pass over the map when all is well."""
+    if not len(tokens) or int(tokens.max()) < vocab_size:
+        return
+    for start in range(0, len(tokens), SCAN_TOKENS):
+        bad = np.flatnonzero(tokens[start : start + SCAN_TOKENS] >= vocab_size)
+        if len(bad):
+            offset = start + int(bad[0])
+            break
+    token = int(tokens[offset])
+    what = ("one of the model's padding rows, which would make the loss infinite"
+            if vocab_size == VOCAB_SIZE and token < PADDED_VOCAB_SIZE else "beyond the model's embedding")
+    raise DataError(f"shard {path} holds token id {token:,} at token {offset:,} (the first of those; the largest is "
+                    f"{int(tokens.max()):,}), but the vocabulary has {vocab_size:,} ids (0 to {vocab_size - 1:,}): "
+                    f"{what}. It was not tokenized with GPT-2's BPE, or is damaged; {remake_hint(Path(path))}")

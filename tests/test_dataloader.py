@@ -30,7 +30,7 @@ def batches(loader, steps):
 def test_batch_is_int64_window_and_its_shift(tmp_path):
     tokens = np.array([65535, 50256, 40000, 0, 1, 2, 32768, 7, 8, 9] * 3, dtype=np.uint16)
     write_shard(shard_path(tmp_path, "tiny", "train", 0), tokens)
-    x, y = ShardedDataLoader(tmp_path, "train", B, T).next_batch()
+    x, y = ShardedDataLoader(tmp_path, "train", B, T, vocab_size=2**16).next_batch()
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (B, T)
     # uint16 values above 32767 must come through unsigned, not wrapped negative
     assert x.flatten().tolist() == tokens[: B * T].astype(np.int64).tolist()
@@ -266,6 +266,49 @@ def test_bad_data_gives_a_message_with_the_fix(tmp_path, make_bad, expected):
         ShardedDataLoader(data_dir, "train", B, T, world_size=2)
     for pattern in expected:
         assert re.search(pattern, str(error.value)), (pattern, str(error.value))
+
+
+@pytest.mark.parametrize("bad_id, what", [(60000, "beyond the model's embedding"),
+                                          (50257, "one of the model's padding rows, which would make the loss infinite"),
+                                          (50303, "one of the model's padding rows")])
+def test_a_token_id_outside_the_vocabulary_names_the_shard_and_offset(tmp_path, bad_id, what):
+    """Not an IndexError mid-run (60000 in a uint16 shard) nor an inf loss blamed on the LR (the padding rows)."""
+    shard0, shard1 = make_shards(tmp_path, [50, 50])
+    shard1[30] = shard1[40] = bad_id
+    write_shard(shard_path(tmp_path, "tiny", "train", 1), shard1)
+    loader = ShardedDataLoader(tmp_path, "train", B, T)  # shard 0 is fine, and read
+    batches(loader, 5)
+    with pytest.raises(DataError) as error:
+        batches(loader, 1)  # the step that opens shard 1
+    message = str(error.value)
+    assert f"tiny_train_000001.npy holds token id {bad_id:,} at token 30 (the first of those" in message
+    assert "the vocabulary has 50,257 ids (0 to 50,256)" in message and what in message
+    assert ShardedDataLoader(tmp_path, "train", B, T, vocab_size=None).state_dict()  # the check can be left out
+
+
+def test_the_first_bad_id_is_found_across_scan_chunks(tmp_path, monkeypatch):
+    import shards
+
+    monkeypatch.setattr(shards, "SCAN_TOKENS", 7)
+    (shard,) = make_shards(tmp_path, [50])
+    shard[23] = 50300
+    shard[41] = 61000
+    write_shard(shard_path(tmp_path, "tiny", "train", 0), shard)
+    with pytest.raises(DataError, match=r"holds token id 50,300 at token 23 \(the first of those; the largest is 61,000\)"):
+        ShardedDataLoader(tmp_path, "train", B, T)
+
+
+def test_the_vocabulary_check_reads_each_shard_once(tmp_path, monkeypatch):
+    """Each epoch, and each evaluation's reset(), reopens shard 0: its ids are not scanned again."""
+    import dataloader
+
+    make_shards(tmp_path, [50, 35])
+    checked = []
+    monkeypatch.setattr(dataloader, "check_token_ids", lambda path, tokens, vocab: checked.append(path.name))
+    loader = ShardedDataLoader(tmp_path, "train", B, T)
+    batches(loader, 25)  # 10 windows an epoch: two wraps
+    loader.reset()
+    assert checked == ["tiny_train_000000.npy", "tiny_train_000001.npy"]
 
 
 def test_checkpoint_from_other_data_names_the_data_root(tmp_path):

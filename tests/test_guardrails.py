@@ -145,6 +145,7 @@ def test_bench_checkpoint_checks_the_space_first_and_leaves_nothing_behind(tiny_
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_bytes(p.read_bytes()[:-1000]), "is cut short: its header says 20,000 tokens"),
     (lambda p: p.write_bytes(os.urandom(5000)), "is not a readable .npy file"),
+    (lambda p: np.save(p, np.full(20_000, 60_000, np.uint16)), "holds token id 60,000 at token 0"),  # was an IndexError
 ])
 def test_a_damaged_shard_is_one_line_naming_the_file_and_the_fix(data, tmp_path, capsys, damage, message):
     broken = tmp_path / "data"
