@@ -8,6 +8,8 @@ ShardedDataLoader reads the shards through a memory map, so no rank ever holds a
     x, y = loader.next_batch()        # int64 (B, T); y is x shifted left by one token
     state = loader.state_dict()       # plain ints/strs/lists: fine for weights_only=True
     loader.close()                    # stops the read-ahead thread (prefetch=True; on by default with pin_memory)
+    loader.data_change(state)         # None, or one line: how the shards differ from those state was read from
+    data_change(state, data_root)     # the same without a loader
 """
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +18,8 @@ import environment  # noqa: F401  before torch: it sets variables torch reads wh
 import numpy as np
 import torch
 
-from shards import VOCAB_SIZE, DataError, check_token_ids, find_shards, shard_length
+from shards import (VOCAB_SIZE, DataError, check_token_ids, find_shards, fingerprint, recorded_data_change,
+                    shard_length)
 
 
 def _shard_length(path, min_tokens, step_desc):
@@ -77,6 +80,7 @@ class ShardedDataLoader:
         self.shards = find_shards(self.data_root, split)
         step_desc = f"micro batch {batch_size} x seq_len {seq_len} x world size {world_size}"
         self.shard_lengths = [_shard_length(p, self.tokens_per_step + 1, step_desc) for p in self.shards]
+        self.fingerprints = [fingerprint(p) for p in self.shards]  # 12 KB read a shard: what a state records
         self.reset()
 
     @property
@@ -151,8 +155,16 @@ class ShardedDataLoader:
             "position": self.position,  # token offset in the shard where the next step starts
             "epoch": self.epoch,
             "shards": [p.name for p in self.shards],
-            "data_root": str(self.data_root),  # only for the error message on a mismatch
+            "shard_tokens": list(self.shard_lengths),  # with the fingerprints: what data_change compares
+            "fingerprints": list(self.fingerprints),
+            "data_root": str(self.data_root),  # only for the messages on a mismatch
         }
+
+    def data_change(self, state):
+        """None when the shards here look like those state (a checkpoint's) was read from; else one line
+        saying what differs: names, token counts, or content under the same names (fingerprints)."""
+        return recorded_data_change(state, [p.name for p in self.shards], self.shard_lengths, self.fingerprints,
+                                  self.data_root)
 
     def load_state_dict(self, state: dict):
         names = [p.name for p in self.shards]
@@ -167,6 +179,10 @@ class ShardedDataLoader:
             )
         shard_index, position = int(state["shard_index"]), int(state["position"])
         if not (0 <= shard_index < len(names) and 0 <= position <= self.shard_lengths[shard_index]):
+            change = self.data_change(state)
+            if change:
+                raise DataError(f"the checkpoint's data loader state does not fit {self.data_root}: {change}; resume "
+                                f"on the data it was trained on")
             raise DataError(
                 f"the checkpoint's data loader state is out of range: shard {shard_index}, position "
                 f"{position}, for {len(names)} shards in {self.data_root}; the checkpoint is corrupt"
@@ -175,3 +191,11 @@ class ShardedDataLoader:
         self._open_shard(shard_index, position)
         # A smaller step from before (other world size, batch or seq_len) may not fit here.
         self._skip_exhausted_shard()
+
+
+def data_change(state, data_root, split="train"):
+    """loader.data_change(state) without a loader: the shards of split in data_root against a checkpoint's
+    loader state; None when they look the same, else one line."""
+    paths = find_shards(data_root, split)
+    return recorded_data_change(state, [p.name for p in paths], [shard_length(p) for p in paths],
+                              [fingerprint(p) for p in paths], data_root)

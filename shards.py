@@ -13,8 +13,12 @@ the preparation starts without paying for it.
     find_shards(data_root, split)             the same, or a DataError naming the command that makes them
     shard_length(path)                        its token count, after checking header, dtype, shape and size
     check_token_ids(path, tokens, vocab_size) a DataError naming the first id >= vocab_size and its offset
+    fingerprint(path)                         a cheap content hash: size and 3 x 4 KB (start, middle, end)
+    recorded_data_change(recorded, names, tokens, fingerprints, data_root)
+                                              how shards differ from those a loader state recorded, or None
     DataError                                 a data mistake the user can fix (a cli.UserError)
 """
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -27,6 +31,7 @@ from cli import UserError
 EOT_TOKEN = 50256  # GPT-2 <|endoftext|>; it opens every document
 VOCAB_SIZE = 50257  # GPT-2's real token ids, 0..50256; the model pads its embedding to 50304 rows
 PADDED_VOCAB_SIZE = 50304  # ids from VOCAB_SIZE up to here hit the padding rows: no error, an infinite loss
+FINGERPRINT_BYTES = 4096  # read at each of a file's start, middle and end
 SCAN_TOKENS = 1 << 24  # tokens compared at a time when looking for the first bad id (32 MB of uint16)
 
 PREPARE_HINT = "python -m scripts.prepare_data --source tinyshakespeare --out_dir {}"
@@ -162,3 +167,40 @@ def check_token_ids(path, tokens, vocab_size):
     raise DataError(f"shard {path} holds token id {token:,} at token {offset:,} (the first of those; the largest is "
                     f"{int(tokens.max()):,}), but the vocabulary has {vocab_size:,} ids (0 to {vocab_size - 1:,}): "
                     f"{what}. It was not tokenized with GPT-2's BPE, or is damaged; {remake_hint(Path(path))}")
+
+
+def fingerprint(path) -> str:
+    """A cheap identity of a file's content: a hash of its size and of FINGERPRINT_BYTES at its start,
+    middle and end, 12 KB read whatever its size. Other text under the same name and size shows in it,
+    unless the two differ only between those places."""
+    size = os.path.getsize(path)
+    digest = hashlib.blake2b(str(size).encode(), digest_size=8)
+    with open(path, "rb") as f:
+        for start in (0, max(0, (size - FINGERPRINT_BYTES) // 2), max(0, size - FINGERPRINT_BYTES)):
+            f.seek(start)
+            digest.update(f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()
+
+
+def listed(names, limit=2):
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def recorded_data_change(recorded, names, tokens, fingerprints, data_root):
+    """One line saying how the shards now in data_root (names, token counts, fingerprints, in order) differ
+    from those a loader's state_dict recorded, or None when they look the same. States saved before the
+    counts and fingerprints were recorded are compared by their names only."""
+    then = recorded.get("data_root", "the data it was trained on")
+    old_names = list(recorded["shards"])
+    if old_names != list(names):
+        return (f"the checkpoint read {len(old_names)} shards ({listed(old_names)}) from {then}, but {data_root} has "
+                f"{len(names)} ({listed(list(names))})")
+    for name, old, new in zip(names, recorded.get("shard_tokens") or [], tokens):
+        if old != new:
+            return f"{name} in {data_root} has {new:,} tokens, but {old:,} when the checkpoint was written (in {then})"
+    changed = [name for name, old, new in zip(names, recorded.get("fingerprints") or [], fingerprints) if old != new]
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        return (f"{changed[0]}{more} in {data_root} holds other tokens than when the checkpoint was written (in "
+                f"{then}): same name and size, another fingerprint")
+    return None

@@ -123,7 +123,8 @@ def cmd_inspect(args):
         ("world size", ckpt.get("world_size")),
         ("val loss", ckpt.get("val_loss")),
         ("best val loss", ckpt.get("best_val_loss")),
-        ("dataloader", json.dumps({k: v for k, v in (ckpt.get("dataloader") or {}).items() if k != "shards"})),
+        ("dataloader", json.dumps({k: v for k, v in (ckpt.get("dataloader") or {}).items()
+                                   if k not in ("shards", "shard_tokens", "fingerprints")})),  # lists per shard
         ("history", f"{len(history.get('train', []))} train losses, {len(history.get('val', []))} val losses"),
         ("model tensors", f"{model_count} ({model_bytes / 1e6:.1f} MB)"),
         ("optimizer", f"{opt_count} tensors ({opt_bytes / 1e6:.1f} MB)" if ckpt.get("optimizer") is not None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import ShardedDataLoader
+from dataloader import ShardedDataLoader, data_change
 from shards import DataError, find_shards, get_tokenizer, shard_path, write_shard
 
 B, T = 2, 4  # one window is B*T = 8 tokens; a step with 2 ranks needs 2*8+1 = 17
@@ -318,6 +318,64 @@ def test_checkpoint_from_other_data_names_the_data_root(tmp_path):
     loader = ShardedDataLoader(tmp_path / "shakespeare", "train", B, T)
     with pytest.raises(DataError, match=rf"other data.*--data_root {tmp_path / 'fineweb'}"):
         loader.load_state_dict(state)
+
+
+def copy_of(folder, to):
+    to.mkdir()
+    for path in folder.glob("*.npy"):
+        (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
+def test_the_state_records_sizes_and_fingerprints_and_names_what_changed(tmp_path):
+    """A --data_root whose shards have the same names used to resume on other text without a word."""
+    shard0, shard1 = make_shards(tmp_path / "a", [50, 60])
+    loader = ShardedDataLoader(tmp_path / "a", "train", B, T)
+    batches(loader, 3)
+    state = loader.state_dict()
+    assert state["shard_tokens"] == [50, 60] and len(set(state["fingerprints"])) == 2
+
+    moved = copy_of(tmp_path / "a", tmp_path / "moved")  # the same data somewhere else is the same data
+    assert data_change(state, moved) is None and ShardedDataLoader(moved, "train", B, T).data_change(state) is None
+
+    other = copy_of(tmp_path / "a", tmp_path / "other")
+    shard1[59] += 1  # the same name and size, one token different (at the end, where the fingerprint reads)
+    write_shard(shard_path(other, "tiny", "train", 1), shard1)
+    change = data_change(state, other)
+    assert change == (f"tiny_train_000001.npy in {other} holds other tokens than when the checkpoint was written "
+                      f"(in {tmp_path / 'a'}): same name and size, another fingerprint")
+    resumed = ShardedDataLoader(other, "train", B, T)
+    assert resumed.data_change(state) == change
+    resumed.load_state_dict(state)  # the trainer decides whether to go on: the loader itself still resumes
+    assert resumed.next_batch()[0].flatten().tolist() == shard0[24:32].tolist()
+
+    write_shard(shard_path(other, "tiny", "train", 1), np.arange(80))
+    assert data_change(state, other) == (f"tiny_train_000001.npy in {other} has 80 tokens, but 60 when the "
+                                         f"checkpoint was written (in {tmp_path / 'a'})")
+    write_shard(shard_path(other, "tiny", "train", 2), np.arange(80))
+    assert data_change(state, other).startswith("the checkpoint read 2 shards (tiny_train_000000.npy, "
+                                                "tiny_train_000001.npy) from")
+
+
+def test_a_state_from_before_the_fingerprints_is_compared_by_names_and_still_loads(tmp_path):
+    make_shards(tmp_path, [50, 60])
+    loader = ShardedDataLoader(tmp_path, "train", B, T)
+    batches(loader, 8)
+    old = {k: v for k, v in loader.state_dict().items() if k not in ("shard_tokens", "fingerprints")}
+    assert loader.data_change(old) is None
+    resumed = ShardedDataLoader(tmp_path, "train", B, T)
+    resumed.load_state_dict(old)
+    assert torch.equal(resumed.next_batch()[0], loader.next_batch()[0])
+
+
+def test_a_position_beyond_a_shard_that_shrank_says_the_data_changed(tmp_path):
+    make_shards(tmp_path / "a", [50, 60])
+    loader = ShardedDataLoader(tmp_path / "a", "train", B, T)
+    batches(loader, 9)  # shard 1, position 24
+    other = copy_of(tmp_path / "a", tmp_path / "other")
+    write_shard(shard_path(other, "tiny", "train", 1), np.arange(20))
+    with pytest.raises(DataError, match=r"does not fit .*other: tiny_train_000001\.npy in .* has 20 tokens, but 60"):
+        ShardedDataLoader(other, "train", B, T).load_state_dict(loader.state_dict())
 
 
 def test_write_shard_refuses_ids_beyond_uint16(tmp_path):
