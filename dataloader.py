@@ -1,7 +1,8 @@
-"""The loader that streams token shards (shards.py: format, names, checks) into (B, T) batches.
+"""The loader that streams token files (shards.py: formats, names, checks) into (B, T) batches.
 
-ShardedDataLoader reads the shards through a memory map, so no rank ever holds a whole
-100M-token shard in RAM; build-nanogpt's FineWeb-Edu shards load as they are.
+ShardedDataLoader reads the files through a memory map, so no rank ever holds a whole 100M-token
+shard in RAM. Token files as other trainers leave them load as they are: build-nanogpt's FineWeb-Edu
+.npy shards, nanoGPT's train.bin / val.bin, llm.c's and modded-nanogpt's .bin shards.
 
     loader = ShardedDataLoader("data/tinyshakespeare", "train", batch_size=8, seq_len=1024,
                                rank=rank, world_size=world_size)
@@ -18,19 +19,17 @@ import environment  # noqa: F401  before torch: it sets variables torch reads wh
 import numpy as np
 import torch
 
-from shards import (VOCAB_SIZE, DataError, check_token_ids, find_shards, fingerprint, recorded_data_change,
-                    shard_length)
+from shards import VOCAB_SIZE, DataError, check_token_ids, find_token_files, fingerprint, recorded_data_change
 
 
-def _shard_length(path, min_tokens, step_desc):
-    """A checked shard's token count (shards.shard_length), if one step's windows fit in it."""
-    length = shard_length(path)
-    if length < min_tokens:
+def _tokens_if_they_fit(token_file, min_tokens, step_desc):
+    """A checked file's token count, if one step's windows fit in it."""
+    if token_file.n_tokens < min_tokens:
         raise DataError(
-            f"shard {path} has {length:,} tokens but one step needs {min_tokens:,} ({step_desc}, "
-            f"+1 for the shifted targets); lower --micro_batch_size or --seq_len, or use more data"
+            f"shard {token_file.path} has {token_file.n_tokens:,} tokens but one step needs {min_tokens:,} "
+            f"({step_desc}, +1 for the shifted targets); lower --micro_batch_size or --seq_len, or use more data"
         )
-    return length
+    return token_file.n_tokens
 
 
 class ShardedDataLoader:
@@ -77,9 +76,10 @@ class ShardedDataLoader:
         self._ahead = None  # Future of the next step's (x, y), read ahead
         self.vocab_size = vocab_size
         self._ids_checked = set()  # shard indices whose token ids were checked against vocab_size
-        self.shards = find_shards(self.data_root, split)
+        self.files = find_token_files(self.data_root, split)  # .npy shards, nanoGPT's .bin or llm.c's (shards.py)
+        self.shards = [f.path for f in self.files]
         step_desc = f"micro batch {batch_size} x seq_len {seq_len} x world size {world_size}"
-        self.shard_lengths = [_shard_length(p, self.tokens_per_step + 1, step_desc) for p in self.shards]
+        self.shard_lengths = [_tokens_if_they_fit(f, self.tokens_per_step + 1, step_desc) for f in self.files]
         self.fingerprints = [fingerprint(p) for p in self.shards]  # 12 KB read a shard: what a state records
         self.reset()
 
@@ -95,9 +95,9 @@ class ShardedDataLoader:
         self._ahead = None  # read for where the loader was; next_batch reads the new place itself
         self.shard_index = index
         self.position = position
-        self.tokens = np.load(self.shards[index], mmap_mode="r")
+        self.tokens = self.files[index].tokens()
         if self.vocab_size is not None and index not in self._ids_checked:
-            check_token_ids(self.shards[index], self.tokens, self.vocab_size)  # a memmap max: one read of the shard
+            check_token_ids(self.files[index], self.tokens, self.vocab_size)  # a memmap max: one read of the shard
             self._ids_checked.add(index)
 
     def _skip_exhausted_shard(self):
@@ -196,6 +196,6 @@ class ShardedDataLoader:
 def data_change(state, data_root, split="train"):
     """loader.data_change(state) without a loader: the shards of split in data_root against a checkpoint's
     loader state; None when they look the same, else one line."""
-    paths = find_shards(data_root, split)
-    return recorded_data_change(state, [p.name for p in paths], [shard_length(p) for p in paths],
-                              [fingerprint(p) for p in paths], data_root)
+    token_files = find_token_files(data_root, split)
+    return recorded_data_change(state, [f.name for f in token_files], [f.n_tokens for f in token_files],
+                                [fingerprint(f.path) for f in token_files], data_root)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dataloader import ShardedDataLoader, data_change
-from shards import DataError, find_shards, get_tokenizer, shard_path, write_shard
+from shards import DataError, find_token_files, get_tokenizer, shard_path, write_shard
 
 B, T = 2, 4  # one window is B*T = 8 tokens; a step with 2 ranks needs 2*8+1 = 17
 
@@ -229,7 +229,7 @@ def test_reads_build_nanogpt_fineweb_layout(tmp_path):
     """edufineweb_val_000000.npy, then edufineweb_train_000001.npy, ..., saved with plain np.save."""
     for index, split in enumerate(["val", "train", "train"]):
         np.save(tmp_path / f"edufineweb_{split}_{index:06d}.npy", np.full(100, index, dtype=np.uint16))
-    assert [p.name for p in find_shards(tmp_path, "train")] == ["edufineweb_train_000001.npy",
+    assert [p.name for p in find_token_files(tmp_path, "train")] == ["edufineweb_train_000001.npy",
                                                                "edufineweb_train_000002.npy"]
     assert ShardedDataLoader(tmp_path, "val", B, T).next_batch()[0].unique().tolist() == [0]
     assert ShardedDataLoader(tmp_path, "train", B, T).next_batch()[0].unique().tolist() == [1]
@@ -237,8 +237,8 @@ def test_reads_build_nanogpt_fineweb_layout(tmp_path):
 
 def test_a_dataset_named_like_a_split_does_not_leak_into_it(tmp_path):
     make_shards(tmp_path, [50], split="train", name="books_val")
-    with pytest.raises(DataError, match=r"no shards matching '\*_val_\*.npy'"):
-        find_shards(tmp_path, "val")
+    with pytest.raises(DataError, match=r"no val shards in .* \(looked for \*_val_\*\.npy shards"):
+        find_token_files(tmp_path, "val")
 
 
 # -----------------------------------------------------------------------------
@@ -247,7 +247,9 @@ def test_a_dataset_named_like_a_split_does_not_leak_into_it(tmp_path):
 
 @pytest.mark.parametrize("make_bad, expected", [
     (lambda d: None, [r"does not exist", r"python -m scripts\.prepare_data --source tinyshakespeare --out_dir"]),
-    (lambda d: d.mkdir(), [r"no shards matching '\*_train_\*\.npy'", r"python -m scripts\.prepare_data"]),
+    (lambda d: d.mkdir(), [r"no train shards in .*data \(looked for \*_train_\*\.npy shards \(this project's and "
+                           r"build-nanogpt's\), nanoGPT's train\.bin, llm\.c's \*_train_\*\.bin shards\)",
+                           r"python -m scripts\.prepare_data"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros(0, np.uint16))),
      [r"x_train_000000\.npy is empty", r"python -m scripts\.prepare_data"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.arange(100, dtype=np.int32))),

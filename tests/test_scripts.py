@@ -60,6 +60,14 @@ def test_missing_data_names_the_prepare_command(name, tmp_path):
     assert "+ " not in result.stdout
 
 
+@pytest.mark.parametrize("files", [["train.bin", "val.bin"], ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]])
+def test_the_data_check_takes_nanogpt_and_llmc_token_files(tmp_path, files):
+    for name in files:
+        (tmp_path / name).write_bytes(b"\0\0" * 100)  # the loader checks their contents; the script their names
+    result = run_script("start_cpu_training.sh", DRY_RUN=1, DATA_ROOT=tmp_path)
+    assert result.returncode == 0 and f"--data_root {tmp_path}" in result.stdout, result.stderr
+
+
 @pytest.mark.parametrize("name", ["start_cpu_training.sh", "start_mps_optimized_training.sh"])
 def test_without_data_root_the_quickstart_runs_and_prepares_its_own_data(name, tmp_path):
     result = run_script(name, cwd=tmp_path, DRY_RUN=1)  # no data/ here: train_gpt2.py prepares tiny Shakespeare
