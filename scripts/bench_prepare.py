@@ -4,6 +4,7 @@ text, per process. Prints a table; needs no network.
 
     python -m scripts.bench_prepare                                  # ~4 min on 2 cores
     python -m scripts.bench_prepare --copies 40 --num_proc 1 2 4 --repeats 5
+    python -m scripts.bench_prepare --encoders             # tiktoken's three ways to numpy tokens, one process
 
 The corpus is made offline: tiny Shakespeare (--corpus; default $TINYSHAKESPEARE_PATH or
 ../shared/data/tinyshakespeare.txt) cut at blank lines into documents of at least --doc_chars
@@ -122,6 +123,28 @@ def time_prepare(folder, form, num_proc, shard_size):
     return tokens, seconds, cpu
 
 
+def compare_encoders(documents, repeats):
+    """Seconds for the documents, best of repeats (interleaved), for each way from text to numpy tokens;
+    the workers use encode_to_numpy (dataprep.tokenizer_pool.encode)."""
+    encoder = shards.get_tokenizer()
+    ways = {"encode_ordinary, then np.array": lambda d: np.array(encoder.encode_ordinary(d), dtype=np.uint32),
+            "encode_ordinary (a list)": encoder.encode_ordinary,
+            "encode_to_numpy": lambda d: encoder.encode_to_numpy(d, allowed_special=set(), disallowed_special=())}
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(repeats):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            for document in documents:
+                way(document)
+            best[name] = min(best[name], time.perf_counter() - start)
+    tokens = sum(len(encoder.encode_ordinary(d)) for d in documents)
+    print(f"{len(documents):,} documents, {tokens:,} tokens; best of {repeats}, interleaved; 1-minute load average "
+          f"{os.getloadavg()[0]:.2f}")
+    for name, seconds in best.items():
+        print(f"{name:32s} {seconds * 1000:8.1f} ms  {seconds / best['encode_ordinary (a list)']:.3f} x the list's")
+    return 0
+
+
 def run(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--corpus", default=os.environ.get("TINYSHAKESPEARE_PATH"),
@@ -136,9 +159,14 @@ def run(argv=None):
     parser.add_argument("--shard_size", type=cli.positive_int, default=1_000_000, help="tokens per shard")
     parser.add_argument("--repeats", type=cli.positive_int, default=8,
                         help="runs per row, each paired with a tiktoken run just before it")
+    parser.add_argument("--encoders", action="store_true",
+                        help="only time encode_ordinary, it with np.array, and encode_to_numpy on the documents "
+                             "(--repeats each), in this process")
     args = parser.parse_args(argv)
 
     documents = make_documents(args.corpus, args.doc_chars)
+    if args.encoders:
+        return compare_encoders(documents, args.repeats)
     load_before = os.getloadavg()[0]  # others' work on a shared machine slows some runs down
     folder = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
