@@ -4,11 +4,11 @@ what a checkpoint holds besides the weights and the optimizer (TrainState, Rando
     load_checkpoint(path) -> dict                      # mmap, weights_only: never runs code (converters.load)
     read_checkpoint(path, for_training=False) -> dict  # any checkpoint file, other trainers' as exports (below)
     verify_file(path) -> dict                          # every byte and tensor, keys and shapes
-    load_model(path, device, log) -> (GPT in eval mode, config dict)   # checkpoints and exports alike
+    load_model(path, device) -> (GPT in eval mode, config dict)   # checkpoints and exports alike
     read_weights(path) -> (tensors, model config, the rest of the file)
     summary(ckpt) -> str                               # "nanoGPT checkpoint, 2 steps done, best val loss 3.2500"
     save_file(obj, path)                               # torch.save through files.atomic_write
-    step_path, list_checkpoints, read_latest, point_latest, existing_run, move_run_aside
+    step_path, list_checkpoints, read_latest, point_latest, existing_run, check_run_folder, move_run_aside
     TrainState()            step, loss history, best validation loss: what the loop records
     RandomState()           every RNG the run draws from, as a stateful object
 
@@ -30,7 +30,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -42,8 +41,8 @@ import torch
 
 import converters
 import files
-from cli import UsageError, UserError
-from model import config_from_dict, model_from_config
+from cli import UsageError, UserError, log
+from model import TIED_WEIGHTS, ModelConfigError, config_from_dict, model_from_config
 
 FORMAT_VERSION = 2  # 2: model_config has real_vocab_size and gelu; run_config replaces run_args
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)(?:_epoch(\d+))?\.pt$")  # group 2: the epoch of an epoch checkpoint
@@ -53,7 +52,6 @@ POINTER_MAGIC = "checkpoint-pointer:"
 # What load_model and the commands built on it take (their --checkpoint help).
 ANY_FILE = ("model_*.pt, best_model.pt, an export (.pt / .safetensors), or a file of nanoGPT (ckpt.pt), "
             "build-nanogpt (model_*.pt) or llm.c (.bin)")
-TIED_WEIGHTS = {"lm_head.weight": "transformer.wte.weight"}  # GPT-2 ties its output and input embeddings
 DISK_FULL_HINT = ("Fix: free space there, keep fewer files (--keep_last_n_checkpoints 2), keep the optimizer in the "
                   "newest file only (--save_optimizer latest), or write to another --log_dir; then --auto_resume")
 
@@ -104,6 +102,17 @@ def existing_run(log_dir):
     if latest is not None and latest.is_file():
         return latest
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def check_run_folder(log_dir, resuming=False, start_over=False):
+    """The --log_dir is free: no other trainer holds it, and a run in it is resumed or explicitly started
+    over, never silently overwritten."""
+    files.RunLock.check(log_dir)
+    newest = existing_run(log_dir)
+    if newest is not None and not (resuming or start_over):
+        raise CheckpointError(f"{log_dir} already holds a run (newest: {newest.name}); continue it with --auto_resume, "
+                              "start a new one in another --log_dir, or pass --start_over to move it aside and train "
+                              "from step 0 here")
 
 
 def move_run_aside(log_dir):
@@ -160,7 +169,7 @@ def remove_stale_temp_files(log_dir):
     """Delete temp files of writers that were killed mid-save (their process is gone)."""
     removed = files.remove_stale_temp_files(log_dir)
     if removed:
-        print(f"removed {len(removed)} temp file(s) of an interrupted save from {log_dir}: {', '.join(removed)}")
+        log(f"removed {len(removed)} temp file(s) of an interrupted save from {log_dir}: {', '.join(removed)}")
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +246,7 @@ def stored_config(ckpt, path):
     """The model config dict of a checkpoint, with the fields older files lack filled in."""
     try:
         return vars(config_from_dict(dict(ckpt["model_config"])))
-    except UserError as exc:
+    except ModelConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
@@ -296,7 +305,7 @@ def shapes(model):
 def _meta_model(model_config, path):
     try:
         return model_from_config(model_config, device="meta")
-    except UserError as exc:
+    except ModelConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
@@ -319,14 +328,10 @@ def read_weights(path, for_training=False):
     return tensors, model_config, ckpt
 
 
-def to_stderr(line):
-    print(line, file=sys.stderr)
-
-
-def load_model(path, device="cpu", log=to_stderr):
+def load_model(path, device="cpu"):
     """(GPT in eval mode on device, model_config dict) from any checkpoint file: this trainer's checkpoints
     and exports, nanoGPT's, build-nanogpt's, llm.c's. For sampling, HellaSwag and the like: what a conversion
-    chose goes to log, one line each (stderr: these commands print their results on stdout)."""
+    chose is logged, one line each (these commands log to stderr: their results go to stdout)."""
     tensors, model_config, ckpt = read_weights(path)
     for note in ckpt.get("notes", ()):
         log(note)
@@ -432,16 +437,13 @@ class RandomState:
     """Every random generator the run draws from (Python, NumPy, torch's CPU, each CUDA device, MPS),
     as plain types and tensors, so weights_only loading accepts it."""
 
-    def __init__(self, log=print):
-        self.log = log
-
     def state_dict(self):
         return capture_rng_state()
 
     def load_state_dict(self, state):
         skipped = restore_rng_state(state)
         if skipped:
-            self.log(f"the checkpoint's {' and '.join(skipped)} random state is not restored: no such device here "
+            log(f"the checkpoint's {' and '.join(skipped)} random state is not restored: no such device here "
                      f"(the CPU, Python and NumPy streams are)")
 
 

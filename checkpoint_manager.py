@@ -8,7 +8,8 @@ FSDP at any world size, and no rank but 0 needs to see it.
     ckpt.maybe_save(step, best=False, force=False, epoch=None)            # interval, last step, best, epoch end
     with ckpt.saved_on_error(step): ...                                   # a crash in evaluation still saves the step
     ckpt.close()                                                          # waits for a background write
-    init_from_file(path, model, optimizer, load_optimizer, log)          # a new run from any checkpoint file's weights
+    init_shape(path, block_size, with_optimizer) -> GPTConfig      --init_from FILE's model shape, checked
+    init_from_file(path, model, optimizer, load_optimizer)               # a new run from any checkpoint file's weights
 
 The manager saves and restores objects that have state_dict() / load_state_dict(); it knows
 nothing of losses. The files themselves: checkpoint.py.
@@ -26,15 +27,29 @@ import torch
 import converters
 import distributed
 import files
-from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, TIED_WEIGHTS, CheckpointError,
+from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, CheckpointError,
                         check_zip_crc, is_epoch_checkpoint, list_checkpoints, load_checkpoint, not_resumable,
                         point_latest, read_latest, read_weights, remove_stale_temp_files, run_config_of, save_file,
                         shapes, step_path, summary, verify_checkpoint)
-from cli import UserError
-from model import unwrap
+from cli import UserError, log
+from model import TIED_WEIGHTS, GPTConfig, unwrap
 
 
-def init_from_file(path, model, optimizer, load_optimizer=False, log=print):
+def init_shape(path, block_size, with_optimizer=False):
+    """--init_from FILE: the file's model shape (a GPTConfig), its position table cut to block_size where that is
+    shorter (as gpt2_hf does). Read before anything is written, so that what the file cannot do is refused first."""
+    _, stored, ckpt = read_weights(path, for_training=True)
+    config = GPTConfig(**{**stored, "block_size": min(block_size, stored["block_size"])})
+    if with_optimizer and ckpt.get("optimizer") is None:
+        raise CheckpointError(f"--init_from_optimizer: {path} ({summary(ckpt)}) holds no AdamW state that maps "
+                              "onto this trainer's; drop the flag to start with a fresh one")
+    if with_optimizer and config.block_size < stored["block_size"]:
+        raise CheckpointError(f"--init_from_optimizer continues moments of all {stored['block_size']} positions of "
+                              f"{path}; drop --block_size {block_size}, or the flag")
+    return config
+
+
+def init_from_file(path, model, optimizer, load_optimizer=False):
     """Start a new run (step 0) from the weights of any checkpoint file, copied into model; a model with a
     shorter position table keeps the first positions. With load_optimizer, the file's AdamW state as well
     (load_adamw_state). One line each: the conversion's notes, what the file is, what the optimizer does.
@@ -223,7 +238,7 @@ class CheckpointManager:
     return or raise together."""
 
     def __init__(self, log_dir, parts, *, meta=None, interval, keep_last_n=-1, save_optimizer="all",
-                 async_save=False, log=print):
+                 async_save=False):
         self.log_dir = Path(log_dir)
         self.parts = dict(parts)
         self.model, self.train_state = self.parts["model"], self.parts["train_state"]
@@ -231,7 +246,6 @@ class CheckpointManager:
         self.interval, self.keep_last_n = interval, keep_last_n
         self.save_optimizer, self.async_save = save_optimizer, async_save
         self.is_master = distributed.is_master()
-        self.log = log if self.is_master else (lambda *a, **k: None)
         self._thread, self._thread_error, self._buffers = None, None, {}
         self.last_save_stall_s = None  # how long the last save held up training
         self.last_write_s = None  # how long the last write took, in the background or not
@@ -244,19 +258,11 @@ class CheckpointManager:
         """Load the chosen checkpoint into every part; return the step to start at (0: fresh)."""
         if not auto and path is None:
             return 0
-        chosen, error = None, None
-        if self.is_master:
-            try:
-                chosen = self._choose(auto, path, load_optimizer)
-            except CheckpointError as exc:
-                error = str(exc)
-        chosen, error = distributed.from_rank0((str(chosen) if chosen else None, error))
-        if error:
-            raise CheckpointError(error)
+        chosen = distributed.on_rank0(self._choose, auto, path, load_optimizer)
         if auto:
             self._check_other_machines(chosen)
         if chosen is None:
-            self.log(f"no checkpoint in {self.log_dir}: starting fresh")
+            log(f"no checkpoint in {self.log_dir}: starting fresh")
             return 0
         ckpt = load_checkpoint(chosen) if self.is_master else None  # rank 0 reads it; the others receive the state
         return self._apply(ckpt, Path(chosen), load_optimizer) + 1
@@ -276,7 +282,7 @@ class CheckpointManager:
         if chosen is None:
             raise CheckpointError(f"rank 0 runs on {host0}, which has no checkpoint in {self.log_dir}, but {where}: run "
                                   f"the job with that machine as node rank 0, or copy its {self.log_dir} to {host0}")
-        self.log(f"auto-resume: {where} is newer than rank 0's {Path(chosen).name}; resuming rank 0's (make that "
+        log(f"auto-resume: {where} is newer than rank 0's {Path(chosen).name}; resuming rank 0's (make that "
                  "machine node rank 0 to continue from its files)")
 
     def _choose(self, auto, path, load_optimizer):
@@ -287,7 +293,7 @@ class CheckpointManager:
             except CheckpointError as exc:
                 raise CheckpointError(f"cannot resume from {path}: {exc}. {self.existing_summary()}") from None
             self._check_optimizer(ckpt, path, load_optimizer)
-            return path
+            return str(path)
         candidates = []
         latest = read_latest(self.log_dir)
         if latest is not None:
@@ -297,11 +303,11 @@ class CheckpointManager:
             try:
                 ckpt = self._verified(candidate)
             except CheckpointError as exc:
-                self.log(f"auto-resume: skipping {candidate.name}: {exc}")
+                log(f"auto-resume: skipping {candidate.name}: {exc}")
                 continue
             self._check_optimizer(ckpt, candidate, load_optimizer)
-            self.log(f"auto-resume: {candidate}")
-            return candidate
+            log(f"auto-resume: {candidate}")
+            return str(candidate)
         return None
 
     def _verified(self, path):
@@ -345,7 +351,7 @@ class CheckpointManager:
                 if load_optimizer:
                     load_full_optimizer_state(part, ckpt["optimizer"] if ckpt is not None else None)
                 else:
-                    self.log("weights loaded with a fresh optimizer (--reset_optimizer)")
+                    log("weights loaded with a fresh optimizer (--reset_optimizer)")
             elif name == "train_state":
                 part.load_state_dict(rest)
             elif name == "scaler" and not load_optimizer:
@@ -353,23 +359,23 @@ class CheckpointManager:
             elif rest.get(name) is not None:  # a scaler of a run without fp16 stores None
                 part.load_state_dict(rest[name])
         self._say_changes(run_config_of(rest), rest["step"])
-        self.log(f"resumed from {path} (step {rest['step']}): continuing at step {rest['step'] + 1}")
+        log(f"resumed from {path} (step {rest['step']}): continuing at step {rest['step'] + 1}")
         return rest["step"]
 
     def _say_changes(self, old, step):
         new = self.meta.get("run_config") or {}
         if bool(old.get("deterministic")) != bool(new.get("deterministic")) and "deterministic" in new:
-            self.log(f"warning: the checkpoint's run {'was' if old.get('deterministic') else 'was not'} --deterministic "
+            log(f"warning: the checkpoint's run {'was' if old.get('deterministic') else 'was not'} --deterministic "
                      f"and this one {'is' if new['deterministic'] else 'is not'}: the steps from {step + 1} on "
                      + ("repeat bit for bit from here, not the run before" if new["deterministic"] else
                         "no longer repeat bit for bit on CUDA"))
         if "max_steps" in old and old["max_steps"] != new.get("max_steps"):
-            self.log(f"--max_steps changed from {old['max_steps']} to {new.get('max_steps')}: "
+            log(f"--max_steps changed from {old['max_steps']} to {new.get('max_steps')}: "
                      f"the LR schedule is recomputed from step {step + 1}")
         changed = [f"{k} {old[k]} -> {new[k]}" for k in ("total_batch_size", "seq_len", "max_lr", "min_lr",
                    "warmup_steps", "weight_decay", "grad_clip") if k in old and k in new and old[k] != new[k]]
         if changed:
-            self.log("resuming with changed settings: " + ", ".join(changed))
+            log("resuming with changed settings: " + ", ".join(changed))
 
     # -- saving --------------------------------------------------------------
 
@@ -395,9 +401,9 @@ class CheckpointManager:
                 path = self.save(step)
                 self.wait()
             except Exception as exc:  # noqa: BLE001  the original error matters more; say this one in a line
-                self.log(f"could not save step {step} after the error below: {exc}")
+                log(f"could not save step {step} after the error below: {exc}")
             else:
-                self.log(f"saved {path} before reporting the error below; --auto_resume continues after step {step}")
+                log(f"saved {path} before reporting the error below; --auto_resume continues after step {step}")
             raise
 
     def best_val_loss_on_disk(self):
@@ -408,7 +414,7 @@ class CheckpointManager:
             try:
                 best = float(load_checkpoint(self.log_dir / BEST_NAME).get("val_loss") or float("inf"))
             except CheckpointError as exc:
-                self.log(f"{BEST_NAME} is unreadable ({exc}); a new one is written at the next best validation loss")
+                log(f"{BEST_NAME} is unreadable ({exc}); a new one is written at the next best validation loss")
         return distributed.from_rank0(best)
 
     def estimate_file_bytes(self, with_optimizer=True):
@@ -432,7 +438,7 @@ class CheckpointManager:
         line = (f"warning: {self.log_dir} has {files.gib(free)} free, but this run's checkpoints need about "
                 f"{files.gib(needed)} ({kept} kept x {files.gib(older)}, one being written, {BEST_NAME}); the save that "
                 f"does not fit will stop the run. Lower --keep_last_n_checkpoints, use --save_optimizer latest, or free space")
-        self.log(line)
+        log(line)
         return line
 
     def save(self, step, regular=True, best=False, epoch=None):
@@ -442,30 +448,29 @@ class CheckpointManager:
                                   f"{self.last_good()}resume with --auto_resume, perhaps with a lower --max_lr")
         path = step_path(self.log_dir, step, epoch) if regular else None
         sharded = distributed.is_sharded(unwrap(self.model))
-        error, t0 = None, time.perf_counter()
+        t0 = time.perf_counter()
         state = self.state() if self.is_master or sharded else None  # FSDP: every rank sends its shards
-        if self.is_master:
-            try:
-                self.wait()  # one write at a time; raises if the previous background write failed
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                jobs = self._jobs(state, path, best)
-                if self.async_save:
-                    if not sharded:  # FSDP's gathered state is a private CPU copy already
-                        jobs = snapshot_to_cpu(jobs, self._buffers)
-                        if torch.cuda.is_available():
-                            torch.cuda.synchronize()  # the pinned copies must land before training mutates weights
-                    self._thread = threading.Thread(target=self._write, args=(jobs, path), name="checkpoint-writer")
-                    self._thread.start()  # not a daemon: interpreter exit waits for the write
-                else:
-                    self._write(jobs, path)
-                    self.wait()  # raises what _write recorded
-            except CheckpointError as exc:
-                error = str(exc)
+        try:  # also the barrier: no rank runs ahead of a failed or unfinished save
+            distributed.on_rank0(self._write_or_start, state, path, best, sharded)
+        finally:
             self.last_save_stall_s = time.perf_counter() - t0
-        error = distributed.from_rank0(error)  # also the barrier: no rank runs ahead of a failed or unfinished save
-        if error:
-            raise CheckpointError(error)
         return path
+
+    def _write_or_start(self, state, path, best, sharded):
+        """Rank 0: write the files now, or start the background write of a snapshot."""
+        self.wait()  # one write at a time; raises if the previous background write failed
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        jobs = self._jobs(state, path, best)
+        if not self.async_save:
+            self._write(jobs, path)
+            self.wait()  # raises what _write recorded
+            return
+        if not sharded:  # FSDP's gathered state is a private CPU copy already
+            jobs = snapshot_to_cpu(jobs, self._buffers)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the pinned copies must land before training mutates weights
+        self._thread = threading.Thread(target=self._write, args=(jobs, path), name="checkpoint-writer")
+        self._thread.start()  # not a daemon: interpreter exit waits for the write
 
     def last_good(self):
         """'the last good checkpoint is X; ' (or that there is none), for error messages."""
@@ -514,7 +519,7 @@ class CheckpointManager:
                     self._strip_optimizer(previous)
                 self._prune()
             self.last_write_s = time.perf_counter() - t0
-            self.log("saved " + " and ".join(str(target) for target, _ in jobs))
+            log("saved " + " and ".join(str(target) for target, _ in jobs))
         except UserError as exc:
             self._thread_error = exc if isinstance(exc, CheckpointError) else CheckpointError(str(exc))
         except Exception as exc:  # anything else in a background thread must still reach the loop
@@ -565,12 +570,4 @@ class CheckpointManager:
             raise error
 
     def close(self):
-        error = None
-        if self.is_master:
-            try:
-                self.wait()
-            except CheckpointError as exc:
-                error = str(exc)
-        error = distributed.from_rank0(error)
-        if error:
-            raise CheckpointError(error)
+        distributed.on_rank0(self.wait)

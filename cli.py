@@ -5,12 +5,17 @@
     ArgumentParser       argparse with each flag's hyphen and underscore spellings (--max-steps = --max_steps),
                          and help that states a default once, where there is one
     positive_int         an argparse type: a whole number of at least 1
+    boolean              an argparse type: True/False, 1/0, yes/no, on/off (--compile=False, --wandb=1)
     main(run, argv)      calls run(argv); a UserError becomes its one line and exit status
+    log(line)            one line for the user, from rank 0 only (every module's output goes through it)
+    with log_to(sys.stderr): ...   for commands whose stdout is their result (JSON, samples)
 
 Every module's own error class (DataError, DeviceError, CheckpointError, ...) derives from
 UserError, so a command's main() catches one class, and the message always names the fix.
 """
 import argparse
+import contextlib
+import os
 import sys
 
 
@@ -47,6 +52,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # --max_step is a typo, not --max_steps
         super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
@@ -63,6 +69,44 @@ class ArgumentParser(argparse.ArgumentParser):
             if other in self._option_string_actions:
                 return other + sep + value
         return arg
+
+
+_log_stream = None  # None: sys.stdout at the time of the call (a progress bar may have replaced it)
+
+
+def log(*parts):
+    """Print one line for the user, on rank 0 only: torchrun sets RANK in every process it starts, and a process
+    without torchrun is rank 0. Modules call this rather than print, so no rank but 0 ever repeats a line and no
+    constructor needs to be handed a print function."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*parts, file=_log_stream or sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def log_to(stream):
+    """Send log lines to stream meanwhile: sys.stderr for commands whose stdout is their result."""
+    global _log_stream
+    previous, _log_stream = _log_stream, stream
+    try:
+        yield
+    finally:
+        _log_stream = previous
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on", "y"), ("false", "0", "no", "off", "n")
+
+
+def boolean_or_none(text):
+    """True or False for the ways people write them (True, false, 1, 0, yes, no, on, off); None otherwise."""
+    word = str(text).strip().lower()
+    return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+
+
+def boolean(text):
+    value = boolean_or_none(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither true nor false (True/False, 1/0, yes/no, on/off)")
+    return value
 
 
 def positive_int(text):

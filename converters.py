@@ -45,7 +45,7 @@ import torch
 
 import files
 from cli import UserError
-from model import GPTConfig, config_from_dict, model_from_config, unwrap
+from model import GPTConfig, ModelConfigError, config_from_dict, model_from_config, unwrap
 
 KINDS = {"nanogpt": "nanoGPT checkpoint", "build-nanogpt": "build-nanogpt checkpoint", "llm.c": "llm.c model file"}
 GPT2_TOKENS = GPTConfig.real_vocab_size  # 50257: GPT-2's BPE, the only tokenizer this trainer has
@@ -246,7 +246,7 @@ def _model_config(path, source, shape, gelu, real_vocab_size=None):
     try:
         config = config_from_dict({**{k: shape[k] for k in SHAPE_FIELDS}, "real_vocab_size": real_vocab_size,
                                    "gelu": gelu})
-    except UserError as exc:
+    except ModelConfigError as exc:
         raise ConverterError(f"{path}: {exc}") from None
     return asdict(config)
 
@@ -421,7 +421,7 @@ def write_llmc(model_or_state, model_config, path, dtype="fp32"):
     path = Path(path)
     try:
         config = model_config if isinstance(model_config, GPTConfig) else config_from_dict(dict(model_config))
-    except UserError as exc:
+    except ModelConfigError as exc:
         raise ConverterError(f"cannot write {path}: {exc}") from None
     if config.gelu != "tanh":
         raise ConverterError(f"cannot write {path}: the model uses the exact GELU (gelu {config.gelu!r}, as nanoGPT "

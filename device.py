@@ -8,6 +8,7 @@ Public API:
     apply_device_settings(device_type, num_threads, mps_memory_fraction) -> what was set, one line each
     resolve_dtype(device_type, requested)   -> "bf16" | "fp16" | "fp32"
     autocast(device_type, dtype)            -> context manager for the forward pass
+    choose_loss(requested, loss_chunk_rows, device) -> (model.LOSSES entry, one line)   --fused_loss auto|on|off
     compile_model(model, device_type, mode, trial=, wrap=) -> (model, mode used), down a fallback chain
     forward_backward(model, batch_size, seq_len, device, dtype)  one training-shaped pass on random tokens
     find_micro_batch_size(try_batch, candidates, start)  -> the largest candidate that fits (the search alone)
@@ -27,14 +28,15 @@ import time
 import environment
 import torch
 
-import distributed
 import cli
+import distributed
+import triton_loss
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Per-device defaults that do not change the math: how the work is laid out and run. They only
-# fill flags the user did not give (train_gpt2.build_config), and none of them is a learning rate.
+# fill options the user did not give (run_config.resolve), and none of them is a learning rate.
 PRESETS = {
     # micro batch "auto": the largest that fits this GPU (probed at start); compile: faster than eager
     # with either loss (docs/PERFORMANCE.md).
@@ -195,6 +197,24 @@ def autocast(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
 
 
+def choose_loss(requested, loss_chunk_rows, device):
+    """--fused_loss auto|on|off and --loss_chunk_rows -> (one of LOSSES, one line saying what and why).
+    "on" where the Triton kernels cannot run, or together with chunking, is a DeviceError."""
+    usable, why_not = triton_loss.available(device)
+    if requested == "on" and not usable:
+        raise DeviceError(f"--fused_loss on: {why_not}; use --fused_loss off")
+    if requested == "on" and loss_chunk_rows:
+        raise DeviceError("--fused_loss on and --loss_chunk_rows are two ways to compute the loss; drop one of them")
+    if loss_chunk_rows:
+        return "chunked", f"loss: chunked, {loss_chunk_rows} rows at a time (--loss_chunk_rows)"
+    if requested == "on" or (requested == "auto" and usable):
+        how = "--fused_loss on" if requested == "on" else "--fused_loss auto on CUDA"
+        return "fused", f"loss: Triton kernels, the gradient overwrites the logits ({how})"
+    why = "--fused_loss off" if requested == "off" else f"--fused_loss auto: {why_not}"
+    return "torch", f"loss: PyTorch cross-entropy ({why})"
+
+
+
 # -----------------------------------------------------------------------------
 # torch.compile with a fallback chain.
 
@@ -246,12 +266,11 @@ def compile_model(model, device_type, mode="default", trial=None, wrap=None, par
             finally:
                 model.zero_grad(set_to_none=True)  # the trial's gradients must not reach the first step
             if not distributed.agree(error is not None, "max"):
-                if distributed.is_master() and trial is not None:
-                    print(f"compile: mode {candidate} compiled and checked on one micro batch in {time.perf_counter() - t0:.1f} s")
+                if trial is not None:
+                    cli.log(f"compile: mode {candidate} compiled and checked on one micro batch in {time.perf_counter() - t0:.1f} s")
                 return compiled, candidate
-        if distributed.is_master():
-            reason = f"{type(error).__name__}: {_first_line(error)}" if error else "it failed on another rank"
-            print(f"compile: mode {candidate} failed on {device_type} ({reason}); using {chain[i + 1]}")
+        reason = f"{type(error).__name__}: {_first_line(error)}" if error else "it failed on another rank"
+        cli.log(f"compile: mode {candidate} failed on {device_type} ({reason}); using {chain[i + 1]}")
         compiled = error = None
         for part in parts or []:
             part._compiled_call_impl = None  # back to eager, as nn.Module.compile() left it

@@ -8,6 +8,7 @@ function here is a no-op that returns its input, so callers need no `if distribu
     wrap_ddp(model, ctx, bucket_cap_mb, bucket_view=True)
     shard_fsdp(model, blocks, dtype) FSDP2: each block and the root sharded over the ranks
     is_sharded(module), clip_grad_norm(parameters, max_norm)   the same with and without FSDP
+    on_rank0(fn, *args, share=None)  fn on rank 0 only (reads, checks, writes): its result, or its exception, on every rank
     from_rank0(value)                rank 0's value (any picklable object) on every rank
     agree(value, op)                 the "min" or "max" of an int over all ranks: one decision for all
     all_values(value)                every rank's value (any picklable object), in rank order, on every rank
@@ -16,12 +17,19 @@ function here is a no-op that returns its input, so callers need no `if distribu
     is_master()                      rank 0, or the only process
 """
 import os
+import pickle
 import time
 from dataclasses import dataclass
 
 import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import torch
 import torch.distributed as dist
+
+from cli import UserError
+
+
+class RankZeroError(UserError):
+    """Rank 0 failed in work it does for all ranks (not a user mistake it could name): every rank stops with it."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,48 @@ def from_rank0(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)  # under NCCL through the current GPU, set in setup()
     return box[0]
+
+
+def on_rank0(fn, *args, share=None, **kwargs):
+    """Rank 0 decides, every rank acts: fn(*args, **kwargs) runs on rank 0 alone (it reads files other
+    machines may not have, checks, writes), and every rank returns its result, or raises its exception,
+    together. share(result) is what the other ranks get (default: the result itself), for results too big
+    to send (a loaded checkpoint: the other ranks get their part of it later, tensor by tensor).
+
+    Any exception on rank 0 is caught: left uncaught, it would leave the other ranks waiting in the next
+    collective until its timeout. A UserError is raised on every rank as the same class with the same
+    message; anything else (an OSError of an open, a RuntimeError of a pinned allocation) as a RankZeroError
+    naming it, rank 0's chained to the original. Without a process group: fn(*args, **kwargs)."""
+    if not active():
+        return fn(*args, **kwargs)
+    result = error = None
+    if is_master():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  every kind: the other ranks must hear of it
+            error = exc
+    shared, failure = from_rank0((share(result) if share and error is None else result, _portable(error))
+                                 if is_master() else None)
+    if failure is None:
+        return result if is_master() else shared
+    if is_master() and isinstance(error, UserError):
+        raise error
+    if is_master():
+        raise failure from error
+    raise failure
+
+
+def _portable(error):
+    """An exception every rank can raise: a UserError as it is (when it pickles), else a RankZeroError."""
+    if error is None:
+        return None
+    if isinstance(error, UserError):
+        try:
+            pickle.dumps(error)
+            return error
+        except Exception:  # noqa: BLE001  a subclass with an unusual constructor
+            pass
+    return RankZeroError(f"rank 0 failed: {type(error).__name__}: {error}")
 
 
 def agree(value, op):

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from cli import UserError
+from cli import UserError, log
 
 RETRIES = 3  # network filesystems hiccup: a few tries with backoff, then report
 RETRY_WAIT_S = 0.5  # doubled after each failed try
@@ -120,7 +120,7 @@ def atomic_write(path, write_fn, expected_bytes=None, full_hint="", retries=RETR
             tmp.unlink(missing_ok=True)  # gone already after os.replace; any other way out leaves no temp file
         if attempt + 1 < retries:
             wait = RETRY_WAIT_S * 2 ** attempt
-            print(f"write to {path} failed ({last_error}); retrying in {wait:.1f} s")
+            log(f"write to {path} failed ({last_error}); retrying in {wait:.1f} s")
             time.sleep(wait)
     raise WriteError(f"could not write {path} after {retries} tries: {last_error}; "
                      "the file there before, if any, is untouched")
@@ -198,10 +198,9 @@ class RunLock:
     every HEARTBEAT_S seconds from a background thread, and a holder on another machine counts as
     alive while that heartbeat is younger than STALE_AFTER_S. Costs nothing per step."""
 
-    def __init__(self, folder, log=print, name=LOCK_NAME, holder="trainer", other="another --log_dir"):
+    def __init__(self, folder, name=LOCK_NAME, holder="trainer", other="another --log_dir"):
         self.folder = Path(folder)
         self.path = self.folder / name
-        self.log = log
         self.what, self.other = holder, other
         self._fd = None
         self._stop = threading.Event()
@@ -236,7 +235,7 @@ class RunLock:
         kind = filesystem_type(self.folder)
         if not os_lock or is_network_filesystem(kind):
             why = "its filesystem has no file locks" if not os_lock else f"it is on a network filesystem ({kind})"
-            self.log(f"lock: {self.folder} {'has' if os_lock else 'gets'} a heartbeat lock as well, as {why}: another "
+            log(f"lock: {self.folder} {'has' if os_lock else 'gets'} a heartbeat lock as well, as {why}: another "
                      f"machine's {self.what} is refused while this one's heartbeat (every {HEARTBEAT_S} s) is younger "
                      f"than {STALE_AFTER_S} s")
             self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)

@@ -26,7 +26,7 @@ import torch
 
 import checkpoint
 import cli
-from model import GPT, GPTConfig
+from model import GPT, TIED_WEIGHTS, GPTConfig
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # transformers' activation names -> GPTConfig.gelu
@@ -110,7 +110,7 @@ def from_hf(hf_model, config=None):
     model = GPT(config)
     with torch.no_grad():
         for name, target in model.state_dict().items():  # views of the parameters: copy_ fills the model
-            if name in checkpoint.TIED_WEIGHTS:
+            if name in TIED_WEIGHTS:
                 continue  # the same tensor as the weight it is tied to
             if name not in hf_state:
                 raise HFError(f"{source} has no tensor {name}; is it a GPT-2 checkpoint?")
@@ -145,7 +145,7 @@ def to_hf(model):
     state = model.state_dict()
     with torch.no_grad():
         for name, target in hf_model.state_dict().items():
-            if name in checkpoint.TIED_WEIGHTS:
+            if name in TIED_WEIGHTS:
                 continue  # tied to the input embedding
             weight = state[name].float()
             if name.endswith(CONV1D):
@@ -181,7 +181,8 @@ def run(argv=None):
 
 
 def main(argv=None):
-    return cli.main(run, argv)
+    with cli.log_to(sys.stderr):  # stdout is the result
+        return cli.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """The GPT-2 model, with GPT-2's parameter names so weights map to and from OpenAI's checkpoints
-(transformer.wte, transformer.h.0.attn.c_attn, ...). Imports nothing from training.
+(transformer.wte, transformer.h.0.attn.c_attn, ...). It lifts out alone, as nanoGPT's model.py does: it
+imports torch, the standard library and (where present) triton_loss.py, nothing else of this trainer; how
+it computes (loss kernel, activation checkpointing, precision) reaches it as arguments.
 
 Public API:
-    GPTConfig, MODEL_PRESETS                 the shape; presets gpt2 .. gpt2-xl and small ones (d2 .. d12)
+    GPTConfig, MODEL_PRESETS                 the shape; presets gpt2 .. gpt2-xl and small ones (d2, d4, d6)
+    TIED_WEIGHTS                             {"lm_head.weight": "transformer.wte.weight"}: one tensor, two names
     config_from_dict(d) -> GPTConfig         a checkpoint's stored config (older files lack the newer fields)
     model_from_config(d, device) -> GPT      "build the model this checkpoint was trained as"
     GPT(config)                              forward(idx, targets) -> (logits, None) or (None, mean loss)
         .set_run_options(activation_checkpointing=, loss=, loss_chunk_rows=)   how it computes, not what
         .flops_per_token(T), .num_params(), .configure_optimizer(...), .generate(...)
-    LOSSES, choose_loss(requested, loss_chunk_rows, device) -> (loss, one line)   --fused_loss auto|on|off
+    LOSSES                                   the ways to compute the loss: torch, chunked, fused (Triton)
     unwrap(model) -> the GPT inside torch.compile / DDP wrappers
     sample_texts(model, enc, prompt, ...)    seeded samples (the trainer and scripts/sample.py)
     attention_backend(name)                  pin scaled_dot_product_attention to one kernel family
@@ -16,19 +19,23 @@ Public API:
 import contextlib
 from dataclasses import dataclass, fields
 
-import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-import triton_loss
-from cli import UserError
-from device import autocast
+try:
+    import triton_loss  # the fused loss; absent where model.py is used on its own
+except ImportError:
+    triton_loss = None
+
+TIED_WEIGHTS = {"lm_head.weight": "transformer.wte.weight"}  # GPT-2 ties its output and input embeddings
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # "fp32": no autocast
 
 
-class ModelConfigError(UserError):
-    """A model shape that cannot be built; the message names the field."""
+class ModelConfigError(ValueError):
+    """A model shape that cannot be built; the message names the field. The commands that read shapes from
+    users or files turn it into their own one-line error."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,6 @@ MODEL_PRESETS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
     # Small shapes for CPUs and laptops; same architecture, GPT-2 vocabulary.
-    "d12": dict(n_layer=12, n_head=12, n_embd=768),
     "d6": dict(n_layer=6, n_head=6, n_embd=384),
     "d4": dict(n_layer=4, n_head=4, n_embd=256),
     "d2": dict(n_layer=2, n_head=2, n_embd=128),
@@ -289,14 +295,14 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
 
-    def configure_optimizer(self, weight_decay, learning_rate, device_type, log=print):
+    def configure_optimizer(self, weight_decay, learning_rate):
         """AdamW over optimizer_groups, fused where the kernel exists (CUDA, MPS and, since torch 2.4,
-        CPU; docs/DEVICES.md measures it against the for-each one)."""
+        CPU; docs/DEVICES.md measures it against the for-each one), else for-each:
+        optimizer.defaults["fused"] says which."""
         groups = self.optimizer_groups(weight_decay)
         try:
             return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=True)
         except (RuntimeError, TypeError):
-            log(f"fused AdamW is not available on {device_type}; using the for-each implementation")
             return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
 
     @torch.no_grad()
@@ -318,23 +324,6 @@ class GPT(nn.Module):
         return idx
 
 
-def choose_loss(requested, loss_chunk_rows, device):
-    """--fused_loss auto|on|off and --loss_chunk_rows -> (one of LOSSES, one line saying what and why).
-    "on" where the Triton kernels cannot run, or together with chunking, is a ModelConfigError."""
-    usable, why_not = triton_loss.available(device)
-    if requested == "on" and not usable:
-        raise ModelConfigError(f"--fused_loss on: {why_not}; use --fused_loss off")
-    if requested == "on" and loss_chunk_rows:
-        raise ModelConfigError("--fused_loss on and --loss_chunk_rows are two ways to compute the loss; drop one of them")
-    if loss_chunk_rows:
-        return "chunked", f"loss: chunked, {loss_chunk_rows} rows at a time (--loss_chunk_rows)"
-    if requested == "on" or (requested == "auto" and usable):
-        how = "--fused_loss on" if requested == "on" else "--fused_loss auto on CUDA"
-        return "fused", f"loss: Triton kernels, the gradient overwrites the logits ({how})"
-    why = "--fused_loss off" if requested == "off" else f"--fused_loss auto: {why_not}"
-    return "torch", f"loss: PyTorch cross-entropy ({why})"
-
-
 def unwrap(model):
     """The GPT inside DDP's `module` and torch.compile's `_orig_mod` wrappers (FSDP2 wraps in place)."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -351,7 +340,7 @@ def sample_texts(model, enc, prompt, num_samples, max_new_tokens, device, dtype,
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    with autocast(device.type, dtype):
+    with torch.autocast(device.type, AUTOCAST_DTYPES[dtype]) if dtype in AUTOCAST_DTYPES else contextlib.nullcontext():
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
                              vocab_limit=enc.n_vocab)
     model.train(was_training)

@@ -1,340 +1,460 @@
-"""The run configuration: built once from the command line's flags, the quickstart or the GPT-2
-recipe, the device preset and the automatic choices (device settings, loss kernels, micro batch
-probe, --init_from FILE's shape); checked, then frozen. It is what the trainer prints at start and
-stores in every checkpoint.
+"""The run configuration: every option of the trainer declared once, as a field of RunConfig (its
+flag, type, help and check), and `resolve`, the pure step that turns the command line into one
+frozen RunConfig. It is what the trainer prints at start and stores in every checkpoint.
 
-    config = build_config(args, device, dist_context, log)   # a frozen RunConfig, or one ConfigError line
-    print_config(config)                                       # the table: each value and where it came from
-    resolve_flags(args, device_type) -> {name: (value, source)}
+    add_arguments(parser)                          # every RunConfig option as a flag, its default stated once
+    config = resolve(args, device_type, world_size, stored=None, found=None)   # pure: no I/O, no torch state
+    print_config(config)                           # the table: each value and where it came from
+    config.to_dict()                               # plain values (and their sources), for checkpoints
 
-A value comes from, in order: the flag; the quickstart (no --data_root) or the recipe; the device
-preset (device.PRESETS); a default. Every numeric flag is checked before anything is written.
+A value comes from, in order: the command line; the checkpoint being resumed (`stored`: its run
+configuration, except what belongs to this invocation, and device settings moved to another device
+type); the run's table (RUNS: the GPT-2 recipe with --data_root, else the device's quickstart); the
+device preset (PRESETS); the field's default. `found` holds what the trainer's setup measured
+or read (the micro batch that fits, the precision and loss kernel this device has, the model shape of
+--init_from): resolve only decides, so it is tested without a device.
 """
+import argparse
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
-import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
-import torch
-
-import checkpoint
 import cli
-import device
-import distributed
-import files
-import gpt2_hf
-from model import GPT, GPTConfig, MODEL_PRESETS, choose_loss
+from device import COMPILE_MODES, DEVICE_CHOICES, DTYPE_CHOICES, PRESETS
+from model import GPTConfig, MODEL_PRESETS
 
-# GPT-2 124M on FineWeb-Edu 10B tokens, the build-nanogpt / llm.c recipe.
-RECIPE = dict(
-    model="gpt2", seq_len=1024, total_batch_size=524288, max_steps=19073, warmup_steps=715,
-    max_lr=6e-4, min_lr=6e-5, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_steps=20,
-    checkpoint_interval=5000, generate_interval=0, log_interval=1,
-)
-# Without --data_root: tiny Shakespeare, sized so a first run shows the loss fall and a sample in minutes
-# (docs/RESULTS.md has the runs these were chosen from).
-QUICKSTART = {
-    # compile off: 300 eager steps of GPT-2 take less time than compiling it
-    "cuda": dict(model="gpt2", seq_len=1024, micro_batch_size=16, total_batch_size=16384, max_steps=300,
-                 warmup_steps=30, max_lr=6e-4, min_lr=6e-5, eval_interval=50, eval_steps=2, checkpoint_interval=300,
-                 compile="none"),
-    "mps": dict(model="d6", seq_len=256, micro_batch_size=16, total_batch_size=4096, max_steps=500,
-                warmup_steps=30, max_lr=1e-3, min_lr=1e-4, eval_interval=50, eval_steps=4, checkpoint_interval=500),
-    # LR 1e-3 -> 2e-4: higher spiked the loss, lower ended worse (docs/RESULTS.md)
-    "cpu": dict(model="d4", seq_len=64, micro_batch_size=8, total_batch_size=512, max_steps=300,
-                warmup_steps=20, max_lr=1e-3, min_lr=2e-4, eval_interval=50, eval_steps=4, checkpoint_interval=300),
-}
 DEFAULT_DATA_ROOT = os.path.join("data", "tinyshakespeare")
 DDP_BUCKET_CAP_MB = 25.0  # PyTorch's default all-reduce bucket size; --ddp_bucket_cap_mb
-# Flags whose default depends on the run (quickstart or recipe) and the device (preset): they
-# default to None in the parser, so that a flag the user gave can be told from a default.
-LAYERED = ("data_root", "model", "total_batch_size", "micro_batch_size", "seq_len", "max_steps", "warmup_steps",
-           "max_lr", "min_lr", "weight_decay", "grad_clip", "dtype", "compile", "pin_memory", "num_threads",
-           "eval_interval", "eval_steps", "log_interval", "generate_interval", "checkpoint_interval")
+
+# Per-run defaults. The recipe: GPT-2 124M on FineWeb-Edu 10B tokens (build-nanogpt's, llm.c's), taken
+# when --data_root is given. Without it, the quickstart: tiny Shakespeare, sized so a first run shows the
+# loss fall and a sample in minutes (docs/RESULTS.md has the runs these were chosen from).
+RUNS = {
+    "recipe": dict(model="gpt2", seq_len=1024, total_batch_size=524288, max_steps=19073, warmup_steps=715,
+                   max_lr=6e-4, min_lr=6e-5, eval_interval=250, eval_steps=20,
+                   checkpoint_interval=5000),
+    # compile off: 300 eager steps of GPT-2 take less time than compiling it
+    "quickstart:cuda": dict(model="gpt2", seq_len=1024, micro_batch_size=16, total_batch_size=16384, max_steps=300,
+                            warmup_steps=30, max_lr=6e-4, min_lr=6e-5, eval_interval=50, eval_steps=2,
+                            checkpoint_interval=300, compile="none"),
+    "quickstart:mps": dict(model="d6", seq_len=256, micro_batch_size=16, total_batch_size=4096, max_steps=500,
+                           warmup_steps=30, max_lr=1e-3, min_lr=1e-4, eval_interval=50, eval_steps=4,
+                           checkpoint_interval=500),
+    # LR 1e-3 -> 2e-4: higher spiked the loss, lower ended worse (docs/RESULTS.md)
+    "quickstart:cpu": dict(model="d4", seq_len=64, micro_batch_size=8, total_batch_size=512, max_steps=300,
+                           warmup_steps=20, max_lr=1e-3, min_lr=2e-4, eval_interval=50, eval_steps=4,
+                           checkpoint_interval=300),
+}
+
+# What a resume does with a stored value (field metadata "kind"):
+#   run        restored from the checkpoint unless given; a given change applies, with one line
+#   fixed      restored; a given change is refused: it would make another run (model shape, sequence length)
+#   device     restored on the same device type only; elsewhere chosen afresh for this device
+#   invocation never restored: what this command does (resume how, from where), not what the run is
 
 
 class ConfigError(cli.UserError):
     """A flag, or a combination of flags, that cannot work; the message names the flag and the fix."""
 
 
-# -----------------------------------------------------------------------------
-# The run configuration: built once from the flags, presets and automatic choices, checked,
-# frozen. It is what is printed at start and stored in checkpoints.
+def option(default=None, help="", *, kind="run", type=str, check=None, aliases=(), **argparse_kwargs):
+    """A RunConfig field that is also a flag. check: (allowed(value) -> bool, what to use instead)."""
+    return field(default=default, metadata=dict(help=help, kind=kind, type=type, check=check, aliases=aliases,
+                                                argparse=argparse_kwargs))
+
+
+def derived(default=None):
+    """A RunConfig field that no flag sets: the setup's choice, or a consequence of other values."""
+    return field(default=default, metadata=dict(kind="derived"))
+
+
+def at_least(low, instead):
+    return (lambda v: v is None or v >= low), instead
+
+
+def finite_at_least(low, instead):
+    return (lambda v: math.isfinite(v) and v >= low), instead
+
+
+def micro_batch_size_arg(text):
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive number of sequences nor auto")
+    return int(text)
+
+
+def compile_arg(text):
+    """--compile MODE, and the spellings of nanoGPT's users: --compile=False (eager), --compile=True (default)."""
+    flag = cli.boolean_or_none(text)
+    if flag is not None:
+        return "default" if flag else "none"
+    if text not in COMPILE_MODES + ("none",):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(COMPILE_MODES)}, none, True, False")
+    return text
+
+
+SHAPE = ("model", "n_layer", "n_head", "n_embd", "block_size")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    data_root: str
-    log_dir: str
-    model: str
-    model_config: GPTConfig
-    init_from: str
-    init_from_optimizer: bool
-    seed: int
-    total_batch_size: int
-    micro_batch_size: int
-    seq_len: int
-    grad_accum_steps: int
-    max_steps: int
-    warmup_steps: int
-    max_lr: float
-    min_lr: float
-    weight_decay: float
-    grad_clip: float
-    device: str
-    world_size: int
-    preset: str
-    dtype: str
-    compile: str
-    num_threads: int
-    pin_memory: bool
-    mps_memory_fraction: float
-    deterministic: bool
-    activation_checkpointing: bool
-    loss: str  # model.LOSSES
-    loss_chunk_rows: int
-    fused_loss: str  # as asked: auto, on, off
-    fsdp: bool
-    ddp_bucket_cap_mb: float
-    eval_interval: int
-    eval_steps: int
-    hellaswag_interval: int
-    hellaswag_file: str
-    hellaswag_limit: int
-    log_interval: int
-    tensorboard: bool
-    wandb: bool
-    wandb_project: str
-    wandb_run_name: str
-    generate_interval: int
-    prompt: str
-    num_samples: int
-    max_new_tokens: int
-    checkpoint_interval: int
-    auto_resume: bool
-    start_over: bool
-    resume_from: str
-    keep_last_n_checkpoints: int
-    save_optimizer: str
-    async_checkpoint: bool
-    reset_optimizer: bool
-    sources: tuple = ()  # (name, where its value came from), for the table printed at start
+    # -- data and output
+    data_root: str = option(None, "folder of token shards (<name>_{train,val}_NNNNNN.npy, uint16; default: "
+                                  f"{DEFAULT_DATA_ROOT}, prepared on first use, with the quickstart's settings; "
+                                  "giving it switches the defaults to the GPT-2 recipe)", metavar="DIR")
+    log_dir: str = option("log", "where metrics.jsonl and the checkpoints are written", kind="invocation",
+                          metavar="DIR")
+    # -- model
+    model: str = option(None, "model preset", kind="fixed", choices=sorted(MODEL_PRESETS))
+    n_layer: int = option(None, "layers (default: the preset's)", kind="fixed", type=int, check=at_least(1, "1 or more"))
+    n_head: int = option(None, "attention heads (default: the preset's)", kind="fixed", type=int,
+                         check=at_least(1, "1 or more"))
+    n_embd: int = option(None, "width (default: the preset's)", kind="fixed", type=int, check=at_least(1, "1 or more"))
+    block_size: int = option(1024, "longest sequence the model can take (its position table), tokens", kind="fixed",
+                             type=int, check=at_least(1, "a number of positions above 0, e.g. 1024"))
+    init_from: str = option(None, "start a new run (step 0) from pretrained weights: gpt2, gpt2-medium, gpt2-large, "
+                                  "gpt2-xl (OpenAI's, via pip install transformers), a save_pretrained folder, or a "
+                                  "checkpoint file: this trainer's, nanoGPT's ckpt.pt, build-nanogpt's model_*.pt, "
+                                  "llm.c's .bin; they set the model shape", kind="invocation",
+                            metavar="NAME|DIR|FILE")
+    init_from_optimizer: bool = option(False, "with --init_from FILE: continue the file's AdamW moments and step "
+                                              "counts too (nanoGPT's ckpt.pt and this trainer's checkpoints hold "
+                                              "them), with this run's learning rate, betas and weight decay",
+                                       kind="invocation", type=bool)
+    # -- batch and schedule
+    total_batch_size: int = option(None, "tokens per optimizer step over all ranks", type=int,
+                                   check=at_least(1, "a number of tokens above 0, e.g. 524288"))
+    micro_batch_size: object = option(None, "sequences per forward pass per rank, or auto: the largest that fits "
+                                            "the GPU, probed at start", kind="device", type=micro_batch_size_arg)
+    seq_len: int = option(None, "tokens per sequence", kind="fixed", type=int,
+                          check=at_least(1, "a number of tokens above 0, e.g. 1024"))
+    max_steps: int = option(None, "optimizer steps in the run", type=int, check=at_least(1, "at least 1"))
+    warmup_steps: int = option(None, "linear LR warm-up, steps; 0: none", type=int,
+                               check=at_least(0, "0 (no warm-up) or more"))
+    max_lr: float = option(None, "peak learning rate", type=float,
+                           check=finite_at_least(0, "a finite learning rate, 0 or more, e.g. 6e-4"))
+    min_lr: float = option(None, "final learning rate of the cosine decay; a default above --max_lr becomes "
+                                 "max_lr/10", type=float,
+                           check=finite_at_least(0, "a finite learning rate of 0 or more, e.g. max_lr / 10"))
+    weight_decay: float = option(0.1, "AdamW weight decay on 2-D weights", type=float,
+                                 check=finite_at_least(0, "0 (no decay) or more, e.g. 0.1"))
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables", type=float,
+                              check=finite_at_least(0, "0 (no clipping) or a norm above 0, e.g. 1.0"))
+    seed: int = option(1337, "seed for the initial weights (and the samples); the data order is the shards'",
+                       type=int)
+    # -- device
+    preset: str = option("auto", "per-device defaults for micro batch, dtype, compile, pin_memory (auto: the "
+                                 "device's; python device.py shows them); flags win", kind="device",
+                         choices=DEVICE_CHOICES)
+    device: str = option("auto", "auto picks CUDA > MPS > CPU", kind="invocation", choices=DEVICE_CHOICES)
+    dtype: str = option(None, "autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU)", kind="device",
+                        choices=DTYPE_CHOICES)
+    compile: str = option(None, "torch.compile the model; optional mode: default, reduce-overhead, max-autotune, "
+                                "max-autotune-no-cudagraphs, none (=False). A mode that fails falls back to "
+                                "default, then eager", kind="device", type=compile_arg, nargs="?", const="default",
+                          metavar="MODE")
+    num_threads: int = option(None, "CPU threads for torch (default: torch's choice, one per physical core)",
+                              kind="device", type=int, check=at_least(1, "1 or more threads"))
+    pin_memory: bool = option(None, "page-locked host batches for faster, asynchronous copies to the GPU",
+                              kind="device", type=bool)
+    mps_memory_fraction: float = option(
+        None, "Apple MPS: cap this process at this fraction of the GPU's recommended working set, 0..2 (default: "
+              "PYTORCH_MPS_HIGH_WATERMARK_RATIO, 1.0 unless you set it)", kind="device", type=float,
+        check=(lambda v: v is None or (math.isfinite(v) and 0 <= v <= 2),
+               "a fraction of the recommended working set in 0..2, e.g. 0.8"))
+    deterministic: bool = option(False, "bit-identical runs and resumes on CUDA too (the CPU already is): "
+                                        "deterministic kernels everywhere, at a cost in speed (docs/DETERMINISM.md)",
+                                 type=bool)
+    activation_checkpointing: bool = option(False, "recompute activations in the backward pass: ~1/3 more compute, "
+                                                   "far less memory", kind="device", type=bool)
+    loss_chunk_rows: int = option(0, "compute the loss ROWS token positions at a time, never holding all B*T x vocab "
+                                     "logits, where --fused_loss cannot run (docs/PERFORMANCE.md); 0: off, try 8192",
+                                  kind="device", type=int, metavar="ROWS",
+                                  check=at_least(0, "0 (off) or a row count such as 8192"))
+    fsdp: bool = option(False, "shard the weights, gradients and AdamW state over the ranks (FSDP2; each holds 1/N) "
+                               "for models one GPU cannot hold; bf16 compute through FSDP's mixed precision. With "
+                               "torchrun, or alone as a group of one. Checkpoints stay single files", kind="device",
+                        type=bool)
+    ddp_bucket_cap_mb: float = option(DDP_BUCKET_CAP_MB, "DDP: gradient MB per all-reduce bucket (PyTorch's default)",
+                                      kind="device", type=float, metavar="MB",
+                                      check=(lambda v: math.isfinite(v) and v > 0, "PyTorch's 25, or a size such as 100"))
+    fused_loss: str = option("auto", "the loss in Triton kernels whose gradient overwrites the logits (auto: on for "
+                                     "CUDA with Triton, unless --loss_chunk_rows is set)", kind="device",
+                             choices=["auto", "on", "off"])
+    # -- evaluation and logging
+    eval_interval: int = option(None, "validation loss every N steps, and at the last step; 0: at the last step only",
+                                type=int, check=at_least(0, "0 (at the last step only) or more"))
+    eval_steps: int = option(None, "validation batches of --total_batch_size tokens each, the same tokens at any "
+                                   "world size", type=int, check=at_least(1, "1 or more batches"))
+    hellaswag_interval: int = option(0, "HellaSwag accuracy every N steps and at the last step; 0: off", type=int,
+                                     check=at_least(0, "0 (off) or more"))
+    hellaswag_file: str = option(None, "local hellaswag_val.jsonl (default: download it once into "
+                                       "$HELLASWAG_CACHE_DIR or ~/.cache/gpt2-train/hellaswag)", metavar="FILE")
+    hellaswag_limit: int = option(None, "score only the first N HellaSwag examples (default: all)", type=int,
+                                  check=at_least(1, "1 or more"))
+    log_interval: int = option(1, "print a step line (and time data/fwd_bwd/optim) every N steps; metrics.jsonl "
+                                     "gets every step", type=int, check=at_least(1, "1 or more"))
+    tensorboard: bool = option(False, "also write the metrics to <log_dir>/tensorboard (pip install tensorboard)",
+                               type=bool)
+    wandb: bool = option(False, "also log to Weights & Biases, rank 0 only (pip install wandb; WANDB_MODE=offline "
+                                "works without a network); --auto_resume continues the same W&B run", type=bool)
+    wandb_project: str = option("gpt2-train", "W&B project")
+    wandb_run_name: str = option(None, "W&B run name (default: the --log_dir folder's name)")
+    generate_interval: int = option(0, "print samples every N steps; 0: only at the end", type=int,
+                                    check=at_least(0, "0 (at the end only) or more"))
+    prompt: str = option("\n", "prompt for samples (default: a newline)")
+    num_samples: int = option(2, "samples printed each time", type=int, check=at_least(1, "1 or more"))
+    max_new_tokens: int = option(64, "tokens per sample", type=int, check=at_least(1, "1 or more"))
+    # -- checkpoints
+    checkpoint_interval: int = option(None, "save every N steps and at the last step; 0: only at the end", type=int,
+                                      check=at_least(0, "0 (at the last step only) or a number of steps"))
+    auto_resume: bool = option(False, "resume from the newest valid checkpoint in --log_dir if there is one",
+                               kind="invocation", type=bool)
+    start_over: bool = option(False, "train from step 0 in a --log_dir that holds a run: its files are moved into "
+                                     "<log_dir>/replaced_<time>/ first, nothing is deleted (without this flag, or "
+                                     "--auto_resume, such a folder is refused)", kind="invocation", type=bool)
+    resume: bool = option(False, "resume from --resume_from_checkpoint PATH (alias --checkpoint_path)",
+                          kind="invocation", type=bool)
+    resume_from_checkpoint: str = option(None, "resume from exactly this checkpoint file", kind="invocation",
+                                         aliases=("--checkpoint_path",), metavar="PATH")
+    keep_last_n_checkpoints: int = option(-1, "delete older step checkpoints beyond N; -1 keeps all", type=int,
+                                          check=(lambda v: v == -1 or v >= 1, "-1 (keep all) or 1 or more"))
+    save_optimizer: str = option("all", "optimizer state in every checkpoint, or only the newest (older ones keep "
+                                        "weights only)", choices=["all", "latest"])
+    async_checkpoint: bool = option(False, "write checkpoints in a background thread", type=bool)
+    reset_optimizer: bool = option(False, "resume the weights only, with a fresh optimizer (fine-tuning, a changed "
+                                          "learning rate)", kind="invocation", type=bool,
+                                   aliases=("--no_load_optimizer",))
+    # -- derived: what the setup found, and consequences of the values above
+    model_config: GPTConfig = derived()
+    world_size: int = derived(1)
+    grad_accum_steps: int = derived()
+    loss: str = derived()  # model.LOSSES
+    init_from_transformers: bool = derived(False)  # --init_from NAME|DIR (OpenAI's weights), not a file
+    sources: tuple = derived(())  # (name, where its value came from), for the table and checkpoints
 
     def to_dict(self):
-        """Plain values for checkpoints (weights_only loading accepts them)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
-        d["model_config"] = asdict(self.model_config)
+        """Plain values for checkpoints (weights_only loading accepts them), with where each came from."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("sources", "model_config")}
+        d["model_config"] = asdict(self.model_config) if self.model_config else None
+        d["sources"] = dict(self.sources)
         return d
 
 
-# (flag, allowed?, what to use instead): one error line each, before anything is written.
-CHECKS = [
-    ("max_steps", lambda v: v >= 1, "at least 1"),
-    ("warmup_steps", lambda v: v >= 0, "0 (no warm-up) or more"),
-    ("max_lr", lambda v: math.isfinite(v) and v >= 0, "a finite learning rate, 0 or more, e.g. 6e-4"),
-    ("min_lr", lambda v: math.isfinite(v) and v >= 0, "a finite learning rate of 0 or more, e.g. max_lr / 10"),
-    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "0 (no decay) or more, e.g. 0.1"),
-    ("grad_clip", lambda v: math.isfinite(v) and v >= 0, "0 (no clipping) or a norm above 0, e.g. 1.0"),
-    ("total_batch_size", lambda v: v >= 1, "a number of tokens above 0, e.g. 524288"),
-    ("seq_len", lambda v: v >= 1, "a number of tokens above 0, e.g. 1024"),
-    ("block_size", lambda v: v >= 1, "a number of positions above 0, e.g. 1024"),
-    ("n_layer", lambda v: v is None or v >= 1, "1 or more"),
-    ("n_head", lambda v: v is None or v >= 1, "1 or more"),
-    ("n_embd", lambda v: v is None or v >= 1, "1 or more"),
-    ("eval_interval", lambda v: v >= 0, "0 (at the last step only) or more"),
-    ("eval_steps", lambda v: v >= 1, "1 or more batches"),
-    ("hellaswag_interval", lambda v: v >= 0, "0 (off) or more"),
-    ("log_interval", lambda v: v >= 1, "1 or more"),
-    ("generate_interval", lambda v: v >= 0, "0 (at the end only) or more"),
-    ("num_samples", lambda v: v >= 1, "1 or more"),
-    ("max_new_tokens", lambda v: v >= 1, "1 or more"),
-    ("checkpoint_interval", lambda v: v >= 0, "0 (at the last step only) or a number of steps"),
-    ("keep_last_n_checkpoints", lambda v: v == -1 or v >= 1, "-1 (keep all) or 1 or more"),
-    ("num_threads", lambda v: v >= 1, "1 or more threads"),
-    ("loss_chunk_rows", lambda v: v >= 0, "0 (off) or a row count such as 8192"),
-    ("ddp_bucket_cap_mb", lambda v: math.isfinite(v) and v > 0, "PyTorch's 25, or a size such as 100"),
-    ("mps_memory_fraction", lambda v: v is None or (math.isfinite(v) and 0 <= v <= 2),
-     "a fraction of the recommended working set in 0..2, e.g. 0.8"),
+OPTIONS = [f for f in fields(RunConfig) if f.metadata["kind"] != "derived"]
+BY_NAME = {f.name: f for f in OPTIONS}
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def describe_default(f):
+    """Where an option's default comes from, in the words --help uses: the tables, so help cannot drift."""
+    runs = {name: table[f.name] for name, table in RUNS.items() if f.name in table}
+    presets = {name: table[f.name] for name, table in PRESETS.items() if f.name in table}
+    parts = []
+    if "recipe" in runs:
+        parts.append(f"{runs.pop('recipe')} with --data_root (the recipe)")
+    if runs:
+        parts.append("quickstart: " + ", ".join(f"{name.split(':')[1]} {value}" for name, value in runs.items()))
+    if presets:
+        parts.append(("else " if parts else "") + "the device preset's: "
+                     + ", ".join(f"{name} {value}" for name, value in presets.items()))
+    if not parts and f.default is not None and not isinstance(f.default, bool) and "default" not in f.metadata["help"]:
+        parts.append(str(f.default))
+    return f" (default: {'; '.join(parts)})" if parts else ""
+
+
+def add_arguments(parser):
+    """Every option as a flag whose dest is its RunConfig field. Every default is None here, so that a flag
+    the user gave can be told from one they did not; the help states the real default from the tables."""
+    groups = {title: parser.add_argument_group(title) for title, _ in GROUPS}
+    for f in OPTIONS:
+        group = groups[next(title for title, names in GROUPS if f.name in names)]
+        meta = f.metadata
+        kwargs = dict(meta["argparse"])
+        if meta["type"] is bool:
+            kwargs.update(nargs="?", const=True, type=cli.boolean, metavar="BOOL")
+        elif meta["type"] is not str or "choices" not in kwargs:
+            kwargs.setdefault("type", meta["type"])
+        group.add_argument(f"--{f.name}", *meta["aliases"], dest=f.name, default=None,
+                           help=meta["help"] + describe_default(f), **kwargs)
+        if meta["type"] is bool:  # --no_pin_memory and the like
+            group.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const=False, default=None,
+                               help=argparse.SUPPRESS)
+
+
+GROUPS = [
+    ("data and output", ("data_root", "log_dir")),
+    ("model", SHAPE + ("init_from", "init_from_optimizer")),
+    ("batch and schedule", ("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr",
+                            "min_lr", "weight_decay", "grad_clip", "seed")),
+    ("device", ("preset", "device", "dtype", "compile", "num_threads", "pin_memory", "mps_memory_fraction",
+                "deterministic", "activation_checkpointing", "loss_chunk_rows", "fsdp", "ddp_bucket_cap_mb",
+                "fused_loss")),
+    ("evaluation and logging", ("eval_interval", "eval_steps", "hellaswag_interval", "hellaswag_file",
+                                "hellaswag_limit", "log_interval", "tensorboard", "wandb", "wandb_project",
+                                "wandb_run_name", "generate_interval", "prompt", "num_samples", "max_new_tokens")),
+    ("checkpoints", ("checkpoint_interval", "auto_resume", "start_over", "resume", "resume_from_checkpoint",
+                     "keep_last_n_checkpoints", "save_optimizer", "async_checkpoint", "reset_optimizer")),
 ]
 
 
-def resolve_flags(args, device_type):
-    """{name: (value, source)} for every flag: the user's, else the quickstart's or the recipe's,
-    else the device preset's, else the default."""
-    preset_name = device_type if args.preset == "auto" else args.preset
-    layers = [("preset:" + preset_name, device.PRESETS[preset_name]),
-              ("quickstart:" + device_type, QUICKSTART[device_type]) if args.data_root is None else ("recipe", RECIPE)]
-    values = {name: (value, "flag") for name, value in vars(args).items()}
-    for name in LAYERED:
-        if values[name][0] is not None:
-            continue
-        for layer_name, layer in reversed(layers):  # quickstart/recipe first: they know the run's shape
-            if name in layer:
-                values[name] = (layer[name], layer_name)
+# -----------------------------------------------------------------------------
+# The pure configuration step
+
+
+def resolve(args, device_type, world_size=1, stored=None, found=None):
+    """The RunConfig of a command line (argparse's namespace from add_arguments: None = not given) on
+    device_type with world_size ranks. stored: the run configuration of the checkpoint this run resumes
+    (a to_dict()), or None. found: what the setup measured or read ({"dtype", "loss", "micro_batch_size",
+    "model_config"}); without it those keep what was asked for ("auto") and the batch is not yet checked.
+    Does no I/O, runs no collective and touches no torch state. Raises ConfigError naming the fix."""
+    found = found or {}
+    given = {name: value for name, value in vars(args).items() if name in BY_NAME and value is not None}
+    stored_values, stored_sources = dict(stored or {}), dict((stored or {}).get("sources") or {})
+    same_device = str(stored_values.get("device", "")).split(":")[0] == device_type
+    quickstart = "data_root" not in given and (stored is None or stored_sources.get("data_root", "flag") == "default"
+                                               and stored_values.get("data_root") in (None, DEFAULT_DATA_ROOT))
+    run_table = f"quickstart:{device_type}" if quickstart else "recipe"
+    preset = given.get("preset") or (stored_values.get("preset") if stored and same_device else None) or "auto"
+    preset = device_type if preset == "auto" else preset
+    layers = [("flag", given)]
+    if stored is not None:
+        restorable = {"run", "fixed"} | ({"device"} if same_device else set())
+        layers.append(("checkpoint", {name: value for name, value in stored_values.items()
+                                      if name in BY_NAME and BY_NAME[name].metadata["kind"] in restorable}))
+    layers += [(run_table, RUNS[run_table]), (f"preset:{preset}", PRESETS[preset])]
+    values, sources = {}, {}
+    for f in OPTIONS:
+        values[f.name], sources[f.name] = f.default, "default"
+        for source, layer in layers:
+            if f.name in layer and layer[f.name] is not None:
+                values[f.name], sources[f.name] = layer[f.name], source
                 break
-        else:
-            defaults = {"data_root": DEFAULT_DATA_ROOT, "pin_memory": False, "num_threads": torch.get_num_threads()}
-            if name in defaults or name in RECIPE:
-                values[name] = (defaults.get(name, RECIPE.get(name)), "default")
-    min_lr, source = values["min_lr"]
-    if min_lr is None or (source != "flag" and min_lr > values["max_lr"][0]):  # a preset's min_lr above a --max_lr
-        values["min_lr"] = (values["max_lr"][0] * 0.1, "max_lr/10")
-    values["preset"] = (preset_name, values["preset"][1] if args.preset != "auto" else "auto")
-    return values
+    values["preset"] = preset
+    if values["data_root"] is None:
+        values["data_root"] = DEFAULT_DATA_ROOT
+    if values["min_lr"] > values["max_lr"] and sources["min_lr"] not in ("flag", "checkpoint"):
+        values["min_lr"], sources["min_lr"] = values["max_lr"] * 0.1, "max_lr/10"  # a table's min_lr above --max_lr
+    if values["wandb_run_name"] is None:
+        values["wandb_run_name"] = os.path.basename(os.path.abspath(values["log_dir"]))
+    if values["resume_from_checkpoint"]:
+        values["resume"] = True
+    check(values, given)
+    if stored is not None:
+        check_changes(values, given, stored_values)
+    model_config = found.get("model_config") or (config_from_stored(stored_values) if stored is not None else None) \
+        or shape_of(values)
+    if values["init_from"] and stored is None:
+        values["model"], sources["model"] = values["init_from"], "init_from"
+    if values["seq_len"] > model_config.block_size:
+        raise ConfigError(f"--seq_len {values['seq_len']} is longer than the model's block size "
+                          f"{model_config.block_size}; use --seq_len {model_config.block_size} or less, or raise "
+                          "--block_size")
+    if values["micro_batch_size"] == "auto" and values["total_batch_size"] % (values["seq_len"] * world_size):
+        raise ConfigError(f"--total_batch_size {values['total_batch_size']} is not a multiple of seq_len * world_size = "
+                          f"{values['seq_len']} * {world_size}; --micro_batch_size auto needs whole sequences per rank")
+    for name in ("dtype", "micro_batch_size"):
+        if found.get(name) is not None:
+            if name == "micro_batch_size" and values[name] == "auto":
+                sources[name] = f"auto ({sources[name]})"
+            values[name] = found[name]
+    if values["fsdp"] and values["dtype"] == "fp16":
+        raise ConfigError("--fsdp computes in bf16 or fp32 (fp16 would need a sharded gradient scaler); "
+                          "use --dtype bf16 (or fp32), or train without --fsdp")
+    grad_accum_steps = None
+    if values["micro_batch_size"] != "auto":
+        tokens_per_micro_step = values["micro_batch_size"] * values["seq_len"] * world_size
+        if values["total_batch_size"] % tokens_per_micro_step:
+            suggestion = max(1, values["total_batch_size"] // tokens_per_micro_step) * tokens_per_micro_step
+            raise ConfigError(
+                f"--total_batch_size {values['total_batch_size']} is not a multiple of micro_batch_size * seq_len * "
+                f"world_size = {values['micro_batch_size']} * {values['seq_len']} * {world_size} = "
+                f"{tokens_per_micro_step}; use a multiple such as {suggestion}")
+        grad_accum_steps = values["total_batch_size"] // tokens_per_micro_step
+    return RunConfig(**{**values, "device": device_type}, model_config=model_config, world_size=world_size,
+                     grad_accum_steps=grad_accum_steps, loss=found.get("loss"),
+                     init_from_transformers=bool(found.get("init_from_transformers")), sources=tuple(sources.items()))
 
 
-def check_flags(v):
-    """One ConfigError line for the first flag (or combination) that cannot work."""
-    for name, allowed, instead in CHECKS:
-        if not allowed(v[name]):
-            raise ConfigError(f"--{name} {v[name]} cannot work: use {instead}")
-    if v["min_lr"] > v["max_lr"]:
-        raise ConfigError(f"--min_lr {v['min_lr']} is above --max_lr {v['max_lr']}: the schedule decays from max_lr "
-                          "to min_lr; lower --min_lr")
-    if v["resume"] and not v["checkpoint_path"]:
+def check(values, given):
+    """One ConfigError line for the first option (or combination) that cannot work."""
+    for f in OPTIONS:
+        rule = f.metadata["check"]
+        if rule is not None and not rule[0](values[f.name]):
+            raise ConfigError(f"--{f.name} {values[f.name]} cannot work: use {rule[1]}")
+    if values["min_lr"] > values["max_lr"]:
+        raise ConfigError(f"--min_lr {values['min_lr']} is above --max_lr {values['max_lr']}: the schedule decays from "
+                          "max_lr to min_lr; lower --min_lr")
+    if values["resume"] and not values["resume_from_checkpoint"]:
         raise ConfigError("--resume needs --checkpoint_path PATH (or use --resume_from_checkpoint PATH, or --auto_resume)")
-    if v["init_from"] and (v["model_source"] == "flag" or any(v[k] is not None for k in ("n_layer", "n_head", "n_embd"))):
-        raise ConfigError("--init_from takes the model shape from the weights; drop --model, --n_layer, --n_head and --n_embd")
-    if v["start_over"] and (v["auto_resume"] or v["resume"]):
+    if values["init_from"] and any(name in given for name in SHAPE if name != "block_size"):
+        raise ConfigError("--init_from takes the model shape from the weights; drop --model, --n_layer, --n_head and "
+                          "--n_embd")
+    if values["start_over"] and (values["auto_resume"] or values["resume"]):
         raise ConfigError("--start_over begins a new run; it cannot also resume (--auto_resume, --resume): drop one")
-    if v["init_from_optimizer"] and not is_checkpoint_file(v["init_from"]):
-        raise ConfigError("--init_from_optimizer needs --init_from FILE, a checkpoint file holding an optimizer state "
-                          "(nanoGPT's ckpt.pt, this trainer's model_*.pt); drop it, or name such a file")
+    if values["init_from_optimizer"] and not values["init_from"]:
+        raise ConfigError(INIT_FROM_OPTIMIZER_NEEDS_A_FILE)
 
 
-def check_run_folder(v):
-    """The --log_dir is free: no other trainer holds it, and a run in it is resumed or explicitly
-    started over, never silently overwritten."""
-    files.RunLock.check(v["log_dir"])
-    newest = checkpoint.existing_run(v["log_dir"])
-    if newest is not None and not (v["auto_resume"] or v["resume"] or v["start_over"]):
-        raise ConfigError(f"{v['log_dir']} already holds a run (newest: {newest.name}); continue it with --auto_resume, "
-                          "start a new one in another --log_dir, or pass --start_over to move it aside and train from "
-                          "step 0 here")
+def check_changes(values, given, stored):
+    """A resume that was given another model shape or sequence length than the checkpoint's is another run:
+    refused, naming what the checkpoint has."""
+    changed = []
+    if "seq_len" in given and given["seq_len"] != stored.get("seq_len"):
+        changed.append(f"--seq_len {given['seq_len']} (the checkpoint has {stored.get('seq_len')})")
+    if any(name in given for name in SHAPE) and stored.get("model_config"):
+        shape = dict(stored["model_config"], **(MODEL_PRESETS[given["model"]] if "model" in given else {}))
+        shape.update({name: given[name] for name in SHAPE[1:] if name in given})
+        changed += [f"--{name} {shape[name]} (the checkpoint has {stored['model_config'][name]})"
+                    for name in SHAPE[1:] if shape[name] != stored["model_config"][name]]
+    if changed:
+        raise ConfigError(f"resuming {values['log_dir']} with {', '.join(changed)} would train another run: drop "
+                          "those flags to continue this one, or start a new run from its weights in another "
+                          "--log_dir with --init_from CHECKPOINT")
+
+
+INIT_FROM_OPTIMIZER_NEEDS_A_FILE = ("--init_from_optimizer needs --init_from FILE, a checkpoint file holding an "
+                                    "optimizer state (nanoGPT's ckpt.pt, this trainer's model_*.pt); drop it, or name "
+                                    "such a file")
 
 
 def is_checkpoint_file(init_from):
-    """--init_from FILE (checkpoint_manager.init_from_file), rather than a name or folder for transformers (gpt2_hf)."""
+    """--init_from FILE (a checkpoint file), rather than a name or folder for transformers (gpt2_hf). A look at
+    the file system, not a read."""
     return bool(init_from) and os.path.isfile(init_from)
 
 
-def file_model_config(v):
-    """--init_from FILE: the file's model shape, its position table cut to --block_size where that is shorter
-    (as gpt2_hf does). Read here, before anything is written, so that what the file cannot do is refused first."""
-    path = v["init_from"]
-    _, stored, ckpt = checkpoint.read_weights(path, for_training=True)
-    config = GPTConfig(**{**stored, "block_size": min(v["block_size"], stored["block_size"])})
-    if v["init_from_optimizer"] and ckpt.get("optimizer") is None:
-        raise ConfigError(f"--init_from_optimizer: {path} ({checkpoint.summary(ckpt)}) holds no AdamW state that maps "
-                          "onto this trainer's; drop the flag to start with a fresh one")
-    if v["init_from_optimizer"] and config.block_size < stored["block_size"]:
-        raise ConfigError(f"--init_from_optimizer continues moments of all {stored['block_size']} positions of {path}; "
-                          f"drop --block_size {v['block_size']}, or the flag")
-    return config
-
-
-def build_model_config(v):
-    if is_checkpoint_file(v["init_from"]):
-        return file_model_config(v)
-    if v["init_from"]:
-        return gpt2_hf.gpt_config(v["init_from"], v["block_size"])
-    shape = dict(MODEL_PRESETS[v["model"]])
+def shape_of(values):
+    """The GPTConfig of the preset and the shape flags (--init_from's shape comes in found instead)."""
+    shape = dict(MODEL_PRESETS[values["model"]])
     for key in ("n_layer", "n_head", "n_embd"):
-        if v[key] is not None:
-            shape[key] = v[key]
+        if values[key] is not None:
+            shape[key] = values[key]
     if shape["n_embd"] % shape["n_head"]:
-        raise ConfigError(f"--n_embd {shape['n_embd']} is not divisible by --n_head {shape['n_head']}; pick sizes where it is")
-    return GPTConfig(block_size=v["block_size"], **shape)
+        raise ConfigError(f"--n_embd {shape['n_embd']} is not divisible by --n_head {shape['n_head']}; pick sizes "
+                          "where it is")
+    return GPTConfig(block_size=values["block_size"], **shape)
 
 
-def build_config(args, dev, ctx, log):
-    """The run's configuration from the flags, the quickstart or recipe, the device preset and the
-    automatic choices (device settings, loss kernels, micro batch probe): checked, then frozen."""
-    resolved = resolve_flags(args, dev.type)
-    v = {name: value for name, (value, _) in resolved.items()}
-    sources = {name: source for name, (_, source) in resolved.items() if name in LAYERED}
-    v["model_source"] = sources["model"]
-    if args.resume_from_checkpoint:
-        v["resume"], v["checkpoint_path"] = True, args.resume_from_checkpoint
-    check_flags(v)
-    problem = None
-    if ctx.master:  # other machines may not see the folder (distributed.py): rank 0 checks, all ranks stop together
-        try:
-            check_run_folder(v)
-        except cli.UserError as exc:
-            problem = exc
-    problem = distributed.from_rank0(problem and (type(problem).__name__, str(problem)))
-    if problem:
-        raise (files.RunLockError if problem[0] == "RunLockError" else ConfigError)(problem[1])
-    model_config = build_model_config(v)
-    if v["init_from"]:
-        v["model"], sources["model"] = v["init_from"], "init_from"
-    if v["seq_len"] > model_config.block_size:
-        raise ConfigError(f"--seq_len {v['seq_len']} is longer than the model's block size {model_config.block_size}; "
-                          f"use --seq_len {model_config.block_size} or less, or raise --block_size")
-    dtype = device.resolve_dtype(dev.type, v["dtype"])
-    if v["fsdp"] and dtype == "fp16":
-        raise ConfigError("--fsdp computes in bf16 or fp32 (fp16 would need a sharded gradient scaler); "
-                          "use --dtype bf16 (or fp32), or train without --fsdp")
-    for line in device.apply_device_settings(dev.type, v["num_threads"], v["mps_memory_fraction"], v["deterministic"]):
-        log(line)
-    loss, line = choose_loss(v["fused_loss"], v["loss_chunk_rows"], dev)
-    log(line)
-    options = dict(activation_checkpointing=v["activation_checkpointing"], loss=loss, loss_chunk_rows=v["loss_chunk_rows"])
-    micro_batch_size = v["micro_batch_size"]
-    if micro_batch_size == "auto":
-        micro_batch_size = probe_micro_batch_size(v, model_config, options, dev, dtype, ctx, log)
-        sources["micro_batch_size"] = f"auto ({sources['micro_batch_size']})"
-    tokens_per_micro_step = micro_batch_size * v["seq_len"] * ctx.world_size
-    if v["total_batch_size"] % tokens_per_micro_step:
-        raise ConfigError(
-            f"--total_batch_size {v['total_batch_size']} is not a multiple of micro_batch_size * seq_len * world_size = "
-            f"{micro_batch_size} * {v['seq_len']} * {ctx.world_size} = {tokens_per_micro_step}; "
-            f"use a multiple such as {max(1, v['total_batch_size'] // tokens_per_micro_step) * tokens_per_micro_step}")
-    return RunConfig(
-        data_root=v["data_root"], log_dir=v["log_dir"], model=v["model"], model_config=model_config,
-        init_from=v["init_from"], init_from_optimizer=v["init_from_optimizer"], seed=v["seed"], total_batch_size=v["total_batch_size"],
-        micro_batch_size=micro_batch_size, seq_len=v["seq_len"], grad_accum_steps=v["total_batch_size"] // tokens_per_micro_step,
-        max_steps=v["max_steps"], warmup_steps=v["warmup_steps"], max_lr=v["max_lr"], min_lr=v["min_lr"],
-        weight_decay=v["weight_decay"], grad_clip=v["grad_clip"], device=str(dev), world_size=ctx.world_size,
-        preset=v["preset"], dtype=dtype, compile=v["compile"], num_threads=v["num_threads"], pin_memory=v["pin_memory"],
-        mps_memory_fraction=v["mps_memory_fraction"], deterministic=v["deterministic"],
-        activation_checkpointing=v["activation_checkpointing"], loss=loss,
-        loss_chunk_rows=v["loss_chunk_rows"], fused_loss=v["fused_loss"], fsdp=v["fsdp"],
-        ddp_bucket_cap_mb=v["ddp_bucket_cap_mb"],
-        eval_interval=v["eval_interval"], eval_steps=v["eval_steps"], hellaswag_interval=v["hellaswag_interval"],
-        hellaswag_file=v["hellaswag_file"], hellaswag_limit=v["hellaswag_limit"], log_interval=v["log_interval"],
-        tensorboard=v["tensorboard"], wandb=v["wandb"], wandb_project=v["wandb_project"],
-        wandb_run_name=v["wandb_run_name"] or os.path.basename(os.path.abspath(v["log_dir"])),
-        generate_interval=v["generate_interval"], prompt=v["prompt"],
-        num_samples=v["num_samples"], max_new_tokens=v["max_new_tokens"], checkpoint_interval=v["checkpoint_interval"],
-        auto_resume=v["auto_resume"], start_over=v["start_over"], resume_from=v["checkpoint_path"] if v["resume"] else None,
-        keep_last_n_checkpoints=v["keep_last_n_checkpoints"], save_optimizer=v["save_optimizer"],
-        async_checkpoint=v["async_checkpoint"], reset_optimizer=v["no_load_optimizer"],
-        sources=tuple(sources.items()))
-
-
-def probe_micro_batch_size(v, model_config, options, dev, dtype, ctx, log):
-    """--micro_batch_size auto: the largest micro batch that fits (the same on every rank); the
-    accumulation steps then make up --total_batch_size."""
-    seq_len, total = v["seq_len"], v["total_batch_size"]
-    sequences_per_rank = total // (seq_len * ctx.world_size)
-    if sequences_per_rank < 1 or total % (seq_len * ctx.world_size):
-        raise ConfigError(f"--total_batch_size {total} is not a multiple of seq_len * world_size = "
-                          f"{seq_len} * {ctx.world_size}; --micro_batch_size auto needs whole sequences per rank")
-    micro_batch_size, line = device.auto_micro_batch_size(lambda: GPT(model_config).set_run_options(**options),
-                                                          sequences_per_rank * seq_len, seq_len, dev, dtype)
-    log(line)
-    return micro_batch_size
+def config_from_stored(stored):
+    return GPTConfig(**stored["model_config"]) if stored.get("model_config") else None
 
 
 def print_config(config):
-    sources = dict(config.sources)
-    rows = [(name, getattr(config, name), source) for name, source in sources.items()]
+    """The table printed at start: every value that is not a plain default, and where it came from."""
+    rows = [(name, getattr(config, name), source) for name, source in config.sources
+            if (source != "default" or name in TABLED or name in ("weight_decay", "grad_clip")) and name != "device"]
     rows += [("device", f"{config.device} x {config.world_size}", "derived"), ("precision", config.dtype, "derived"),
              ("grad_accum_steps", config.grad_accum_steps, "derived"), ("loss", config.loss, "derived"),
              ("model_shape", asdict(config.model_config), "derived")]
     width = max(len(name) for name, _, _ in rows)
-    print("effective configuration (value, where it came from):")
+    cli.log("effective configuration (value, where it came from):")
     for name, value, source in rows:
-        print(f"  {name:<{width}}  {value!s:<24} {source}")
+        cli.log(f"  {name:<{width}}  {value!s:<24} {source}")
+
+
+TABLED = {name for table in list(RUNS.values()) + list(PRESETS.values()) for name in table}

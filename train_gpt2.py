@@ -29,10 +29,11 @@ import files
 import gpt2_hf
 import hellaswag
 import metrics as metrics_mod
+import run_config
 import shards
 import signals
-from model import GPT, MODEL_PRESETS, sample_texts
-from run_config import DDP_BUCKET_CAP_MB, DEFAULT_DATA_ROOT, build_config, is_checkpoint_file, print_config
+from cli import log
+from model import GPT, sample_texts
 
 
 class Diverged(cli.UserError):
@@ -43,134 +44,12 @@ class Diverged(cli.UserError):
 # The command line
 
 
-def micro_batch_size_arg(text):
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise cli.argparse.ArgumentTypeError(f"{text!r} is neither a positive number of sequences nor auto")
-    return int(text)
-
-
 def parse_args(argv=None):
     p = cli.ArgumentParser(
         description="GPT-2 pretraining. With no arguments: prepares tiny Shakespeare and trains a model sized to this "
-                    "device. Every flag can be written with hyphens too: --max-steps is --max_steps.")
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data_root", default=None,
-                   help=f"folder of <name>_{{train,val}}_NNNNNN.npy uint16 token shards (default: {DEFAULT_DATA_ROOT}, "
-                        "prepared on first use, with the quickstart's settings)")
-    g.add_argument("--log_dir", default="log", help="where metrics.jsonl and checkpoints are written")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, choices=sorted(MODEL_PRESETS),
-                   help="model preset (default: gpt2, or a small one for the quickstart)")
-    g.add_argument("--n_layer", type=int, default=None, help="override the preset's number of layers")
-    g.add_argument("--n_head", type=int, default=None, help="override the preset's attention heads")
-    g.add_argument("--n_embd", type=int, default=None, help="override the preset's width")
-    g.add_argument("--block_size", type=int, default=1024, help="longest sequence the model can take (position table size), tokens")
-    g.add_argument("--init_from", default=None, metavar="NAME|DIR|FILE",
-                   help="start a new run (step 0) from pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-                        "(OpenAI's, via pip install transformers), a save_pretrained folder, or a checkpoint file: "
-                        "this trainer's, nanoGPT's ckpt.pt, build-nanogpt's model_*.pt, llm.c's .bin; they set the "
-                        "model shape")
-    g.add_argument("--init_from_optimizer", action="store_true",
-                   help="with --init_from FILE: continue the file's AdamW moments and step counts too (nanoGPT's "
-                        "ckpt.pt and this trainer's checkpoints hold them), with this run's learning rate, betas and "
-                        "weight decay; off: a fresh AdamW")
-    g = p.add_argument_group("batch and schedule")
-    g.add_argument("--total_batch_size", type=int, default=None,
-                   help="tokens per optimizer step over all ranks (default: 524288 = 2**19; quickstart: by device)")
-    g.add_argument("--micro_batch_size", type=micro_batch_size_arg, default=None,
-                   help="sequences per forward pass per rank, or auto: the largest that fits the GPU, probed at start "
-                        "(default: the device preset's)")
-    g.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: 1024; quickstart: by device)")
-    g.add_argument("--max_steps", type=int, default=None,
-                   help="optimizer steps in the run (default: 19073, 10B tokens at 2**19; quickstart: by device)")
-    g.add_argument("--warmup_steps", type=int, default=None, help="linear LR warm-up, steps; 0: none (default: 715)")
-    g.add_argument("--max_lr", type=float, default=None, help="peak learning rate (default: 6e-4)")
-    g.add_argument("--min_lr", type=float, default=None, help="final learning rate of the cosine decay (default: max_lr/10)")
-    g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay on 2-D weights (default: 0.1)")
-    g.add_argument("--grad_clip", type=float, default=None, help="clip the global gradient norm to this; 0 disables (default: 1.0)")
-    g.add_argument("--seed", type=int, default=1337, help="seed for the initial weights; the data order is fixed by the shards")
-    g = p.add_argument_group("device")
-    g.add_argument("--preset", default="auto", choices=device.DEVICE_CHOICES,
-                   help="per-device defaults for micro batch, dtype, compile, pin_memory (device.PRESETS; auto: the "
-                        "device's); flags win")
-    device.add_device_arguments(g, dtype_default=None, dtype_help=" (default: the device preset's)")
-    g.add_argument("--compile", nargs="?", const="default", default=None,
-                   help="torch.compile the model; optional mode: default, reduce-overhead, max-autotune, "
-                        "max-autotune-no-cudagraphs, none. A mode that fails falls back to default, then eager "
-                        "(default: the device preset's)")
-    g.add_argument("--num_threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice, one per physical core)")
-    g.add_argument("--pin_memory", action=cli.argparse.BooleanOptionalAction, default=None,
-                   help="page-locked host batches for faster, asynchronous copies to the GPU (default: on for CUDA)")
-    g.add_argument("--mps_memory_fraction", type=float, default=None,
-                   help="Apple MPS: cap this process at this fraction of the GPU's recommended working set, 0..2 "
-                        "(default: PYTORCH_MPS_HIGH_WATERMARK_RATIO, 1.0 unless you set it)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="bit-identical runs and resumes on CUDA too (the CPU already is): deterministic kernels "
-                        "everywhere, at a cost in speed (docs/DETERMINISM.md); one line at start says what is switched")
-    g.add_argument("--activation_checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: ~1/3 more compute, far less memory (off: speed first)")
-    g.add_argument("--loss_chunk_rows", type=int, default=0, metavar="ROWS",
-                   help="compute the loss ROWS token positions at a time, never holding all B*T x vocab logits; for "
-                        "where --fused_loss cannot run (docs/PERFORMANCE.md measures it); 0: off, try 8192")
-    g.add_argument("--fsdp", action="store_true",
-                   help="shard the weights, gradients and AdamW state over the ranks (FSDP2; each holds 1/N) for "
-                        "models one GPU cannot hold; bf16 compute through FSDP's mixed precision. With torchrun, or "
-                        "alone as a group of one. Checkpoints stay single files that any run can resume (off: DDP)")
-    g.add_argument("--ddp_bucket_cap_mb", type=float, default=DDP_BUCKET_CAP_MB, metavar="MB",
-                   help="DDP: gradient MB per all-reduce bucket; smaller buckets start communicating sooner, larger "
-                        "ones send fewer messages (PyTorch's default)")
-    g.add_argument("--fused_loss", choices=["auto", "on", "off"], default="auto",
-                   help="the loss in Triton kernels whose gradient overwrites the logits: no second B*T x vocab buffer "
-                        "(auto: on for CUDA with Triton, unless --loss_chunk_rows is set)")
-    g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval_interval", type=int, default=None,
-                   help="validation loss every N steps, and at the last step; 0: at the last step only (default: 250)")
-    g.add_argument("--eval_steps", type=int, default=None,
-                   help="validation batches of --total_batch_size tokens each, the same tokens at any world size (default: 20)")
-    g.add_argument("--hellaswag_interval", type=int, default=0,
-                   help="HellaSwag accuracy every N steps and at the last step, into metrics.jsonl; 0: off")
-    g.add_argument("--hellaswag_file", default=None,
-                   help="local hellaswag_val.jsonl (default: download it once into $HELLASWAG_CACHE_DIR or "
-                        f"{hellaswag.DEFAULT_CACHE_DIR})")
-    g.add_argument("--hellaswag_limit", type=cli.positive_int, default=None,
-                   help="score only the first N HellaSwag examples (default: all 10042)")
-    g.add_argument("--log_interval", type=int, default=None,
-                   help="print a step line (and time data/fwd_bwd/optim) every N steps; metrics.jsonl gets every step (default: 1)")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also write the metrics to <log_dir>/tensorboard (needs: pip install tensorboard)")
-    g.add_argument("--wandb", action="store_true",
-                   help="also log to Weights & Biases, rank 0 only (needs: pip install wandb; WANDB_MODE=offline works "
-                        "without a network); --auto_resume continues the same W&B run")
-    g.add_argument("--wandb_project", default="gpt2-train", help="W&B project")
-    g.add_argument("--wandb_run_name", default=None, help="W&B run name (default: the --log_dir folder's name)")
-    g.add_argument("--generate_interval", type=int, default=None,
-                   help="print samples every N steps; 0: only at the end (default: 0)")
-    g.add_argument("--prompt", default="\n", help="prompt for samples (default: a newline)")
-    g.add_argument("--num_samples", type=int, default=2, help="samples printed each time")
-    g.add_argument("--max_new_tokens", type=int, default=64, help="tokens per sample")
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint_interval", type=int, default=None,
-                   help="save every N steps and at the last step; 0: only at the end (default: 5000)")
-    g.add_argument("--auto_resume", action="store_true",
-                   help="resume from the newest valid checkpoint in --log_dir if there is one")
-    g.add_argument("--start_over", action="store_true",
-                   help="train from step 0 in a --log_dir that holds a run: its files are moved into "
-                        "<log_dir>/replaced_<time>/ first, nothing is deleted (without this flag, or --auto_resume, "
-                        "such a folder is refused)")
-    g.add_argument("--resume", action="store_true", help="resume from --checkpoint_path")
-    g.add_argument("--checkpoint_path", default=None, help="checkpoint file for --resume")
-    g.add_argument("--resume_from_checkpoint", default=None, metavar="PATH",
-                   help="same as --resume --checkpoint_path PATH")
-    g.add_argument("--keep_last_n_checkpoints", type=int, default=-1,
-                   help="delete older step checkpoints beyond N; -1 keeps all")
-    g.add_argument("--save_optimizer", default="all", choices=["all", "latest"],
-                   help="optimizer state in every checkpoint, or only the newest (older ones keep weights only)")
-    g.add_argument("--async_checkpoint", action="store_true", help="write checkpoints in a background thread")
-    g.add_argument("--no_load_optimizer", "--reset_optimizer", dest="no_load_optimizer", action="store_true",
-                   help="resume the weights only, with a fresh optimizer (fine-tuning, changed learning rate)")
+                    "device. Every flag can be written with hyphens too: --max-steps is --max_steps; a boolean takes "
+                    "a value too: --tensorboard=False.")
+    run_config.add_arguments(p)  # every option is declared once, as a RunConfig field
     return p.parse_args(argv)
 
 
@@ -264,25 +143,64 @@ def print_samples(model, enc, config, dev, step, rank, quiet=False):
 # The loop
 
 
-def train(args):
-    device_type = device.select_device(args.device)
-    ctx = distributed.setup(device_type, one_rank_group=args.fsdp)
+def setup(args):
+    """From the command line to a checked RunConfig, doing what the configuration needs done, in this order:
+    the process group, the flags' checks (run_config.resolve, pure), the run folder's checks and its lock, the
+    device's settings, the shape of --init_from, the micro batch probe. Returns (config, device, ctx, lock)."""
+    device_type = device.select_device(args.device or "auto")
+    ctx = distributed.setup(device_type)
+    config = run_config.resolve(args, device_type, ctx.world_size)
+    if config.fsdp and not ctx.enabled:
+        ctx = distributed.setup(device_type, one_rank_group=True)  # FSDP needs a process group, even of one
     dev = device.torch_device(device_type, ctx.local_rank)
-    log = print if ctx.master else (lambda *a, **k: None)
-    config = build_config(args, dev, ctx, log)
-    lock = files.RunLock(config.log_dir, log).acquire() if ctx.master else None  # one trainer per folder, the whole run
+    distributed.on_rank0(checkpoint.check_run_folder, config.log_dir, resuming=config.auto_resume or config.resume,
+                         start_over=config.start_over)  # other machines may not see the folder: rank 0 looks
+    lock = files.RunLock(config.log_dir).acquire() if ctx.master else None  # one trainer per folder, the whole run
+    for line in device.apply_device_settings(dev.type, config.num_threads, config.mps_memory_fraction,
+                                             config.deterministic):
+        log(line)
+    found = {"dtype": device.resolve_dtype(dev.type, config.dtype)}
+    found["loss"], line = device.choose_loss(config.fused_loss, config.loss_chunk_rows, dev)
+    log(line)
+    if config.init_from:  # read on rank 0: the file may be on its machine only
+        found["model_config"], found["init_from_transformers"] = distributed.on_rank0(init_shape, config)
+    if config.micro_batch_size == "auto":
+        model_config = found.get("model_config") or config.model_config
+        found["micro_batch_size"], line = device.auto_micro_batch_size(
+            lambda: GPT(model_config).set_run_options(config.activation_checkpointing, found["loss"],
+                                                      config.loss_chunk_rows),
+            config.total_batch_size // ctx.world_size, config.seq_len, dev, found["dtype"])
+        log(line)
+    return run_config.resolve(args, device_type, ctx.world_size, found=found), dev, ctx, lock
+
+
+def init_shape(config):
+    """(model shape, from transformers?) of --init_from: a checkpoint file's, or OpenAI's weights via transformers."""
+    if run_config.is_checkpoint_file(config.init_from):
+        return checkpoint_manager.init_shape(config.init_from, config.block_size, config.init_from_optimizer), False
+    if config.init_from_optimizer:
+        raise run_config.ConfigError(run_config.INIT_FROM_OPTIMIZER_NEEDS_A_FILE)
+    return gpt2_hf.gpt_config(config.init_from, config.block_size), True
+
+
+def train(args):
+    config, dev, ctx, lock = setup(args)
     try:
-        return train_run(config, dev, ctx, log)
+        return train_run(config, dev, ctx)
+    except RuntimeError as exc:  # torch.OutOfMemoryError, or MPS's RuntimeError saying so
+        if not device.is_oom(exc):
+            raise
+        raise device.DeviceError(device.oom_message(dev, config.micro_batch_size, config.seq_len,
+                                                    config.activation_checkpointing)) from None
     finally:
         if lock is not None:
             lock.release()
 
 
-def build_model(config, dev, ctx, log):
+def build_model(config, dev, ctx):
     """The model on dev (sharded over the ranks with --fsdp) and its AdamW; weights from --init_from."""
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    from_transformers = config.init_from and not is_checkpoint_file(config.init_from)
-    model = (gpt2_hf.from_pretrained(config.init_from, config.model_config) if from_transformers
+    model = (gpt2_hf.from_pretrained(config.init_from, config.model_config) if config.init_from_transformers
              else GPT(config.model_config)).to(dev)
     model.set_run_options(config.activation_checkpointing, config.loss, config.loss_chunk_rows)
     log(f"model: {config.model} {model.num_params() / 1e6:.2f}M parameters (without position embeddings)")
@@ -292,9 +210,11 @@ def build_model(config, dev, ctx, log):
         log(f"fsdp: weights, gradients and AdamW state sharded over {ctx.world_size} rank(s): "
             f"{mine / 1e6:.2f}M of {model.num_params(non_embedding=False) / 1e6:.2f}M parameters on each"
             + (", bf16 compute, fp32 gradient reduction" if config.dtype == "bf16" else ""))
-    optimizer = model.configure_optimizer(config.weight_decay, config.max_lr, dev.type, log=log)
-    if is_checkpoint_file(config.init_from):
-        checkpoint_manager.init_from_file(config.init_from, model, optimizer, config.init_from_optimizer, log)
+    optimizer = model.configure_optimizer(config.weight_decay, config.max_lr)
+    if not optimizer.defaults.get("fused"):
+        log(f"fused AdamW is not available on {dev.type}; using the for-each implementation")
+    if config.init_from and not config.init_from_transformers:
+        checkpoint_manager.init_from_file(config.init_from, model, optimizer, config.init_from_optimizer)
     return model, optimizer
 
 
@@ -305,15 +225,15 @@ def planned_saves(config, start_step):
     return len(set(regular) | {config.max_steps - 1})
 
 
-def train_run(config, dev, ctx, log):
+def train_run(config, dev, ctx):
     """The training run of a checked configuration."""
     if ctx.master:
-        print_config(config)
+        run_config.print_config(config)
         if config.start_over and checkpoint.existing_run(config.log_dir):
             log(f"--start_over: the run that was in {config.log_dir} is now in {checkpoint.move_run_aside(config.log_dir)}")
 
     # Data: the quickstart prepares tiny Shakespeare once (rank 0), everyone else waits.
-    if config.data_root == DEFAULT_DATA_ROOT and ctx.master:
+    if config.data_root == run_config.DEFAULT_DATA_ROOT and ctx.master:
         dataprep.ensure_tinyshakespeare(config.data_root)
     distributed.barrier()
     train_loader = dataloader.ShardedDataLoader(config.data_root, "train", config.micro_batch_size, config.seq_len,
@@ -322,19 +242,20 @@ def train_run(config, dev, ctx, log):
                                               ctx.rank, ctx.world_size, pin_memory=config.pin_memory,
                                               prefetch=False)  # each evaluation starts with reset(): nothing to read ahead
 
-    raw_model, optimizer = build_model(config, dev, ctx, log)
+    raw_model, optimizer = build_model(config, dev, ctx)
     scaler = torch.amp.GradScaler(dev.type, enabled=config.dtype == "fp16")
 
     train_state, tracked = checkpoint.TrainState(), metrics_mod.TrackedRun()
     ckpt = checkpoint_manager.CheckpointManager(
         config.log_dir,
         {"model": raw_model, "optimizer": optimizer, "scaler": scaler if scaler.is_enabled() else None,
-         "dataloader": train_loader, "rng": checkpoint.RandomState(log), "train_state": train_state,
+         "dataloader": train_loader, "rng": checkpoint.RandomState(), "train_state": train_state,
          "tracking": tracked},
         meta={"model_config": asdict(config.model_config), "run_config": config.to_dict(), "world_size": ctx.world_size},
         interval=config.checkpoint_interval, keep_last_n=config.keep_last_n_checkpoints,
-        save_optimizer=config.save_optimizer, async_save=config.async_checkpoint, log=log)
-    start_step = ckpt.resume(auto=config.auto_resume, path=config.resume_from, load_optimizer=not config.reset_optimizer)
+        save_optimizer=config.save_optimizer, async_save=config.async_checkpoint)
+    start_step = ckpt.resume(auto=config.auto_resume, path=config.resume_from_checkpoint,
+                           load_optimizer=not config.reset_optimizer)
     train_state.keep_best(ckpt.best_val_loss_on_disk())  # best_model.pt stays the best the folder has seen
     ckpt.check_space(planned_saves(config, start_step))
     # torch.compile down the fallback chain, each mode checked on one micro batch (under DDP, as trained;
@@ -403,15 +324,7 @@ def train_run(config, dev, ctx, log):
 
 
 def run(argv=None):
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except RuntimeError as exc:  # torch.OutOfMemoryError, or MPS's RuntimeError saying so
-        if not device.is_oom(exc):
-            raise
-        raise device.DeviceError(device.oom_message(torch.device(device.select_device(args.device)),
-                                                    args.micro_batch_size, args.seq_len,
-                                                    args.activation_checkpointing)) from None
+    return train(parse_args(argv))
 
 
 def main(argv=None):

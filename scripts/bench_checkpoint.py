@@ -61,7 +61,7 @@ def reset_host_peak():
 def build(args, device, device_type):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODEL_PRESETS[args.model])).to(device)
-    optimizer = model.configure_optimizer(0.1, 6e-4, device_type)
+    optimizer = model.configure_optimizer(0.1, 6e-4)
     return model, optimizer
 
 

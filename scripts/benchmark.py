@@ -38,7 +38,7 @@ import device as device_mod  # noqa: E402
 import distributed  # noqa: E402
 import metrics  # noqa: E402
 import shards  # noqa: E402
-from model import ATTENTION_BACKENDS, GPT, GPTConfig, MODEL_PRESETS, attention_backend, choose_loss  # noqa: E402
+from model import ATTENTION_BACKENDS, GPT, GPTConfig, MODEL_PRESETS, attention_backend  # noqa: E402
 from run_config import DDP_BUCKET_CAP_MB  # noqa: E402
 from train_gpt2 import StepSpec, train_step  # noqa: E402
 
@@ -72,7 +72,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
     model.set_run_options(loss=loss, loss_chunk_rows=loss_chunk_rows, activation_checkpointing=args.activation_checkpointing)
     if parallel == "fsdp":
         distributed.shard_fsdp(model, model.transformer.h, dtype)
-    optimizer = model.configure_optimizer(0.1, 6e-4, dev.type)
+    optimizer = model.configure_optimizer(0.1, 6e-4)
     scaler = torch.amp.GradScaler(dev.type, enabled=(dtype == "fp16"))
     wrap = (lambda m: distributed.wrap_ddp(m, ddp, bucket_mb, bucket_view)) if parallel == "ddp" else None
     compiled, used_mode = device_mod.compile_model(model, dev.type, compile_mode, wrap=wrap,
@@ -243,7 +243,7 @@ def run(argv=None):
     for line in device_mod.apply_device_settings(dev.type, deterministic="on" in args.deterministic):
         print(line)
     # The loss kinds the --fused_loss x --loss_chunk_rows grid asks for, resolved as train_gpt2.py resolves them.
-    losses = list(dict.fromkeys(choose_loss(fused, chunk, dev)[0:1] + (chunk,)
+    losses = list(dict.fromkeys(device_mod.choose_loss(fused, chunk, dev)[0:1] + (chunk,)
                                 for fused in args.fused_loss for chunk in args.loss_chunk_rows
                                 if not (fused == "on" and chunk)))
     for setting in args.inductor:

@@ -27,7 +27,8 @@ import cli  # noqa: E402
 import converters  # noqa: E402
 import device  # noqa: E402
 import files  # noqa: E402
-from checkpoint import (BEST_NAME, FORMAT_VERSION, LATEST_NAME, TIED_WEIGHTS, CheckpointError,  # noqa: E402
+from model import TIED_WEIGHTS  # noqa: E402
+from checkpoint import (BEST_NAME, FORMAT_VERSION, LATEST_NAME, CheckpointError,  # noqa: E402
                         import_safetensors, iter_tensors, list_checkpoints, read_checkpoint, read_latest, run_config_of,
                         save_file, stored_config, tensor_bytes, verify_file)
 

@@ -57,7 +57,8 @@ def run(argv=None):
 
 
 def main(argv=None):
-    return cli.main(run, argv)
+    with cli.log_to(sys.stderr):  # stdout is the result
+        return cli.main(run, argv)
 
 
 if __name__ == "__main__":

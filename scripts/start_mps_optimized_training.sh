@@ -12,7 +12,7 @@ the GPU's recommended working set (PYTORCH_MPS_HIGH_WATERMARK_RATIO=1.0) so an o
 fails with a clear out-of-memory message instead of swapping; train_gpt2.py sets both unless
 you set them. Without DATA_ROOT it runs the quickstart: tiny Shakespeare (prepared on first
 use) on a d6 model. With DATA_ROOT it runs the GPT-2 recipe on those shards (GPT-2 124M;
---model d6 or d12 is quicker). Extra flags go to train_gpt2.py and win over the preset
+--model d6 is quicker). Extra flags go to train_gpt2.py and win over the preset
 (python train_gpt2.py --help).
 
 environment:

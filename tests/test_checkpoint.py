@@ -50,7 +50,7 @@ class Run:
     def __init__(self, data, log_dir, seed=0, config=CONFIG, scaler=None, **manager_kwargs):
         torch.manual_seed(seed)
         self.model = GPT(GPTConfig(**config))
-        self.optimizer = self.model.configure_optimizer(0.1, 1e-3, "cpu")
+        self.optimizer = self.model.configure_optimizer(0.1, 1e-3)
         self.loader = ShardedDataLoader(data, "train", B, T)
         self.state = checkpoint.TrainState()
         manager_kwargs.setdefault("interval", 1)

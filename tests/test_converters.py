@@ -68,7 +68,7 @@ def test_nanogpt_checkpoint_gives_the_same_loss_and_continues_its_adamw(tmp_path
     assert loss_of(model, x, y) == pytest.approx(loss_of(original, x, y), rel=1e-6)
 
     assert foreign.optimizer is not None and any("maps onto" in n for n in foreign.notes)
-    ours = model.configure_optimizer(0.1, 1e-3, "cpu", log=lambda line: None)
+    ours = model.configure_optimizer(0.1, 1e-3)
     ours.load_state_dict(foreign.optimizer)
     next_batch = [batch(99)]
     assert train_steps(model, ours, next_batch) == pytest.approx(train_steps(original, optimizer, next_batch), rel=1e-6)
@@ -287,9 +287,9 @@ def test_bad_llmc_files_are_one_clear_line(tmp_path):
 def test_this_trainers_checkpoints_are_not_foreign(tmp_path):
     model = our_model()
     manager = checkpoint_manager.CheckpointManager(
-        tmp_path, {"model": model, "optimizer": model.configure_optimizer(0.1, 1e-3, "cpu", log=lambda line: None),
+        tmp_path, {"model": model, "optimizer": model.configure_optimizer(0.1, 1e-3),
                    "train_state": checkpoint.TrainState(), "rng": checkpoint.RandomState()},
-        meta={"model_config": dataclasses.asdict(model.config), "run_config": {}}, interval=1, log=lambda line: None)
+        meta={"model_config": dataclasses.asdict(model.config), "run_config": {}}, interval=1)
     path = manager.save(0)
     manager.close()
     assert converters.detect(converters.load(path)) is None

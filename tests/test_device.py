@@ -13,11 +13,8 @@ import torch
 import torch.nn as nn
 
 import device as device_mod
-import distributed
-import run_config
 import train_gpt2
 from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_ranks, run_train
-from run_config import resolve_flags
 from train_gpt2 import parse_args
 
 
@@ -103,38 +100,6 @@ def test_device_report_runs_and_says_what_it_would_use():
     if not torch.cuda.is_available():
         missing = subprocess.run([sys.executable, "device.py", "--device", "cuda"], cwd=REPO_ROOT, capture_output=True, text=True)
         assert missing.returncode == 1 and "nvidia-smi" in missing.stderr and "Traceback" not in missing.stderr
-
-
-# -----------------------------------------------------------------------------
-# Presets
-
-
-def test_flags_beat_the_preset_and_the_table_says_where_values_came_from():
-    preset_only = resolve_flags(parse_args(["--data_root", "x", "--preset", "cuda"]), "cpu")
-    assert preset_only["micro_batch_size"] == ("auto", "preset:cuda")
-    assert preset_only["compile"] == ("default", "preset:cuda")
-    assert preset_only["pin_memory"] == (True, "preset:cuda")
-    flags = resolve_flags(parse_args(["--data_root", "x", "--preset", "cuda", "--micro_batch_size", "4",
-                                         "--compile", "none", "--no-pin_memory", "--dtype", "fp32"]), "cpu")
-    assert flags["micro_batch_size"] == (4, "flag") and flags["compile"] == ("none", "flag")
-    assert flags["pin_memory"] == (False, "flag") and flags["dtype"] == ("fp32", "flag")
-    cpu = resolve_flags(parse_args(["--data_root", "x", "--num_threads", "1"]), "cpu")
-    assert cpu["num_threads"] == (1, "flag") and cpu["micro_batch_size"] == (8, "preset:cpu")
-
-
-@pytest.mark.parametrize("preset", sorted(device_mod.PRESETS))
-def test_no_preset_touches_the_learning_rate(preset):
-    assert not {"max_lr", "min_lr", "warmup_steps", "weight_decay", "total_batch_size"} & set(device_mod.PRESETS[preset])
-    settings = resolve_flags(parse_args(["--data_root", "x", "--preset", preset]), "cpu")
-    assert settings["max_lr"] == (6e-4, "recipe")
-    assert resolve_flags(parse_args(["--data_root", "x", "--preset", preset, "--max_lr", "1e-3"]), "cpu")["max_lr"] == (1e-3, "flag")
-
-
-def test_micro_batch_size_flag_takes_a_number_or_auto():
-    assert parse_args(["--micro_batch_size", "auto"]).micro_batch_size == "auto"
-    assert parse_args(["--micro_batch_size", "12"]).micro_batch_size == 12
-    with pytest.raises(SystemExit):
-        parse_args(["--micro_batch_size", "0"])
 
 
 # -----------------------------------------------------------------------------
@@ -310,21 +275,23 @@ def test_auto_micro_batch_size_probes_an_accelerator(monkeypatch):
         device_mod.auto_micro_batch_size(lambda: TinyLM(oom_above=0), 64 * 16, 16, torch.device("meta"), "fp32")
 
 
-def test_auto_probes_the_model_training_builds(monkeypatch):
+def test_auto_probes_the_model_training_builds(monkeypatch, capsys, tmp_path):
     # GPT itself on the meta device (real passes, no memory): everything fits, so the largest divisor.
-    args = parse_args(["--data_root", "x", "--model", "d2", "--seq_len", "32", "--total_batch_size", "1024",
-                       "--micro_batch_size", "auto", "--activation_checkpointing"])
-    values = {name: value for name, (value, _) in resolve_flags(args, "cpu").items()}
     probed = []  # the run options change the memory a step takes: the probe must use training's
     real_fits = device_mod.fits
     monkeypatch.setattr(device_mod, "fits", lambda model, *rest: probed.append(
         model.activation_checkpointing) or real_fits(model, *rest))
-    lines = []
-    options = dict(activation_checkpointing=True, loss="torch", loss_chunk_rows=0)
-    chosen = run_config.probe_micro_batch_size(values, run_config.build_model_config({**values, "init_from": None}),
-                                               options, torch.device("meta"), "fp32", distributed.Dist(), lines.append)
-    assert chosen == 32 and lines == ["micro batch auto: 32 (probed on meta: tried 8, 16, 32; divisors of 32 sequences "
-                                      "per rank per step)"]
+    monkeypatch.setattr(device_mod, "resolve_dtype", lambda device_type, requested: "fp32")
+    monkeypatch.setattr(device_mod, "torch_device", lambda device_type, rank: torch.device("meta"))
+    args = parse_args(["--data_root", "x", "--model", "d2", "--seq_len", "32", "--total_batch_size", "1024",
+                       "--micro_batch_size", "auto", "--activation_checkpointing", "--device", "cpu",
+                       "--log_dir", str(tmp_path / "log")])
+    config, _, _, lock = train_gpt2.setup(args)
+    lock.release()
+    assert config.micro_batch_size == 32 and config.grad_accum_steps == 1 and dict(config.sources)[
+        "micro_batch_size"] == "auto (flag)"
+    assert ("micro batch auto: 32 (probed on meta: tried 8, 16, 32; divisors of 32 sequences per rank per step)"
+            in capsys.readouterr().out.splitlines())
     assert probed and all(probed)
 
 

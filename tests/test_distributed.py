@@ -156,3 +156,17 @@ def test_two_machines_without_a_shared_disk_stop_and_resume_with_the_uninterrupt
     assert [m.returncode for m in resumed] == [0, 0], outputs
     assert "resumed from " in outputs[0] and stopped.name in outputs[0]
     assert_close(logged(first / "log"), expected)
+
+
+@pytest.mark.parametrize("kind, line, status", [
+    ("oserror", "RankZeroError: error: rank 0 failed: FileNotFoundError: [Errno 2] No such file or directory: "
+                "'/nonexistent-folder/checkpoint.pt'", 1),
+    ("runtimeerror", "RankZeroError: error: rank 0 failed: RuntimeError: pinned allocation failed", 1),
+    ("usererror", "UsageError: error: --max_steps 0 cannot work: use at least 1", 2)])
+def test_an_error_on_rank_0_inside_a_decision_stops_every_rank_at_once_with_one_line(kind, line, status):
+    """Rank 0 decides for all (distributed.on_rank0); any exception there, not only a UserError, reaches every
+    rank at once: none waits in the next collective for gloo's 30-minute timeout."""
+    result = run_ranks("on_rank0.py", kind, timeout=90)  # a rank left waiting would wait 30 minutes
+    lines = sorted(text for text in result.stderr.splitlines() if text.startswith("rank "))
+    assert lines == [f"rank 0: {line}", f"rank 1: {line}"], result.stderr[-2000:]
+    assert f"exitcode  : {status}" in result.stderr and result.returncode != 0

@@ -68,7 +68,7 @@ def test_load_model_computes_what_the_trainer_computed_and_says_what_it_chose(tr
     model, _ = checkpoint.load_model(path)
     x, y = batch(0)
     assert loss_of(model, x, y) == pytest.approx(loss_of(original, x, y), rel=1e-6)
-    assert capsys.readouterr().err.splitlines() == converters.read(path).notes  # one line each, on stderr
+    assert capsys.readouterr().out.splitlines() == converters.read(path).notes  # one line each (the CLIs log to stderr)
 
 
 @pytest.mark.parametrize("kind", KINDS)

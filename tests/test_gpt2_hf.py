@@ -14,12 +14,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import distributed
 import gpt2_hf
 from conftest import TINY_RUN, read_metrics, run_main, run_train
 from cli import UserError
 from model import GPT, GPTConfig
-from run_config import build_config
+from run_config import resolve
 from train_gpt2 import parse_args
 
 GPT2_VOCAB_SIZE = GPTConfig.real_vocab_size  # 50257: the rows from here to 50304 are padding
@@ -57,7 +56,7 @@ def test_init_from_an_unknown_name_or_with_shape_flags_is_one_message():
     for extra in (["--model", "d2"], ["--n_layer", "4"]):
         args = parse_args(["--init_from", "gpt2", "--device", "cpu"] + extra)
         with pytest.raises(UserError, match="--init_from takes the model shape from the weights"):
-            build_config(args, torch.device("cpu"), distributed.Dist(), print)
+            resolve(args, "cpu")
 
 
 def test_missing_transformers_names_the_install(tiny_data, tmp_path, monkeypatch, capsys):

@@ -202,7 +202,7 @@ def test_an_error_in_evaluation_saves_the_step_first(data, tmp_path, monkeypatch
     assert losses(log_dir) == losses(reference)  # steps 0-6 from before the error, 7 after: nothing lost or changed
 
 
-def test_on_a_network_filesystem_a_fresh_heartbeat_of_another_machine_holds_the_folder(tmp_path, monkeypatch):
+def test_on_a_network_filesystem_a_fresh_heartbeat_of_another_machine_holds_the_folder(tmp_path, monkeypatch, capsys):
     """NFS can grant the kernel's lock on two machines at once; there the lock file's heartbeat
     decides: another machine's run holds the folder until its heartbeat is STALE_AFTER_S old."""
     import files
@@ -213,12 +213,13 @@ def test_on_a_network_filesystem_a_fresh_heartbeat_of_another_machine_holds_the_
     elsewhere = {"host": "other-machine", "pid": 4242, "since": time.time() - 600}
     (folder / files.LOCK_NAME).write_text(json.dumps({**elsewhere, "heartbeat": time.time() - 5}))
     with pytest.raises(files.RunLockError, match="pid 4242 on other-machine.*heartbeat is 5 s old"):
-        files.RunLock(folder, log=lambda line: None).acquire()
+        files.RunLock(folder).acquire()
     (folder / files.LOCK_NAME).write_text(json.dumps({**elsewhere, "heartbeat": time.time() - files.STALE_AFTER_S - 1}))
-    lines = []
-    lock = files.RunLock(folder, log=lines.append).acquire()  # a machine gone for longer than that: taken over
+    capsys.readouterr()
+    lock = files.RunLock(folder).acquire()  # a machine gone for longer than that: taken over
     try:
-        assert "heartbeat lock as well" in lines[0] and "network filesystem (nfs4)" in lines[0]
+        line = capsys.readouterr().out
+        assert "heartbeat lock as well" in line and "network filesystem (nfs4)" in line
         holder = json.loads((folder / files.LOCK_NAME).read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
     finally:

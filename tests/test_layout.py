@@ -102,7 +102,7 @@ def runs_environment(path, seen=()):
 def test_torch_is_imported_after_the_environment_module(path):
     """environment.py sets variables torch reads once, when it loads: in every file, no import that
     loads torch (torch itself, or a module of ours) may come before it."""
-    if path == "environment.py":
+    if path in ("environment.py", "model.py"):  # model.py lifts out alone (below); its importers load environment first
         return
     names = [name for name, _ in imports(REPO_ROOT / path)]
     if "torch" not in [top(name) for name in names]:
@@ -112,6 +112,13 @@ def test_torch_is_imported_after_the_environment_module(path):
     sets_it = [i for i, name in enumerate(names)
                if name == "environment" or (module_file(name) and runs_environment(module_file(name)))]
     assert sets_it and sets_it[0] < first_torch, f"{path} imports torch before environment"
+
+
+def test_model_lifts_out_alone():
+    """nanoGPT's model.py imports only torch: users copy it into notebooks and other projects. Ours may also
+    use triton_loss.py, and works without it."""
+    ours = {top(name) for name, _ in imports(REPO_ROOT / "model.py")}
+    assert ours - {"torch", "triton_loss"} <= set(sys.stdlib_module_names), ours
 
 
 WATCH_TORCH = """

@@ -9,7 +9,6 @@ import torch
 from conftest import TINY_RUN, read_metrics, run_ranks, run_train
 from model import GPT, GPTConfig, MODEL_PRESETS
 import train_gpt2
-from run_config import resolve_flags
 from train_gpt2 import get_lr, parse_args
 
 
@@ -45,7 +44,7 @@ def test_gpt2_124m_has_124m_parameters():
 
 
 def test_weight_decay_only_on_matrices():
-    opt = tiny_model().configure_optimizer(0.1, 1e-3, "cpu")
+    opt = tiny_model().configure_optimizer(0.1, 1e-3)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
@@ -57,15 +56,6 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert get_lr(9, config) == pytest.approx(1e-3)
     assert get_lr(55, config) == pytest.approx(5.5e-4)
     assert get_lr(100, config) == pytest.approx(1e-4)
-
-
-def test_flags_beat_presets_and_sources_are_reported():
-    args = parse_args(["--data_root", "x", "--micro_batch_size", "3"])
-    settings = resolve_flags(args, "cpu")
-    assert settings["micro_batch_size"] == (3, "flag")
-    assert settings["max_lr"] == (6e-4, "recipe")
-    assert settings["dtype"] == ("fp32", "preset:cpu")
-    assert settings["min_lr"][0] == pytest.approx(6e-5)
 
 
 def test_short_run_lowers_the_loss_and_logs_jsonl(tiny_data, tmp_path):
@@ -152,7 +142,7 @@ def test_missing_data_root_names_the_fix(tmp_path):
     result = run_train(TINY_RUN + ["--data_root", tmp_path / "nope", "--log_dir", tmp_path / "log", "--max_steps", 1],
                        cwd=tmp_path)
     assert result.returncode == 1
-    assert "prepare_data.py" in result.stderr and "Traceback" not in result.stderr
+    assert "python -m scripts.prepare_data" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

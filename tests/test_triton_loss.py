@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import device
 import train_gpt2
 from conftest import TINY_RUN
-from model import GPT, GPTConfig, MODEL_PRESETS, choose_loss
+from model import GPT, GPTConfig, MODEL_PRESETS
 
 pytest.importorskip("triton", reason="Triton is not installed: pip install triton (CI does)")
 import triton_loss  # noqa: E402
@@ -74,7 +75,7 @@ def test_bench_loss_checks_the_kernels_against_pytorch_and_times_them():
 @pytest.mark.parametrize("capability, expected", [((9, 0), "fused"), ((6, 1), "torch")])
 def test_fused_loss_auto_is_on_for_a_triton_capable_gpu_only(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    loss, line = choose_loss("auto", 0, torch.device("cuda"))
+    loss, line = device.choose_loss("auto", 0, torch.device("cuda"))
     assert loss == expected
     assert ("Triton kernels" if expected == "fused" else "compute capability 7.0 or newer; this one is 6.1") in line
     assert GPT(GPTConfig(**MODEL_PRESETS["d2"])).set_run_options(loss=loss).loss_kind == expected

@@ -15,7 +15,7 @@ ctx = distributed.setup("cpu")
 torch.manual_seed(0)
 raw = GPT(GPTConfig(block_size=16, **MODEL_PRESETS["d2"]))
 model = distributed.wrap_ddp(raw, ctx, bucket_cap_mb=1)
-optimizer = raw.configure_optimizer(0.1, 1e-3, "cpu")
+optimizer = raw.configure_optimizer(0.1, 1e-3)
 
 
 def storages():

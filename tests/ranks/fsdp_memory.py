@@ -16,7 +16,7 @@ torch.manual_seed(0)
 model = GPT(GPTConfig(block_size=64, **MODEL_PRESETS[model_name]))
 whole = sum(p.numel() * p.element_size() for p in model.parameters())
 distributed.shard_fsdp(model, model.transformer.h, "fp32")
-optimizer = model.configure_optimizer(0.1, 1e-3, "cpu")
+optimizer = model.configure_optimizer(0.1, 1e-3)
 
 
 class Loader:
