@@ -19,6 +19,7 @@ import environment  # noqa: F401  before torch: it sets variables torch reads wh
 import numpy as np
 import torch
 
+from cli import log
 from shards import VOCAB_SIZE, DataError, check_token_ids, find_token_files, fingerprint, recorded_data_change
 
 
@@ -77,7 +78,7 @@ class ShardedDataLoader:
         self.pin_memory = pin_memory
         if pin_memory and not torch.cuda.is_available():
             if rank == 0:
-                print("dataloader: pinned memory needs CUDA, which is not available; using pageable memory")
+                log("dataloader: pinned memory needs CUDA, which is not available; using pageable memory")
             self.pin_memory = False
         self.prefetch = self.pin_memory if prefetch is None else bool(prefetch)
         self._executor = None  # started on the first read-ahead
@@ -283,7 +284,7 @@ class ShardedDataLoader:
                                f"window {position:,} of {self.order.total:,}; the checkpoint is corrupt"))
         if int(state["seed"]) != self.seed:
             if self.rank == 0:
-                print(f"dataloader: continuing the checkpoint's shuffled order (seed {state['seed']}), not seed "
+                log(f"dataloader: continuing the checkpoint's shuffled order (seed {state['seed']}), not seed "
                       f"{self.seed}, so that the run reads each window once an epoch")
             self.seed = int(state["seed"])
             self.order = WindowOrder(self.shard_lengths, self.seq_len, self.seed)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import files
-from cli import UserError
+from cli import UserError, log
 
 EOT_TOKEN = 50256  # GPT-2 <|endoftext|>; it opens every document
 VOCAB_SIZE = 50257  # GPT-2's real token ids, 0..50256; the model pads its embedding to 50304 rows
@@ -64,7 +64,7 @@ def get_tokenizer():
                 f"TIKTOKEN_CACHE_DIR to a directory holding a tiktoken cache "
                 f"(TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR', '<unset>')})"
             ) from None
-        print(f"tokenizer: r50k_base unavailable ({r50k_error}); using tiktoken's gpt2 (same tokens)")
+        log(f"tokenizer: r50k_base unavailable ({r50k_error}); using tiktoken's gpt2 (same tokens)")
         return enc
 
 

@@ -6,6 +6,7 @@
 import shlex
 from pathlib import Path
 
+from cli import log
 from shards import shard_files
 
 from .shard_writer import MANIFEST, ShardFolder, finish_last_fraction, read_manifest, write_stream
@@ -39,11 +40,11 @@ def say_what_happens(folder, source, num_proc):
     if folder.chunks:
         done, _ = folder.position()
         tokens = sum(chunk["tokens"] for chunk in folder.chunks)
-        print(f"resuming {out_dir}: {plural(len(folder.chunks), 'shard')} finished ({tokens:,} tokens); "
+        log(f"resuming {out_dir}: {plural(len(folder.chunks), 'shard')} finished ({tokens:,} tokens); "
               f"skipping the {done:,} {source.items_are} in them without tokenizing")
     layout = ("the first shard is val" if command["val_split"] == "first_shard"
               else f"the last {command['val_fraction']:g} of the tokens is val")
-    print(f"tokenizing {source.describe()} with {num_proc} process{'' if num_proc == 1 else 'es'} into shards of "
+    log(f"tokenizing {source.describe()} with {num_proc} process{'' if num_proc == 1 else 'es'} into shards of "
           f"{command['shard_size']:,} tokens in {out_dir}; {layout} (--val_split {command['val_split']})")
 
 
@@ -60,28 +61,28 @@ def prepare(source, out_dir, *, name, val_split, command_line, val_fraction=VAL_
     with ShardFolder.open(out_dir, command, command_line, overwrite) as folder:
         if folder.finished:
             if verbose:
-                print(f"{out_dir} is already finished ({plural(len(folder.shards), 'shard')}); nothing to do "
+                log(f"{out_dir} is already finished ({plural(len(folder.shards), 'shard')}); nothing to do "
                       f"(--overwrite starts over)")
             return folder.shards
         if not folder.stream_done:
             if max_shards is not None and len(folder.chunks) >= max_shards:
-                print(f"{out_dir} already holds {plural(len(folder.chunks), 'shard')}, as --max_shards "
+                log(f"{out_dir} already holds {plural(len(folder.chunks), 'shard')}, as --max_shards "
                       f"{max_shards} asks; pass a larger --max_shards to continue")
                 return None
             if verbose:
                 say_what_happens(folder, source, num_proc)
             write_stream(folder, source, num_proc, max_shards, progress=verbose)
         if not folder.stream_done:
-            print(f"stopped after {plural(len(folder.chunks), 'shard')} (--max_shards); in {out_dir}:")
-            print("\n".join(summary(folder.chunks)))
+            log(f"stopped after {plural(len(folder.chunks), 'shard')} (--max_shards); in {out_dir}:")
+            log("\n".join(summary(folder.chunks)))
             return None
         if not folder.finished:
             finish_last_fraction(folder)
         if verbose:
-            print(f"wrote {plural(len(folder.shards), 'shard')} to {out_dir}:")
-            print("\n".join(summary(folder.shards)))
+            log(f"wrote {plural(len(folder.shards), 'shard')} to {out_dir}:")
+            log("\n".join(summary(folder.shards)))
             if val_split == "first_shard" and len(folder.shards) == 1:
-                print("only one shard: it is the val split and there is no train split; use a smaller "
+                log("only one shard: it is the val split and there is no train split; use a smaller "
                       "--shard_size, or --val_split last_fraction")
         return folder.shards
 
@@ -100,7 +101,7 @@ def ensure_tinyshakespeare(data_dir) -> bool:
     if manifest is not None and manifest["shards"] is not None:
         if all((data_dir / shard["file"]).is_file() for shard in manifest["shards"]):
             return False
-        print(f"{data_dir}: shards its {MANIFEST} lists are gone; preparing tiny Shakespeare there again")
+        log(f"{data_dir}: shards its {MANIFEST} lists are gone; preparing tiny Shakespeare there again")
         overwrite = True  # the quickstart's own folder, which only the trainer fills: start it over
     source = open_source("tinyshakespeare", out_dir=data_dir)
     command_line = shlex.join(["python", "-m", "scripts.prepare_data", "--source", "tinyshakespeare",
@@ -108,5 +109,5 @@ def ensure_tinyshakespeare(data_dir) -> bool:
     shards = prepare(source, data_dir, name=source.name, val_split="last_fraction", command_line=command_line,
                      overwrite=overwrite, verbose=False)
     tokens = {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")}
-    print(f"prepared {source.describe()}: {tokens['train']:,} train + {tokens['val']:,} val tokens in {data_dir}")
+    log(f"prepared {source.describe()}: {tokens['train']:,} train + {tokens['val']:,} val tokens in {data_dir}")
     return True

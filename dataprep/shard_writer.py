@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 import files
+from cli import log
 from shards import DataError, shard_files, shard_path, write_shard
 
 from .tokenizer_pool import tokenize
@@ -168,7 +169,7 @@ class ShardFolder:
             raise DataError(f"{self.out_dir} holds {extra.name}, which its {MANIFEST} does not list; move it out, "
                             f"pass --overwrite to start over, or choose another --out_dir")
         if unrecorded:
-            print(f"removing {len(unrecorded)} file{'s' if len(unrecorded) > 1 else ''} the interrupted run wrote "
+            log(f"removing {len(unrecorded)} file{'s' if len(unrecorded) > 1 else ''} the interrupted run wrote "
                   f"after its last record ({unrecorded[0].name}{', ...' if len(unrecorded) > 1 else ''})")
             for path in unrecorded:
                 path.unlink()
@@ -311,14 +312,14 @@ def clear_folder(out_dir, old_manifest):
     (out_dir / MANIFEST).unlink(missing_ok=True)
     remove_stale_temp_files(out_dir)
     if doomed or old_manifest is not None:
-        print(f"--overwrite: removed {len(doomed)} shards{' and ' + MANIFEST if old_manifest else ''} from {out_dir}")
+        log(f"--overwrite: removed {len(doomed)} shards{' and ' + MANIFEST if old_manifest else ''} from {out_dir}")
 
 
 def remove_stale_temp_files(out_dir):
     """The temp files of writes a kill interrupted (files.atomic_write's .NAME.tmpPID)."""
     stale = files.remove_stale_temp_files(out_dir)
     if stale:
-        print(f"removed {len(stale)} temp file{'s' if len(stale) > 1 else ''} of a write that was killed "
+        log(f"removed {len(stale)} temp file{'s' if len(stale) > 1 else ''} of a write that was killed "
               f"({', '.join(stale)})")
 
 
