@@ -5,7 +5,7 @@ shard in RAM. Token files as other trainers leave them load as they are: build-n
 .npy shards, nanoGPT's train.bin / val.bin, llm.c's and modded-nanogpt's .bin shards.
 
     loader = ShardedDataLoader("data/tinyshakespeare", "train", batch_size=8, seq_len=1024,
-                               rank=rank, world_size=world_size)
+                               rank=rank, world_size=world_size)   # shuffle=True, seed=N: a seeded order
     x, y = loader.next_batch()        # int64 (B, T); y is x shifted left by one token
     state = loader.state_dict()       # plain ints/strs/lists: fine for weights_only=True
     loader.close()                    # stops the read-ahead thread (prefetch=True; on by default with pin_memory)
@@ -275,7 +275,8 @@ class ShardedDataLoader:
     def _load_shuffled(self, state):
         if int(state["seq_len"]) != self.seq_len:
             raise DataError(f"the checkpoint read shuffled windows of seq_len {state['seq_len']}, an order that "
-                            f"windows of {self.seq_len} tokens cannot continue; resume with --seq_len {state['seq_len']}")
+                            f"windows of {self.seq_len} tokens cannot continue; resume with "
+                            f"--seq_len {state['seq_len']}")
         position = int(state["position"])
         if not 0 <= position <= self.order.total:
             change = self.data_change(state)

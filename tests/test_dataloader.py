@@ -271,7 +271,8 @@ def test_bad_data_gives_a_message_with_the_fix(tmp_path, make_bad, expected):
 
 
 @pytest.mark.parametrize("bad_id, what", [(60000, "beyond the model's embedding"),
-                                          (50257, "one of the model's padding rows, which would make the loss infinite"),
+                                          (50257, "one of the model's padding rows, which would make the loss "
+                                                   "infinite"),
                                           (50303, "one of the model's padding rows")])
 def test_a_token_id_outside_the_vocabulary_names_the_shard_and_offset(tmp_path, bad_id, what):
     """Not an IndexError mid-run (60000 in a uint16 shard) nor an inf loss blamed on the LR (the padding rows)."""
@@ -296,7 +297,8 @@ def test_the_first_bad_id_is_found_across_scan_chunks(tmp_path, monkeypatch):
     shard[23] = 50300
     shard[41] = 61000
     write_shard(shard_path(tmp_path, "tiny", "train", 0), shard)
-    with pytest.raises(DataError, match=r"holds token id 50,300 at token 23 \(the first of those; the largest is 61,000\)"):
+    first = r"holds token id 50,300 at token 23 \(the first of those; the largest is 61,000\)"
+    with pytest.raises(DataError, match=first):
         ShardedDataLoader(tmp_path, "train", B, T)
 
 

@@ -53,7 +53,8 @@ def top(name):
 
 
 def test_every_module_has_a_layer():
-    packages = sorted(p.parent.name for p in REPO_ROOT.glob("*/__init__.py") if p.parent.name not in ("scripts", "tests"))
+    packages = sorted(p.parent.name for p in REPO_ROOT.glob("*/__init__.py")
+                      if p.parent.name not in ("scripts", "tests"))
     assert sorted(LAYER) == sorted(MODULES + packages), \
         "a new top-level module or package: give it a layer here and in the README's layout"
     for package, modules in PACKAGES.items():

@@ -102,7 +102,8 @@ def test_ensure_tinyshakespeare_downloads_once_then_uses_the_cached_copy(tmp_pat
     monkeypatch.setattr(urllib.request, "urlopen", refuse_network)  # offline now: the cache must do
     capsys.readouterr()
     assert dataprep.ensure_tinyshakespeare(tmp_path)
-    assert "shards its prepare_data.json lists are gone; preparing tiny Shakespeare there again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "shards its prepare_data.json lists are gone; preparing tiny Shakespeare there again" in out
     assert np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))[0] == EOT_TOKEN
 
 
@@ -225,7 +226,8 @@ def test_cli_bad_arguments_exit_nonzero_with_a_message(tmp_path, args, rc, messa
 
 def test_the_preparation_does_not_load_torch():
     """python -m scripts.prepare_data starts without torch's seconds of imports."""
-    check = "import sys; import scripts.prepare_data; print(sorted(m for m in ('torch', 'dataloader') if m in sys.modules))"
+    check = ("import sys; import scripts.prepare_data; "
+             "print(sorted(m for m in ('torch', 'dataloader') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert result.returncode == 0 and result.stdout == "[]\n", result.stderr
 
