@@ -470,4 +470,4 @@ def verify_file(path):
 if __name__ == "__main__":  # the tools live in scripts/checkpoint_tool.py; this keeps `python checkpoint.py ...` working
     import runpy
 
-    runpy.run_path(str(Path(__file__).resolve().parent / "scripts" / "checkpoint_tool.py"), run_name="__main__")
+    runpy.run_module("scripts.checkpoint_tool", run_name="__main__", alter_sys=True)  # the repo root is sys.path[0]

@@ -1,19 +1,17 @@
-"""Token shards on disk and the loader that streams them into (B, T) batches.
+"""The loader that streams token files (shards.py: formats, names, checks) into (B, T) batches.
 
-A shard is a 1-D uint16 array saved with np.save, named <name>_<split>_<index:06d>.npy:
-build-nanogpt's FineWeb-Edu shards (edufineweb_train_000001.npy) load as they are.
-scripts/prepare_data.py writes them; ShardedDataLoader reads them through a memory map,
-so no rank ever holds a whole 100M-token shard in RAM.
+ShardedDataLoader reads the files through a memory map, so no rank ever holds a whole 100M-token
+shard in RAM. Token files as other trainers leave them load as they are: build-nanogpt's FineWeb-Edu
+.npy shards, nanoGPT's train.bin / val.bin, llm.c's and modded-nanogpt's .bin shards.
 
     loader = ShardedDataLoader("data/tinyshakespeare", "train", batch_size=8, seq_len=1024,
-                               rank=rank, world_size=world_size)
+                               rank=rank, world_size=world_size)   # shuffle=True, seed=N: a seeded order
     x, y = loader.next_batch()        # int64 (B, T); y is x shifted left by one token
     state = loader.state_dict()       # plain ints/strs/lists: fine for weights_only=True
     loader.close()                    # stops the read-ahead thread (prefetch=True; on by default with pin_memory)
+    loader.data_change(state)         # None, or one line: how the shards differ from those state was read from
+    data_change(state, data_root)     # the same without a loader
 """
-import os
-import re
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,173 +19,18 @@ import environment  # noqa: F401  before torch: it sets variables torch reads wh
 import numpy as np
 import torch
 
-import files
-from cli import UserError
-
-EOT_TOKEN = 50256  # GPT-2 <|endoftext|>; it opens every document
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-PREPARE_HINT = "python scripts/prepare_data.py --source tinyshakespeare --out_dir {}"
+from cli import log
+from shards import VOCAB_SIZE, DataError, check_token_ids, find_token_files, fingerprint, recorded_data_change
 
 
-class DataError(UserError):
-    """A user mistake with the data: the message says what is wrong, where, and the fix."""
-
-
-def get_tokenizer():
-    """GPT-2's BPE. r50k_base has the same ranks, regex and <|endoftext|> as "gpt2" and
-    needs only one file, so it works offline from TIKTOKEN_CACHE_DIR."""
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("r50k_base")
-    except Exception as r50k_error:
-        try:
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as gpt2_error:
-            raise DataError(
-                f"cannot load the GPT-2 tokenizer: r50k_base failed ({r50k_error}); gpt2 failed "
-                f"({gpt2_error}). tiktoken downloads its BPE files on first use; offline, set "
-                f"TIKTOKEN_CACHE_DIR to a directory holding a tiktoken cache "
-                f"(TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR', '<unset>')})"
-            ) from None
-        print(f"tokenizer: r50k_base unavailable ({r50k_error}); using tiktoken's gpt2 (same tokens)")
-        return enc
-
-
-def shard_path(out_dir, name, split, index) -> Path:
-    return Path(out_dir) / f"{name}_{split}_{index:06d}.npy"
-
-
-def write_shard(path, tokens):
-    """Save tokens as a uint16 .npy, atomically: a killed writer leaves no half-written shard."""
-    path = Path(path)
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise DataError(f"cannot write {path}: tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.dtype != np.uint16:
-        if not np.issubdtype(tokens.dtype, np.integer):
-            raise DataError(f"cannot write {path}: token ids must be integers, got dtype {tokens.dtype}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-            raise DataError(
-                f"cannot write {path}: token ids must lie in [0, 65535] to fit uint16, got "
-                f"[{tokens.min()}, {tokens.max()}]; GPT-2 ids are below 50257, so check the tokenizer"
-            )
-        tokens = tokens.astype(np.uint16)  # uint16 is enough: GPT-2 has 50257 tokens
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(path, lambda f: np.save(f, tokens), expected_bytes=tokens.nbytes + 128,
-                       full_hint="Free some space, or write the shards to another folder (--out_dir)")
-
-
-def shard_files(data_root, split) -> list[Path]:
-    """The <name>_<split>_<index>.npy files in data_root, in order; [] when there are none."""
-    # The glob alone would let a dataset named 'x_val' leak its train shards into 'val'.
-    index_suffix = re.compile(rf"_{re.escape(split)}_\d+\.npy$")
-    return sorted(p for p in Path(data_root).glob(f"*_{split}_*.npy") if index_suffix.search(p.name))
-
-
-def find_shards(data_root, split) -> list[Path]:
-    """shard_files, or a DataError naming the command that makes them."""
-    data_root = Path(data_root)
-    pattern = f"*_{split}_*.npy"
-    if not data_root.is_dir():
+def _tokens_if_they_fit(token_file, min_tokens, step_desc):
+    """A checked file's token count, if one step's windows fit in it."""
+    if token_file.n_tokens < min_tokens:
         raise DataError(
-            f"data directory {data_root} does not exist; create shards there, e.g. run: "
-            f"{PREPARE_HINT.format(data_root)}"
+            f"shard {token_file.path} has {token_file.n_tokens:,} tokens but one step needs {min_tokens:,} "
+            f"({step_desc}, +1 for the shifted targets); lower --micro_batch_size or --seq_len, or use more data"
         )
-    shards = shard_files(data_root, split)
-    if not shards:
-        raise DataError(
-            f"no shards matching '{pattern}' in {data_root}; run: {PREPARE_HINT.format(data_root)} "
-            f"(or --source text / fineweb-edu; a val split needs --val_fraction > 0)"
-        )
-    return shards
-
-
-def _read_tinyshakespeare(data_dir):
-    """Return (text, where it came from): $TINYSHAKESPEARE_PATH, the cached copy, or the URL."""
-    env_path = os.environ.get("TINYSHAKESPEARE_PATH")
-    if env_path:
-        if not Path(env_path).is_file():
-            raise DataError(
-                f"TINYSHAKESPEARE_PATH={env_path} is not a file; point it at a copy of "
-                f"{TINYSHAKESPEARE_URL} or unset it to download"
-            )
-        return Path(env_path).read_text(encoding="utf-8"), env_path
-    cached = Path(data_dir) / "tinyshakespeare.txt"
-    if cached.is_file():
-        return cached.read_text(encoding="utf-8"), str(cached)
-    try:
-        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=10) as response:
-            text = response.read().decode("utf-8")
-    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
-        raise DataError(
-            f"could not download tiny Shakespeare from {TINYSHAKESPEARE_URL}: {e}. Fix: download it "
-            f"by hand to {cached} (curl -L -o {cached} {TINYSHAKESPEARE_URL}), "
-            f"or set TINYSHAKESPEARE_PATH to a local copy"
-        ) from None
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(cached, lambda f: f.write(text.encode("utf-8")))
-    return text, TINYSHAKESPEARE_URL
-
-
-def ensure_tinyshakespeare(data_dir, val_fraction=0.1) -> bool:
-    """Make tiny Shakespeare shards in data_dir unless train shards are already there.
-    The text is one document: EOT, then its tokens; the last val_fraction of tokens is val."""
-    data_dir = Path(data_dir)
-    try:
-        find_shards(data_dir, "train")
-        return False
-    except DataError:
-        pass
-    text, source = _read_tinyshakespeare(data_dir)
-    tokens = np.array([EOT_TOKEN] + get_tokenizer().encode_ordinary(text), dtype=np.uint16)
-    n_train = int(len(tokens) * (1 - val_fraction))
-    write_shard(shard_path(data_dir, "tinyshakespeare", "train", 0), tokens[:n_train])
-    if n_train < len(tokens):
-        write_shard(shard_path(data_dir, "tinyshakespeare", "val", 0), tokens[n_train:])
-    print(f"prepared tiny Shakespeare from {source}: {n_train:,} train + "
-          f"{len(tokens) - n_train:,} val tokens in {data_dir}")
-    return True
-
-
-def _shard_length(path, min_tokens, step_desc):
-    """Check a shard before training reads it: a .npy header, dtype uint16, 1-D, and a file exactly
-    as long as the header says (a copy cut short would otherwise fail mid-run, or not at all)."""
-    remake = (f"copy it again, or re-create {path.parent} with the scripts/prepare_data.py command that made it "
-              f"(e.g. {PREPARE_HINT.format(path.parent)} --overwrite)")
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f"unsupported .npy format version {version}")
-            shape, fortran_order, dtype = read_header(f)
-            data_offset = f.tell()
-        size = path.stat().st_size
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"shard {path} is not a readable .npy file ({e}); {remake}") from None
-    if dtype != np.uint16:
-        raise DataError(
-            f"shard {path} has dtype {dtype}, expected uint16 (GPT-2 token ids fit in 16 bits); "
-            f"convert it with np.save(path, np.load(path).astype(np.uint16)) or {remake}"
-        )
-    if len(shape) != 1:
-        raise DataError(f"shard {path} has shape {shape}, expected a 1-D array of tokens; {remake}")
-    expected = data_offset + shape[0] * dtype.itemsize
-    if size != expected:
-        what = "cut short" if size < expected else "longer than its header says"
-        raise DataError(f"shard {path} is {what}: its header says {shape[0]:,} tokens ({expected:,} bytes) but the file "
-                        f"has {size:,} bytes (an interrupted copy or write?); {remake}")
-    if shape[0] == 0:
-        raise DataError(f"shard {path} is empty (0 tokens); delete it or {remake}")
-    if shape[0] < min_tokens:
-        raise DataError(
-            f"shard {path} has {shape[0]:,} tokens but one step needs {min_tokens:,} ({step_desc}, "
-            f"+1 for the shifted targets); lower --micro_batch_size or --seq_len, or use more data"
-        )
-    return shape[0]
+    return token_file.n_tokens
 
 
 class ShardedDataLoader:
@@ -206,14 +49,26 @@ class ShardedDataLoader:
     the read-ahead, so the batches and state_dict() are exactly those of prefetch=False.
     Default (None): on when pin_memory is, i.e. on CUDA;
     on the CPU there is no asynchronous device to hide the read behind.
+
+    vocab_size (default GPT-2's 50257 real ids; None: no check): each shard's token ids are checked when
+    the loader first opens it, and an id of vocab_size or more is a DataError naming the shard and the
+    offset, instead of an IndexError mid-run (or, for the padding rows 50257..50303, an infinite loss).
+
+    shuffle=True reads the same windows in another order (WindowOrder): each epoch the shards in an order
+    drawn from (seed, epoch), and the seq_len windows of each shard in an order drawn from (seed, epoch,
+    shard). A step takes the next batch_size * world_size windows of that order, rank r the r-th
+    batch_size of them: again the same for every world size, and the state (epoch, seed, position in
+    the order) resumes it exactly. Off by default: build-nanogpt's order, byte for byte.
     """
 
     def __init__(self, data_root, split, batch_size, seq_len, rank=0, world_size=1, pin_memory=False,
-                 prefetch=None):
+                 prefetch=None, vocab_size=VOCAB_SIZE, shuffle=False, seed=0):
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"batch size and sequence length must be positive, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if shuffle and (not isinstance(seed, int) or seed < 0):
+            raise DataError(f"the shuffle seed must be a whole number of at least 0, got {seed!r}")
         self.data_root = Path(data_root)
         self.split = split
         self.batch_size = batch_size
@@ -223,29 +78,62 @@ class ShardedDataLoader:
         self.pin_memory = pin_memory
         if pin_memory and not torch.cuda.is_available():
             if rank == 0:
-                print("dataloader: pinned memory needs CUDA, which is not available; using pageable memory")
+                log("dataloader: pinned memory needs CUDA, which is not available; using pageable memory")
             self.pin_memory = False
         self.prefetch = self.pin_memory if prefetch is None else bool(prefetch)
         self._executor = None  # started on the first read-ahead
         self._ahead = None  # Future of the next step's (x, y), read ahead
-        self.shards = find_shards(self.data_root, split)
-        step_desc = f"micro batch {batch_size} x seq_len {seq_len} x world size {world_size}"
-        self.shard_lengths = [_shard_length(p, self.tokens_per_step + 1, step_desc) for p in self.shards]
+        self.vocab_size = vocab_size
+        self._ids_checked = set()  # shard indices whose token ids were checked against vocab_size
+        self.files = find_token_files(self.data_root, split)  # .npy shards, nanoGPT's .bin or llm.c's (shards.py)
+        self.shards = [f.path for f in self.files]
+        self.shuffle, self.seed = bool(shuffle), seed
+        if self.shuffle:  # a shard needs one window; the split, one step's windows
+            self.shard_lengths = [_tokens_if_they_fit(f, seq_len + 1, f"one window of seq_len {seq_len}")
+                                  for f in self.files]
+            self.order = WindowOrder(self.shard_lengths, seq_len, seed)
+            if self.order.total < self.windows_per_step:
+                raise DataError(
+                    f"the {split} shards in {data_root} hold {self.order.total:,} windows of seq_len {seq_len} + 1 "
+                    f"tokens, but one step needs {self.windows_per_step:,} (micro batch {batch_size} x world size "
+                    f"{world_size}); lower --micro_batch_size or --seq_len, or use more data")
+            self._maps = {}  # shard index -> memory map, the few most recently read
+        else:
+            step_desc = f"micro batch {batch_size} x seq_len {seq_len} x world size {world_size}"
+            self.shard_lengths = [_tokens_if_they_fit(f, self.tokens_per_step + 1, step_desc) for f in self.files]
+        self.fingerprints = [fingerprint(p) for p in self.shards]  # 12 KB read a shard: what a state records
         self.reset()
 
     @property
     def tokens_per_step(self):
         return self.batch_size * self.seq_len * self.world_size
 
+    @property
+    def windows_per_step(self):
+        return self.batch_size * self.world_size
+
     def reset(self):
         self.epoch = 0
-        self._open_shard(0)
+        if self.shuffle:
+            self._ahead = None
+            self.position = 0  # windows of this epoch's order already read
+            self._next_read()  # opens (and so checks) the first step's shards now, as the in-order loader does
+        else:
+            self._open_shard(0)
+
+    def _tokens_of(self, index):
+        """Shard index's memory map, its ids checked against the vocabulary the first time."""
+        tokens = self.files[index].tokens()
+        if self.vocab_size is not None and index not in self._ids_checked:
+            check_token_ids(self.files[index], tokens, self.vocab_size)  # a memmap max: one read of the shard
+            self._ids_checked.add(index)
+        return tokens
 
     def _open_shard(self, index, position=0):
         self._ahead = None  # read for where the loader was; next_batch reads the new place itself
         self.shard_index = index
         self.position = position
-        self.tokens = np.load(self.shards[index], mmap_mode="r")
+        self.tokens = self._tokens_of(index)
 
     def _skip_exhausted_shard(self):
         """Move to the next shard (or wrap) if the next step's windows do not fit in this one."""
@@ -258,12 +146,46 @@ class ShardedDataLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         ahead, self._ahead = self._ahead, None
-        x, y = ahead.result() if ahead is not None else self._read(self.tokens, self.position)
-        self.position += self.tokens_per_step
-        self._skip_exhausted_shard()
+        if ahead is not None:
+            x, y = ahead.result()
+        else:
+            read, *where = self._next_read()
+            x, y = read(*where)
+        if self.shuffle:
+            self.position += self.windows_per_step
+            if self.position + self.windows_per_step > self.order.total:  # the rest is less than a step: dropped
+                self.epoch, self.position = self.epoch + 1, 0
+        else:
+            self.position += self.tokens_per_step
+            self._skip_exhausted_shard()
         if self.prefetch:
-            # The task gets this shard's memory map itself: a later shard switch cannot change what it reads.
-            self._ahead = self._start_executor().submit(self._read, self.tokens, self.position)
+            # The task gets the memory maps themselves: a later shard switch cannot change what it reads.
+            self._ahead = self._start_executor().submit(*self._next_read())
+        return x, y
+
+    def _next_read(self):
+        """(read function, its arguments) for this rank's batch of the next step; the function touches no
+        loader state, so the read-ahead thread can run it while the loop moves on."""
+        if not self.shuffle:
+            return self._read, self.tokens, self.position
+        start = self.position + self.rank * self.batch_size
+        windows = self.order.windows(self.epoch, start, self.batch_size)
+        return self._read_windows, [(self._map(shard), offset) for shard, offset in windows]
+
+    def _map(self, index):
+        if index not in self._maps:
+            if len(self._maps) >= 4:  # a step's windows come from one shard or two: keep a few maps open
+                del self._maps[next(iter(self._maps))]
+            self._maps[index] = self._tokens_of(index)
+        return self._maps[index]
+
+    def _read_windows(self, windows):
+        """(x, y) from seq_len + 1 tokens at each (memory map, offset) of windows, one row each."""
+        rows = torch.from_numpy(np.stack([tokens[offset : offset + self.seq_len + 1] for tokens, offset in windows])
+                                .astype(np.int64))
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # as the in-order reads: views of nothing else
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
     def _read(self, tokens, position):
@@ -297,13 +219,25 @@ class ShardedDataLoader:
             self._executor = None
 
     def state_dict(self) -> dict:
+        where = ({"shuffle": True, "seed": self.seed, "seq_len": self.seq_len,
+                  "position": self.position}  # windows of this epoch's order already read
+                 if self.shuffle else
+                 {"shard_index": self.shard_index,
+                  "position": self.position})  # token offset in the shard where the next step starts
         return {
-            "shard_index": self.shard_index,
-            "position": self.position,  # token offset in the shard where the next step starts
+            **where,
             "epoch": self.epoch,
             "shards": [p.name for p in self.shards],
-            "data_root": str(self.data_root),  # only for the error message on a mismatch
+            "shard_tokens": list(self.shard_lengths),  # with the fingerprints: what data_change compares
+            "fingerprints": list(self.fingerprints),
+            "data_root": str(self.data_root),  # only for the messages on a mismatch
         }
+
+    def data_change(self, state):
+        """None when the shards here look like those state (a checkpoint's) was read from; else one line
+        saying what differs: names, token counts, or content under the same names (fingerprints)."""
+        return recorded_data_change(state, [p.name for p in self.shards], self.shard_lengths, self.fingerprints,
+                                  self.data_root)
 
     def load_state_dict(self, state: dict):
         names = [p.name for p in self.shards]
@@ -316,8 +250,19 @@ class ShardedDataLoader:
                 f"{len(names)} {self.split} shards ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''}); "
                 f"resume with --data_root {state.get('data_root', '<the data it was trained on>')}"
             )
+        if bool(state.get("shuffle", False)) != self.shuffle:
+            how = "in a shuffled order" if state.get("shuffle") else "in order"
+            raise DataError(f"the checkpoint read {self.data_root}'s {self.split} windows {how}; resume "
+                            f"{'with' if state.get('shuffle') else 'without'} --shuffle")
+        if self.shuffle:
+            self._load_shuffled(state)
+            return
         shard_index, position = int(state["shard_index"]), int(state["position"])
         if not (0 <= shard_index < len(names) and 0 <= position <= self.shard_lengths[shard_index]):
+            change = self.data_change(state)
+            if change:
+                raise DataError(f"the checkpoint's data loader state does not fit {self.data_root}: {change}; resume "
+                                f"on the data it was trained on")
             raise DataError(
                 f"the checkpoint's data loader state is out of range: shard {shard_index}, position "
                 f"{position}, for {len(names)} shards in {self.data_root}; the checkpoint is corrupt"
@@ -326,3 +271,65 @@ class ShardedDataLoader:
         self._open_shard(shard_index, position)
         # A smaller step from before (other world size, batch or seq_len) may not fit here.
         self._skip_exhausted_shard()
+
+    def _load_shuffled(self, state):
+        if int(state["seq_len"]) != self.seq_len:
+            raise DataError(f"the checkpoint read shuffled windows of seq_len {state['seq_len']}, an order that "
+                            f"windows of {self.seq_len} tokens cannot continue; resume with "
+                            f"--seq_len {state['seq_len']}")
+        position = int(state["position"])
+        if not 0 <= position <= self.order.total:
+            change = self.data_change(state)
+            raise DataError(f"the checkpoint's data loader state does not fit {self.data_root}: "
+                            + (f"{change}; resume on the data it was trained on" if change else
+                               f"window {position:,} of {self.order.total:,}; the checkpoint is corrupt"))
+        if int(state["seed"]) != self.seed:
+            if self.rank == 0:
+                log(f"dataloader: continuing the checkpoint's shuffled order (seed {state['seed']}), not seed "
+                      f"{self.seed}, so that the run reads each window once an epoch")
+            self.seed = int(state["seed"])
+            self.order = WindowOrder(self.shard_lengths, self.seq_len, self.seed)
+        self._ahead = None
+        self.epoch, self.position = int(state["epoch"]), position
+        if self.position + self.windows_per_step > self.order.total:  # a smaller step from before
+            self.epoch, self.position = self.epoch + 1, 0
+
+
+def data_change(state, data_root, split="train"):
+    """loader.data_change(state) without a loader: the shards of split in data_root against a checkpoint's
+    loader state; None when they look the same, else one line."""
+    token_files = find_token_files(data_root, split)
+    return recorded_data_change(state, [f.name for f in token_files], [f.n_tokens for f in token_files],
+                                [fingerprint(f.path) for f in token_files], data_root)
+
+
+class WindowOrder:
+    """The shuffled order of an epoch's windows: the seq_len + 1 tokens at offset k * seq_len of a shard, for
+    every k that fits, the last token of one the first of the next (the shifted targets). Each epoch the
+    shards come in an order drawn from (seed, epoch), each shard's windows in an order drawn from (seed,
+    epoch, shard), so a step reads from one shard or two and the page cache holds a shard at a time."""
+
+    def __init__(self, shard_lengths, seq_len, seed):
+        self.counts = [(n - 1) // seq_len for n in shard_lengths]
+        self.total = sum(self.counts)
+        self.seq_len, self.seed = seq_len, seed
+        self._epoch = None
+        self._orders = {}  # shard -> its windows' order this epoch, for the shards read lately
+
+    def windows(self, epoch, start, count):
+        """[(shard, token offset)] of the count windows from position start of epoch's order."""
+        if epoch != self._epoch:
+            self._epoch, self._orders = epoch, {}
+            self._shards = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
+            self._ends = np.cumsum([self.counts[s] for s in self._shards])
+        found = []
+        for position in range(start, start + count):
+            k = int(np.searchsorted(self._ends, position, side="right"))  # the k-th shard of the epoch's order
+            shard = int(self._shards[k])
+            if shard not in self._orders:
+                if len(self._orders) >= 2:
+                    del self._orders[next(iter(self._orders))]
+                self._orders[shard] = np.random.default_rng([self.seed, epoch, shard]).permutation(self.counts[shard])
+            local = position - (int(self._ends[k - 1]) if k else 0)
+            found.append((shard, int(self._orders[shard][local]) * self.seq_len))
+        return found

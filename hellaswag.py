@@ -33,10 +33,10 @@ from torch.nn import functional as F
 
 import checkpoint
 import cli
-import dataloader
 import device as device_mod
 import distributed
 import files
+import shards
 from model import unwrap
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -129,7 +129,7 @@ def render_examples(examples):
     rendered = []
     for example in examples:
         if not isinstance(example, RenderedExample):
-            enc = enc or dataloader.get_tokenizer()
+            enc = enc or shards.get_tokenizer()
             example = render_example(example, enc)
         rendered.append(example)
     return rendered

@@ -23,6 +23,7 @@ import run_state
 import checkpoint_manager
 import cli
 import dataloader
+import dataprep
 import device
 import distributed
 import files
@@ -31,6 +32,7 @@ import gpt2_hf
 import hellaswag
 import metrics as metrics_mod
 import run_config
+import shards
 import signals
 from cli import log
 from model import GPT, sample_texts
@@ -236,7 +238,7 @@ def train_run(config, dev, ctx):
 
     # Data: the quickstart prepares tiny Shakespeare once (rank 0), everyone else waits.
     if config.data_root == run_config.DEFAULT_DATA_ROOT and ctx.master:
-        dataloader.ensure_tinyshakespeare(config.data_root)
+        dataprep.ensure_tinyshakespeare(config.data_root)
     distributed.barrier()
     train_loader = dataloader.ShardedDataLoader(config.data_root, "train", config.micro_batch_size, config.seq_len,
                                                 ctx.rank, ctx.world_size, pin_memory=config.pin_memory)
@@ -278,7 +280,7 @@ def train_run(config, dev, ctx):
         if config.wandb else None)
     hellaswag_eval = hellaswag.TrainingEval(config.hellaswag_interval, config.hellaswag_file, config.hellaswag_limit,
                                             dev, config.dtype, ctx.rank, ctx.world_size, sharded=config.fsdp)
-    enc = dataloader.get_tokenizer()
+    enc = shards.get_tokenizer()
 
     val_loss = None
     with signals.GracefulStop() as stop:  # SIGTERM / Ctrl-C: finish the step, save, stop; handlers restored after

@@ -7,7 +7,7 @@ PYTHON="${PYTHON:-python}"
 RUN_ENV_HELP="  DRY_RUN=1       print the command, run nothing
   PYTHON          the python to use (default: python)"
 # How to make shards from your own text, for the scripts whose default is the quickstart.
-PREPARE_TEXT="python scripts/prepare_data.py --source text --input 'your/*.txt' --name NAME   (then DATA_ROOT=data/NAME)"
+PREPARE_TEXT="python -m scripts.prepare_data --source text --input 'your/*.txt' --name NAME   (then DATA_ROOT=data/NAME)"
 
 # show_help_if_asked USAGE ARGS...: print USAGE and exit 0 if -h or --help is among ARGS.
 show_help_if_asked() {
@@ -22,12 +22,14 @@ show_help_if_asked() {
 }
 
 # require_shards DIR PREPARE_COMMAND: exit 1, naming the command that makes them, unless DIR
-# holds train and val shards (<name>_train_NNNNNN.npy, <name>_val_NNNNNN.npy).
+# holds train and val tokens in a format the loader reads (shards.py): <name>_<split>_NNNNNN.npy
+# shards, nanoGPT's <split>.bin, or llm.c's <name>_<split>_NNNNNN.bin.
 require_shards() {
   local root="$1" prepare="$2" split
   for split in train val; do
-    if ! compgen -G "${root}/*_${split}_*.npy" > /dev/null; then
-      echo "error: no ${split} shards (*_${split}_*.npy) in '${root}'." >&2
+    if ! compgen -G "${root}/*_${split}_*.npy" > /dev/null && [[ ! -f "${root}/${split}.bin" ]] \
+        && ! compgen -G "${root}/*_${split}*.bin" > /dev/null; then
+      echo "error: no ${split} shards (*_${split}_*.npy, ${split}.bin or *_${split}_*.bin) in '${root}'." >&2
       echo "  make them:  ${prepare}" >&2
       echo "  or point DATA_ROOT at a folder of shards:  DATA_ROOT=path/to/shards $0" >&2
       exit 1

@@ -2,8 +2,8 @@
 """Causal attention alone, per kernel family: forward and forward + backward time, TFLOP/s, and the
 largest difference from the first family's output.
 
-    python scripts/bench_attention.py                    # GPT-2 124M's shape: 64 x 12 heads x 1024 x 64, bf16 on CUDA
-    python scripts/bench_attention.py --batch 2 --seq_len 128 --device cpu --repeats 3
+    python -m scripts.bench_attention                    # GPT-2 124M's shape: 64 x 12 heads x 1024 x 64, bf16 on CUDA
+    python -m scripts.bench_attention --batch 2 --seq_len 128 --device cpu --repeats 3
 
 q, k and v are made as the model makes them: strided views of one (B, T, 3C) projection, so the
 kernels see the layout training gives them. FLOPs count the causal half of the score matrix
@@ -11,9 +11,11 @@ kernels see the layout training gives them. FLOPs count the causal half of the s
 """
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

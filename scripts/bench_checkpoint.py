@@ -2,8 +2,8 @@
 """What checkpoints cost for one model on one device: file size, save time, the training stall
 with and without --async_checkpoint, resume time, and the memory a resume adds. Prints a table.
 
-    python scripts/bench_checkpoint.py --model d4 --device cpu                      # < 1 min on a CPU
-    python scripts/bench_checkpoint.py --model gpt2 --device cuda --micro_batch_size 16 --seq_len 1024
+    python -m scripts.bench_checkpoint --model d4 --device cpu                      # < 1 min on a CPU
+    python -m scripts.bench_checkpoint --model gpt2 --device cuda --micro_batch_size 16 --seq_len 1024
 
 It trains on random tokens with the real step (train_gpt2.train_step) and the real
 CheckpointManager, writing to --dir (default: a temp dir, deleted after). The resume reads a
@@ -20,7 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -32,6 +35,7 @@ import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
 import files  # noqa: E402
 import run_state  # noqa: E402
+import shards  # noqa: E402
 from model import GPT, GPTConfig, MODEL_PRESETS  # noqa: E402
 from train_gpt2 import StepSpec, train_step  # noqa: E402
 
@@ -114,8 +118,8 @@ def measure(args, work):
     device_mod.apply_device_settings(device_type)
     cuda = device_type == "cuda"
     tokens_needed = (args.saves * 40 + 20) * args.micro_batch_size * args.seq_len + 1
-    dataloader.write_shard(dataloader.shard_path(work / "data", "random", "train", 0),
-                           np.random.default_rng(0).integers(0, dataloader.EOT_TOKEN, max(tokens_needed, 10_000)))
+    shards.write_shard(shards.shard_path(work / "data", "random", "train", 0),
+                           np.random.default_rng(0).integers(0, shards.EOT_TOKEN, max(tokens_needed, 10_000)))
     loader = dataloader.ShardedDataLoader(work / "data", "train", args.micro_batch_size, args.seq_len, pin_memory=cuda)
     model, optimizer = build(args, device, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "fp16")

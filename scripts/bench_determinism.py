@@ -3,8 +3,8 @@
 configuration (A and B from step 0, C resumed from A's checkpoint at --resume_at) and prints a table:
 how many step losses A and B share exactly, and C and A after the resume, with the largest difference.
 
-    python scripts/bench_determinism.py --data_root data/tinyshakespeare                 # GPT-2 124M, 16 x 1024
-    python scripts/bench_determinism.py --data_root DIR --compile none default --deterministic off on
+    python -m scripts.bench_determinism --data_root data/tinyshakespeare                 # GPT-2 124M, 16 x 1024
+    python -m scripts.bench_determinism --data_root DIR --compile none default --deterministic off on
 
 Each run is its own process, as a user's runs are. Extra train_gpt2.py flags follow `--`.
 """
@@ -15,7 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 import cli  # noqa: E402
 
 TRAINER = Path(__file__).resolve().parent.parent / "train_gpt2.py"
@@ -23,7 +26,7 @@ TRAINER = Path(__file__).resolve().parent.parent / "train_gpt2.py"
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--data_root", required=True, help="shards to train on (python scripts/prepare_data.py --source tinyshakespeare)")
+    p.add_argument("--data_root", required=True, help="shards to train on (python -m scripts.prepare_data --source tinyshakespeare)")
     p.add_argument("--compile", nargs="+", default=["none", "default"], help="compile modes to check")
     p.add_argument("--deterministic", nargs="+", default=["off", "on"], choices=["off", "on"], help="train_gpt2.py --deterministic")
     p.add_argument("--steps", type=cli.positive_int, default=20, help="steps per run")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The loss alone: triton_loss.cross_entropy (Triton) against F.cross_entropy, values, gradients and speed.
 
-    python scripts/bench_loss.py                          # 65536 x 50304 bf16 on CUDA: micro batch 64 of GPT-2 124M
-    python scripts/bench_loss.py --rows 8192 --blocks 2048:8 4096:8 4096:16
+    python -m scripts.bench_loss                          # 65536 x 50304 bf16 on CUDA: micro batch 64 of GPT-2 124M
+    python -m scripts.bench_loss --rows 8192 --blocks 2048:8 4096:8 4096:16
 
 First a check on --check_rows rows (loss and gradient against PyTorch's fp32 loss with the same
 padding mask), then forward + backward timed for each BLOCK_COLS:NUM_WARPS of the Triton kernels,
@@ -11,9 +11,11 @@ and for PyTorch's loss eager and compiled, with the memory each takes beyond the
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Tokens per second of scripts/prepare_data.py against tiktoken's own encode_ordinary on the same
+"""Tokens per second of python -m scripts.prepare_data against tiktoken's own encode_ordinary on the same
 text, per process. Prints a table; needs no network.
 
-    python scripts/bench_prepare.py                                  # ~4 min on 2 cores
-    python scripts/bench_prepare.py --copies 40 --num_proc 1 2 4 --repeats 5
+    python -m scripts.bench_prepare                                  # ~4 min on 2 cores
+    python -m scripts.bench_prepare --copies 40 --num_proc 1 2 4 --repeats 5
+    python -m scripts.bench_prepare --encoders             # tiktoken's three ways to numpy tokens, one process
 
 The corpus is made offline: tiny Shakespeare (--corpus; default $TINYSHAKESPEARE_PATH or
 ../shared/data/tinyshakespeare.txt) cut at blank lines into documents of at least --doc_chars
@@ -35,22 +36,26 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")  # offline machines: the local copy
 if "TINYSHAKESPEARE_PATH" not in os.environ and (SHARED / "data" / "tinyshakespeare.txt").is_file():
     os.environ["TINYSHAKESPEARE_PATH"] = str(SHARED / "data" / "tinyshakespeare.txt")
 import cli  # noqa: E402
-import dataloader  # noqa: E402
-import prepare_data  # noqa: E402
+import shards  # noqa: E402
+from dataprep.sources import TINYSHAKESPEARE_URL  # noqa: E402
+from scripts import prepare_data  # noqa: E402
 
 
 def make_documents(corpus, doc_chars):
     """The corpus cut at blank lines into documents of at least doc_chars characters."""
     if corpus is None or not Path(corpus).is_file():
         raise cli.UserError(f"no corpus at {corpus or '$TINYSHAKESPEARE_PATH'}; pass --corpus FILE (any UTF-8 "
-                            f"text), e.g. after: curl -L -o tinyshakespeare.txt {dataloader.TINYSHAKESPEARE_URL}")
+                            f"text), e.g. after: curl -L -o tinyshakespeare.txt {TINYSHAKESPEARE_URL}")
     text = Path(corpus).read_text(encoding="utf-8")
     documents, current = [], ""
     for paragraph in text.split("\n\n"):
@@ -90,7 +95,7 @@ def time_tiktoken(documents, copies, processes):
     """encode_ordinary over the documents: in this process, or split among forked processes
     (each with its share, nothing sent back but a count): the rate the machine itself allows."""
     global _work
-    _work = (dataloader.get_tokenizer(), documents, copies, processes)
+    _work = (shards.get_tokenizer(), documents, copies, processes)
     start, start_cpu = time.perf_counter(), cpu_seconds()
     if processes == 1:
         tokens = encode_share(0)
@@ -118,6 +123,28 @@ def time_prepare(folder, form, num_proc, shard_size):
     return tokens, seconds, cpu
 
 
+def compare_encoders(documents, repeats):
+    """Seconds for the documents, best of repeats (interleaved), for each way from text to numpy tokens;
+    the workers use encode_to_numpy (dataprep.tokenizer_pool.encode)."""
+    encoder = shards.get_tokenizer()
+    ways = {"encode_ordinary, then np.array": lambda d: np.array(encoder.encode_ordinary(d), dtype=np.uint32),
+            "encode_ordinary (a list)": encoder.encode_ordinary,
+            "encode_to_numpy": lambda d: encoder.encode_to_numpy(d, allowed_special=set(), disallowed_special=())}
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(repeats):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            for document in documents:
+                way(document)
+            best[name] = min(best[name], time.perf_counter() - start)
+    tokens = sum(len(encoder.encode_ordinary(d)) for d in documents)
+    print(f"{len(documents):,} documents, {tokens:,} tokens; best of {repeats}, interleaved; 1-minute load average "
+          f"{os.getloadavg()[0]:.2f}")
+    for name, seconds in best.items():
+        print(f"{name:32s} {seconds * 1000:8.1f} ms  {seconds / best['encode_ordinary (a list)']:.3f} x the list's")
+    return 0
+
+
 def run(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--corpus", default=os.environ.get("TINYSHAKESPEARE_PATH"),
@@ -132,9 +159,14 @@ def run(argv=None):
     parser.add_argument("--shard_size", type=cli.positive_int, default=1_000_000, help="tokens per shard")
     parser.add_argument("--repeats", type=cli.positive_int, default=8,
                         help="runs per row, each paired with a tiktoken run just before it")
+    parser.add_argument("--encoders", action="store_true",
+                        help="only time encode_ordinary, it with np.array, and encode_to_numpy on the documents "
+                             "(--repeats each), in this process")
     args = parser.parse_args(argv)
 
     documents = make_documents(args.corpus, args.doc_chars)
+    if args.encoders:
+        return compare_encoders(documents, args.repeats)
     load_before = os.getloadavg()[0]  # others' work on a shared machine slows some runs down
     folder = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     try:

@@ -2,11 +2,11 @@
 """Time the real training step (train_gpt2.train_step: accumulation, clipping, fused AdamW,
 compile as configured) and print one table row per configuration.
 
-    python scripts/benchmark.py --model gpt2 --micro_batch_size 64 --seq_len 1024 --compile none default
-    python scripts/benchmark.py --model d4 --micro_batch_size 8 --seq_len 64 --device cpu
-    python scripts/benchmark.py --model gpt2 --data_root data/edu_fineweb10B     # real shards instead of random tokens
-    torchrun --nproc_per_node=2 scripts/benchmark.py --model gpt2 --compile default --ddp_bucket_cap_mb 25 100
-    python scripts/benchmark.py --model gpt2-xl --micro_batch_size 16 --fsdp off on      # FSDP against DDP at world size 1
+    python -m scripts.benchmark --model gpt2 --micro_batch_size 64 --seq_len 1024 --compile none default
+    python -m scripts.benchmark --model d4 --micro_batch_size 8 --seq_len 64 --device cpu
+    python -m scripts.benchmark --model gpt2 --data_root data/edu_fineweb10B     # real shards instead of random tokens
+    torchrun --nproc_per_node=2 -m scripts.benchmark --model gpt2 --compile default --ddp_bucket_cap_mb 25 100
+    python -m scripts.benchmark --model gpt2-xl --micro_batch_size 16 --fsdp off on      # FSDP against DDP at world size 1
 
 Under torchrun each configuration runs in DDP as train_gpt2.py does (one micro batch per rank per
 step unless --grad_accum_steps); rows give tokens/s per GPU and for all GPUs, to compare with
@@ -24,9 +24,11 @@ import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
 
@@ -35,6 +37,7 @@ import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
 import distributed  # noqa: E402
 import metrics  # noqa: E402
+import shards  # noqa: E402
 from model import ATTENTION_BACKENDS, GPT, GPTConfig, MODEL_PRESETS, attention_backend  # noqa: E402
 from run_config import DDP_BUCKET_CAP_MB  # noqa: E402
 from train_gpt2 import StepSpec, train_step  # noqa: E402
@@ -47,7 +50,7 @@ class SyntheticLoader:
         g = torch.Generator().manual_seed(0)
         self.batches = []
         for _ in range(n_batches):
-            window = torch.randint(0, dataloader.EOT_TOKEN + 1, (batch_size * seq_len + 1,), generator=g)
+            window = torch.randint(0, shards.EOT_TOKEN + 1, (batch_size * seq_len + 1,), generator=g)
             x, y = window[:-1].view(batch_size, seq_len), window[1:].view(batch_size, seq_len)
             self.batches.append((x.pin_memory(), y.pin_memory()) if pin_memory else (x, y))
         self.cycle = itertools.cycle(self.batches)
@@ -172,8 +175,8 @@ def bench_hellaswag(args, dev, dtype):
     import hellaswag
 
     rng = random.Random(0)
-    examples = [hellaswag.RenderedExample([rng.randrange(dataloader.EOT_TOKEN) for _ in range(rng.randint(20, 110))],
-                                          [[rng.randrange(dataloader.EOT_TOKEN) for _ in range(rng.randint(8, 60))]
+    examples = [hellaswag.RenderedExample([rng.randrange(shards.EOT_TOKEN) for _ in range(rng.randint(20, 110))],
+                                          [[rng.randrange(shards.EOT_TOKEN) for _ in range(rng.randint(8, 60))]
                                            for _ in range(4)], rng.randrange(4))
                 for _ in range(args.hellaswag)]
     torch.manual_seed(0)

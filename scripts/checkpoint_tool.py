@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """List, inspect, verify and export training checkpoints.
 
-    python scripts/checkpoint_tool.py list log/                      # step, val loss, size, optimizer, latest
-    python scripts/checkpoint_tool.py inspect log/model_05000.pt     # versions, config, settings, losses, data position
-    python scripts/checkpoint_tool.py verify log/                    # read every byte and tensor; exit 1 if any is bad
-    python scripts/checkpoint_tool.py export log/model_19072.pt --out gpt2.safetensors --dtype bf16
-    python scripts/checkpoint_tool.py export log/model_19072.pt --out gpt2_124M.bin   # llm.c's model file
+    python -m scripts.checkpoint_tool list log/                      # step, val loss, size, optimizer, latest
+    python -m scripts.checkpoint_tool inspect log/model_05000.pt     # versions, config, settings, losses, data position
+    python -m scripts.checkpoint_tool verify log/                    # read every byte and tensor; exit 1 if any is bad
+    python -m scripts.checkpoint_tool export log/model_19072.pt --out gpt2.safetensors --dtype bf16
+    python -m scripts.checkpoint_tool export log/model_19072.pt --out gpt2_124M.bin   # llm.c's model file
 
 Other trainers' files work too: nanoGPT's out/ckpt.pt, build-nanogpt's log/model_*.pt, llm.c's .bin
 (converters.py); inspect and verify say what they are and what the conversion chose.
@@ -16,7 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
 
@@ -123,7 +126,8 @@ def cmd_inspect(args):
         ("world size", ckpt.get("world_size")),
         ("val loss", state.get("val_loss")),
         ("best val loss", state.get("best_val_loss")),
-        ("dataloader", json.dumps({k: v for k, v in (ckpt.get("dataloader") or {}).items() if k != "shards"})),
+        ("dataloader", json.dumps({k: v for k, v in (ckpt.get("dataloader") or {}).items()
+                                   if k not in ("shards", "shard_tokens", "fingerprints")})),  # lists per shard
         ("history", f"{len(history.get('train', []))} train losses, {len(history.get('val', []))} val losses"),
         ("model tensors", f"{model_count} ({model_bytes / 1e6:.1f} MB)"),
         ("optimizer", f"{opt_count} tensors ({opt_bytes / 1e6:.1f} MB)" if ckpt.get("optimizer") is not None

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Plot a run's metrics.jsonl: train and validation loss, HellaSwag accuracy, tokens per second.
 
-    python scripts/plot_metrics.py log                       # -> log/metrics.png
-    python scripts/plot_metrics.py log --out run1.png
-    python scripts/plot_metrics.py log_a log_b --out compare.png   # runs side by side on the same axes
+    python -m scripts.plot_metrics log                       # -> log/metrics.png
+    python -m scripts.plot_metrics log --out run1.png
+    python -m scripts.plot_metrics log_a log_b --out compare.png   # runs side by side on the same axes
 
 Needs matplotlib (pip install matplotlib), which training itself does not. A resumed run may have
 logged a step twice; the later record wins, as it is the one the run continued from.
@@ -12,6 +12,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
 
 PANELS = ("loss", "hellaswag", "throughput")
 

@@ -1,24 +1,26 @@
 #!/usr/bin/env python3
 """Sample text from a checkpoint.
 
-    python scripts/sample.py --checkpoint log/model_00300.pt --prompt "ROMEO:" --num_samples 3
-    python scripts/sample.py --checkpoint log/best_model.pt --temperature 0.8 --top_k 200 --seed 7
+    python -m scripts.sample --checkpoint log/model_00300.pt --prompt "ROMEO:" --num_samples 3
+    python -m scripts.sample --checkpoint log/best_model.pt --temperature 0.8 --top_k 200 --seed 7
 
 Works with training checkpoints (model_*.pt, best_model.pt), exports (`python checkpoint.py export`)
 and the files of nanoGPT, build-nanogpt and llm.c. Sampling is seeded: the same --seed gives the same
 samples on the same device.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
+    from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
+    exit_with_module_command(__file__)
+
 import environment  # noqa: E402,F401  before torch: it sets variables torch reads when it loads
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
-import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
+import shards  # noqa: E402
 from model import sample_texts  # noqa: E402
 
 
@@ -45,7 +47,7 @@ def run(argv=None):
     device_type = device_mod.select_device(args.device)
     dtype = device_mod.resolve_dtype(device_type, args.dtype)
     model, _ = checkpoint.load_model(args.checkpoint, device_type)
-    enc = dataloader.get_tokenizer()
+    enc = shards.get_tokenizer()
     print(f"sampling {args.checkpoint} on {device_type} ({dtype}), seed {args.seed}", file=sys.stderr)
     texts = sample_texts(model, enc, args.prompt, args.num_samples, args.max_new_tokens, torch.device(device_type),
                          dtype, temperature=args.temperature, top_k=args.top_k, seed=args.seed)

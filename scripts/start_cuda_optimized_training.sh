@@ -22,5 +22,5 @@ example:
 show_help_if_asked "$USAGE" "$@"
 
 DATA_ROOT="${DATA_ROOT:-data/edu_fineweb10B}"
-check_data_root "python scripts/prepare_data.py --source fineweb-edu   (needs: pip install datasets)"
+check_data_root "python -m scripts.prepare_data --source fineweb-edu   (needs: pip install datasets)"
 run_command "$PYTHON" "$REPO_ROOT/train_gpt2.py" --device cuda --preset cuda --data_root "$DATA_ROOT" --auto_resume "$@"

@@ -55,7 +55,7 @@ else
 fi
 
 DATA_ROOT="${DATA_ROOT:-data/edu_fineweb10B}"
-check_data_root "python scripts/prepare_data.py --source fineweb-edu   (needs: pip install datasets; on every machine)"
+check_data_root "python -m scripts.prepare_data --source fineweb-edu   (needs: pip install datasets; on every machine)"
 # python -m torch.distributed.run is torchrun, run by this python.
 run_command "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" \
   "$REPO_ROOT/train_gpt2.py" --device cuda --preset cuda --data_root "$DATA_ROOT" --auto_resume "$@"

@@ -35,16 +35,16 @@ def tinyshakespeare_path():
 def tiny_data(tmp_path_factory):
     """Train/val shards of real GPT-2 tokens (the start of tiny Shakespeare), small enough for
     CPU tests. Falls back to a short public-domain-style text when the corpus is not on disk."""
-    import dataloader
+    import shards
 
     path = os.environ.get("TINYSHAKESPEARE_PATH")
     text = Path(path).read_text()[:120_000] if path and Path(path).is_file() else (
         "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 2000)
-    tokens = [dataloader.EOT_TOKEN] + dataloader.get_tokenizer().encode_ordinary(text)
+    tokens = [shards.EOT_TOKEN] + shards.get_tokenizer().encode_ordinary(text)
     split = int(len(tokens) * 0.9)
     root = tmp_path_factory.mktemp("tiny_data")
-    dataloader.write_shard(dataloader.shard_path(root, "tiny", "train", 0), tokens[:split])
-    dataloader.write_shard(dataloader.shard_path(root, "tiny", "val", 0), tokens[split:])
+    shards.write_shard(shards.shard_path(root, "tiny", "train", 0), tokens[:split])
+    shards.write_shard(shards.shard_path(root, "tiny", "val", 0), tokens[split:])
     return root
 
 
@@ -53,12 +53,12 @@ def random_data(tmp_path_factory):
     """Train/val shards of random token ids (20,000 + 2,000): for runs where only the mechanics matter."""
     import numpy as np
 
-    import dataloader
+    import shards
 
     root = tmp_path_factory.mktemp("random_data")
     rng = np.random.default_rng(0)
-    dataloader.write_shard(dataloader.shard_path(root, "tiny", "train", 0), rng.integers(0, 50257, 20_000))
-    dataloader.write_shard(dataloader.shard_path(root, "tiny", "val", 0), rng.integers(0, 50257, 2_000))
+    shards.write_shard(shards.shard_path(root, "tiny", "train", 0), rng.integers(0, 50257, 20_000))
+    shards.write_shard(shards.shard_path(root, "tiny", "val", 0), rng.integers(0, 50257, 2_000))
     return root
 
 

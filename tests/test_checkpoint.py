@@ -21,8 +21,9 @@ import files
 from checkpoint import CheckpointError, load_checkpoint, read_latest, step_path
 from checkpoint_manager import CheckpointManager
 from conftest import load_script, run_main
-from dataloader import ShardedDataLoader, shard_path, write_shard
+from dataloader import ShardedDataLoader
 from model import GPT, GPTConfig
+from shards import shard_path, write_shard
 
 tool = load_script("checkpoint_tool.py")
 

@@ -1,25 +1,13 @@
 """The shard format and ShardedDataLoader: what training, DDP and exact resume rely on."""
-import io
 import re
 import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 
-from dataloader import (
-    EOT_TOKEN,
-    TINYSHAKESPEARE_URL,
-    DataError,
-    ShardedDataLoader,
-    ensure_tinyshakespeare,
-    find_shards,
-    get_tokenizer,
-    shard_path,
-    write_shard,
-)
+from dataloader import ShardedDataLoader, data_change
+from shards import DataError, find_token_files, get_tokenizer, shard_path, write_shard
 
 B, T = 2, 4  # one window is B*T = 8 tokens; a step with 2 ranks needs 2*8+1 = 17
 
@@ -42,7 +30,7 @@ def batches(loader, steps):
 def test_batch_is_int64_window_and_its_shift(tmp_path):
     tokens = np.array([65535, 50256, 40000, 0, 1, 2, 32768, 7, 8, 9] * 3, dtype=np.uint16)
     write_shard(shard_path(tmp_path, "tiny", "train", 0), tokens)
-    x, y = ShardedDataLoader(tmp_path, "train", B, T).next_batch()
+    x, y = ShardedDataLoader(tmp_path, "train", B, T, vocab_size=2**16).next_batch()
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (B, T)
     # uint16 values above 32767 must come through unsigned, not wrapped negative
     assert x.flatten().tolist() == tokens[: B * T].astype(np.int64).tolist()
@@ -241,7 +229,7 @@ def test_reads_build_nanogpt_fineweb_layout(tmp_path):
     """edufineweb_val_000000.npy, then edufineweb_train_000001.npy, ..., saved with plain np.save."""
     for index, split in enumerate(["val", "train", "train"]):
         np.save(tmp_path / f"edufineweb_{split}_{index:06d}.npy", np.full(100, index, dtype=np.uint16))
-    assert [p.name for p in find_shards(tmp_path, "train")] == ["edufineweb_train_000001.npy",
+    assert [p.name for p in find_token_files(tmp_path, "train")] == ["edufineweb_train_000001.npy",
                                                                "edufineweb_train_000002.npy"]
     assert ShardedDataLoader(tmp_path, "val", B, T).next_batch()[0].unique().tolist() == [0]
     assert ShardedDataLoader(tmp_path, "train", B, T).next_batch()[0].unique().tolist() == [1]
@@ -249,8 +237,8 @@ def test_reads_build_nanogpt_fineweb_layout(tmp_path):
 
 def test_a_dataset_named_like_a_split_does_not_leak_into_it(tmp_path):
     make_shards(tmp_path, [50], split="train", name="books_val")
-    with pytest.raises(DataError, match=r"no shards matching '\*_val_\*.npy'"):
-        find_shards(tmp_path, "val")
+    with pytest.raises(DataError, match=r"no val shards in .* \(looked for \*_val_\*\.npy shards"):
+        find_token_files(tmp_path, "val")
 
 
 # -----------------------------------------------------------------------------
@@ -258,14 +246,16 @@ def test_a_dataset_named_like_a_split_does_not_leak_into_it(tmp_path):
 
 
 @pytest.mark.parametrize("make_bad, expected", [
-    (lambda d: None, [r"does not exist", r"prepare_data\.py --source tinyshakespeare --out_dir"]),
-    (lambda d: d.mkdir(), [r"no shards matching '\*_train_\*\.npy'", r"prepare_data\.py"]),
+    (lambda d: None, [r"does not exist", r"python -m scripts\.prepare_data --source tinyshakespeare --out_dir"]),
+    (lambda d: d.mkdir(), [r"no train shards in .*data \(looked for \*_train_\*\.npy shards \(this project's and "
+                           r"build-nanogpt's\), nanoGPT's train\.bin, llm\.c's \*_train_\*\.bin shards\)",
+                           r"python -m scripts\.prepare_data"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros(0, np.uint16))),
-     [r"x_train_000000\.npy is empty", r"prepare_data\.py"]),
+     [r"x_train_000000\.npy is empty", r"python -m scripts\.prepare_data"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.arange(100, dtype=np.int32))),
      [r"x_train_000000\.npy has dtype int32, expected uint16", r"astype\(np\.uint16\)"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros((10, 10), np.uint16))),
-     [r"shape \(10, 10\), expected a 1-D", r"prepare_data\.py"]),
+     [r"shape \(10, 10\), expected a 1-D", r"python -m scripts\.prepare_data"]),
     (lambda d: (d.mkdir(), np.save(d / "x_train_000000.npy", np.zeros(16, np.uint16))),
      [r"has 16 tokens but one step needs 17", r"lower --micro_batch_size or --seq_len"]),
     (lambda d: (d.mkdir(), (d / "x_train_000000.npy").write_bytes(b"")),
@@ -280,6 +270,51 @@ def test_bad_data_gives_a_message_with_the_fix(tmp_path, make_bad, expected):
         assert re.search(pattern, str(error.value)), (pattern, str(error.value))
 
 
+@pytest.mark.parametrize("bad_id, what", [(60000, "beyond the model's embedding"),
+                                          (50257, "one of the model's padding rows, which would make the loss "
+                                                   "infinite"),
+                                          (50303, "one of the model's padding rows")])
+def test_a_token_id_outside_the_vocabulary_names_the_shard_and_offset(tmp_path, bad_id, what):
+    """Not an IndexError mid-run (60000 in a uint16 shard) nor an inf loss blamed on the LR (the padding rows)."""
+    shard0, shard1 = make_shards(tmp_path, [50, 50])
+    shard1[30] = shard1[40] = bad_id
+    write_shard(shard_path(tmp_path, "tiny", "train", 1), shard1)
+    loader = ShardedDataLoader(tmp_path, "train", B, T)  # shard 0 is fine, and read
+    batches(loader, 5)
+    with pytest.raises(DataError) as error:
+        batches(loader, 1)  # the step that opens shard 1
+    message = str(error.value)
+    assert f"tiny_train_000001.npy holds token id {bad_id:,} at token 30 (the first of those" in message
+    assert "the vocabulary has 50,257 ids (0 to 50,256)" in message and what in message
+    assert ShardedDataLoader(tmp_path, "train", B, T, vocab_size=None).state_dict()  # the check can be left out
+
+
+def test_the_first_bad_id_is_found_across_scan_chunks(tmp_path, monkeypatch):
+    import shards
+
+    monkeypatch.setattr(shards, "SCAN_TOKENS", 7)
+    (shard,) = make_shards(tmp_path, [50])
+    shard[23] = 50300
+    shard[41] = 61000
+    write_shard(shard_path(tmp_path, "tiny", "train", 0), shard)
+    first = r"holds token id 50,300 at token 23 \(the first of those; the largest is 61,000\)"
+    with pytest.raises(DataError, match=first):
+        ShardedDataLoader(tmp_path, "train", B, T)
+
+
+def test_the_vocabulary_check_reads_each_shard_once(tmp_path, monkeypatch):
+    """Each epoch, and each evaluation's reset(), reopens shard 0: its ids are not scanned again."""
+    import dataloader
+
+    make_shards(tmp_path, [50, 35])
+    checked = []
+    monkeypatch.setattr(dataloader, "check_token_ids", lambda path, tokens, vocab: checked.append(path.name))
+    loader = ShardedDataLoader(tmp_path, "train", B, T)
+    batches(loader, 25)  # 10 windows an epoch: two wraps
+    loader.reset()
+    assert checked == ["tiny_train_000000.npy", "tiny_train_000001.npy"]
+
+
 def test_checkpoint_from_other_data_names_the_data_root(tmp_path):
     make_shards(tmp_path / "fineweb", [50, 50])
     make_shards(tmp_path / "shakespeare", [50])
@@ -287,6 +322,64 @@ def test_checkpoint_from_other_data_names_the_data_root(tmp_path):
     loader = ShardedDataLoader(tmp_path / "shakespeare", "train", B, T)
     with pytest.raises(DataError, match=rf"other data.*--data_root {tmp_path / 'fineweb'}"):
         loader.load_state_dict(state)
+
+
+def copy_of(folder, to):
+    to.mkdir()
+    for path in folder.glob("*.npy"):
+        (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
+def test_the_state_records_sizes_and_fingerprints_and_names_what_changed(tmp_path):
+    """A --data_root whose shards have the same names used to resume on other text without a word."""
+    shard0, shard1 = make_shards(tmp_path / "a", [50, 60])
+    loader = ShardedDataLoader(tmp_path / "a", "train", B, T)
+    batches(loader, 3)
+    state = loader.state_dict()
+    assert state["shard_tokens"] == [50, 60] and len(set(state["fingerprints"])) == 2
+
+    moved = copy_of(tmp_path / "a", tmp_path / "moved")  # the same data somewhere else is the same data
+    assert data_change(state, moved) is None and ShardedDataLoader(moved, "train", B, T).data_change(state) is None
+
+    other = copy_of(tmp_path / "a", tmp_path / "other")
+    shard1[59] += 1  # the same name and size, one token different (at the end, where the fingerprint reads)
+    write_shard(shard_path(other, "tiny", "train", 1), shard1)
+    change = data_change(state, other)
+    assert change == (f"tiny_train_000001.npy in {other} holds other tokens than when the checkpoint was written "
+                      f"(in {tmp_path / 'a'}): same name and size, another fingerprint")
+    resumed = ShardedDataLoader(other, "train", B, T)
+    assert resumed.data_change(state) == change
+    resumed.load_state_dict(state)  # the trainer decides whether to go on: the loader itself still resumes
+    assert resumed.next_batch()[0].flatten().tolist() == shard0[24:32].tolist()
+
+    write_shard(shard_path(other, "tiny", "train", 1), np.arange(80))
+    assert data_change(state, other) == (f"tiny_train_000001.npy in {other} has 80 tokens, but 60 when the "
+                                         f"checkpoint was written (in {tmp_path / 'a'})")
+    write_shard(shard_path(other, "tiny", "train", 2), np.arange(80))
+    assert data_change(state, other).startswith("the checkpoint read 2 shards (tiny_train_000000.npy, "
+                                                "tiny_train_000001.npy) from")
+
+
+def test_a_state_from_before_the_fingerprints_is_compared_by_names_and_still_loads(tmp_path):
+    make_shards(tmp_path, [50, 60])
+    loader = ShardedDataLoader(tmp_path, "train", B, T)
+    batches(loader, 8)
+    old = {k: v for k, v in loader.state_dict().items() if k not in ("shard_tokens", "fingerprints")}
+    assert loader.data_change(old) is None
+    resumed = ShardedDataLoader(tmp_path, "train", B, T)
+    resumed.load_state_dict(old)
+    assert torch.equal(resumed.next_batch()[0], loader.next_batch()[0])
+
+
+def test_a_position_beyond_a_shard_that_shrank_says_the_data_changed(tmp_path):
+    make_shards(tmp_path / "a", [50, 60])
+    loader = ShardedDataLoader(tmp_path / "a", "train", B, T)
+    batches(loader, 9)  # shard 1, position 24
+    other = copy_of(tmp_path / "a", tmp_path / "other")
+    write_shard(shard_path(other, "tiny", "train", 1), np.arange(20))
+    with pytest.raises(DataError, match=r"does not fit .*other: tiny_train_000001\.npy in .* has 20 tokens, but 60"):
+        ShardedDataLoader(other, "train", B, T).load_state_dict(loader.state_dict())
 
 
 def test_write_shard_refuses_ids_beyond_uint16(tmp_path):
@@ -314,46 +407,7 @@ def test_write_shard_is_atomic(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# Tiny Shakespeare, the default dataset
-
-
-def test_ensure_tinyshakespeare_makes_shards_that_decode_to_the_text(tmp_path, tinyshakespeare_path):
-    assert ensure_tinyshakespeare(tmp_path) is True
-    train = np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))
-    val = np.load(shard_path(tmp_path, "tinyshakespeare", "val", 0))
-    assert train.dtype == val.dtype == np.uint16
-    assert train[0] == EOT_TOKEN and EOT_TOKEN not in train[1:] and EOT_TOKEN not in val
-    assert len(train) == int(0.9 * (len(train) + len(val)))
-    assert get_tokenizer().decode(np.concatenate([train[1:], val]).tolist()) == tinyshakespeare_path.read_text()
-    assert ensure_tinyshakespeare(tmp_path) is False  # already there: nothing to do
-
-
-def refuse_network(*args, **kwargs):
-    raise urllib.error.URLError("no route to host")
-
-
-def test_ensure_tinyshakespeare_download_failure_says_how_to_fix(tmp_path, monkeypatch):
-    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)
-    with pytest.raises(DataError) as error:
-        ensure_tinyshakespeare(tmp_path / "data")
-    message = str(error.value)
-    assert TINYSHAKESPEARE_URL in message and "no route to host" in message
-    assert str(tmp_path / "data" / "tinyshakespeare.txt") in message and "TINYSHAKESPEARE_PATH" in message
-
-
-def test_ensure_tinyshakespeare_downloads_once_then_uses_the_cached_copy(tmp_path, monkeypatch):
-    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
-    assert ensure_tinyshakespeare(tmp_path)
-    assert (tmp_path / "tinyshakespeare.txt").read_text() == text
-
-    for shard in tmp_path.glob("*.npy"):
-        shard.unlink()
-    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)  # offline now: the cache must do
-    assert ensure_tinyshakespeare(tmp_path)
-    assert np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))[0] == EOT_TOKEN
+# The tokenizer (tiny Shakespeare, the quickstart's data: tests/test_prepare_data.py)
 
 
 def test_tokenizer_failure_explains_tiktoken_cache_dir(monkeypatch):

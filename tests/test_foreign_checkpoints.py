@@ -16,6 +16,7 @@ import converters
 import dataloader
 import gpt2_hf
 import hellaswag
+import shards
 import train_gpt2
 from conftest import TINY_RUN, load_script, read_metrics, run_main
 from foreign_trainers import ForeignGPT, RunsCode, Shape, batch, save_build_nanogpt, save_llmc, trained_nanogpt
@@ -76,7 +77,7 @@ def test_sample_script_samples_each_trainers_file_seeded(trainers, kind, capsys)
     assert run_main(load_script("sample.py").main, ["--checkpoint", path, "--prompt", "ROMEO:", "--num_samples", 2,
                                                     "--max_new_tokens", 8, "--device", "cpu", "--seed", 7]) == 0
     out, err = capsys.readouterr()
-    texts = sample_texts(checkpoint.read_foreign(path).build_model(), dataloader.get_tokenizer(), "ROMEO:", 2, 8,
+    texts = sample_texts(checkpoint.read_foreign(path).build_model(), shards.get_tokenizer(), "ROMEO:", 2, 8,
                          torch.device("cpu"), "fp32", seed=7)
     assert out == "".join(f"--- sample {i} ---\nROMEO:{text}\n" for i, text in enumerate(texts))
     assert checkpoint.read_foreign(path).notes[0] in err.splitlines()

@@ -15,7 +15,7 @@ import pytest
 import checkpoint
 import train_gpt2
 from conftest import REPO_ROOT, load_script, read_metrics, run_main
-from dataloader import shard_path, write_shard
+from shards import shard_path, write_shard
 
 # One layer, 64 wide, one thread: steps and saves of well under a second, bit-identical losses.
 ARGS = ["--model", "d2", "--n_layer", "1", "--n_embd", "64", "--n_head", "2", "--block_size", "32", "--seq_len", "16",
@@ -145,6 +145,7 @@ def test_bench_checkpoint_checks_the_space_first_and_leaves_nothing_behind(tiny_
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_bytes(p.read_bytes()[:-1000]), "is cut short: its header says 20,000 tokens"),
     (lambda p: p.write_bytes(os.urandom(5000)), "is not a readable .npy file"),
+    (lambda p: np.save(p, np.full(20_000, 60_000, np.uint16)), "holds token id 60,000 at token 0"),  # was an IndexError
 ])
 def test_a_damaged_shard_is_one_line_naming_the_file_and_the_fix(data, tmp_path, capsys, damage, message):
     broken = tmp_path / "data"
@@ -156,7 +157,7 @@ def test_a_damaged_shard_is_one_line_naming_the_file_and_the_fix(data, tmp_path,
     assert train(broken, tmp_path / "log", "--max_steps", 2) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(shard_path(broken, "tiny", "train", 0)) in err and message in err
-    assert "copy it again, or re-create" in err and "python scripts/prepare_data.py" in err and "Traceback" not in err
+    assert "copy it again, or re-create" in err and "python -m scripts.prepare_data" in err and "Traceback" not in err
 
 
 def test_the_end_of_an_epoch_leaves_a_checkpoint_outside_the_rotation_that_resumes(tmp_path, capsys):

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 import hellaswag
 from conftest import run_ranks
-from dataloader import get_tokenizer
+from shards import get_tokenizer
 from hellaswag import RenderedExample
 from model import GPT, GPTConfig
 

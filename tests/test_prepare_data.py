@@ -1,19 +1,23 @@
 """scripts/prepare_data.py: every source writes shards the loader reads, with EOT-led documents."""
+import io
+import os
 import subprocess
 import sys
 import types
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_main
-from dataloader import EOT_TOKEN, ShardedDataLoader, get_tokenizer
+import dataprep
+from conftest import REPO_ROOT, run_main
+from dataloader import ShardedDataLoader
+from dataprep import sources, tokenizer_pool
+from scripts import prepare_data
+from shards import EOT_TOKEN, DataError, get_tokenizer, shard_path, write_shard
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import data_sources  # noqa: E402
-import prepare_data  # noqa: E402
 
 
 def read_split(out_dir, split):
@@ -36,6 +40,77 @@ def test_tinyshakespeare_shards_decode_to_the_text(tmp_path, tinyshakespeare_pat
     assert f"{len(train):,} tokens" in capsys.readouterr().out  # the summary
     x, _ = ShardedDataLoader(out_dir, "val", 4, 64).next_batch()
     assert x.flatten().tolist() == val[: 4 * 64].tolist()
+
+
+def test_tinyshakespeare_shards_are_byte_identical_to_the_old_writer(tmp_path, tinyshakespeare_path, capsys):
+    """The quickstart's shards as the old writer made them (EOT + the tokens, the last 10% val, np.save), so
+    training losses stay comparable with runs on the old shards; the trainer's path and the command's agree."""
+    tokens = np.array([EOT_TOKEN] + get_tokenizer().encode_ordinary(tinyshakespeare_path.read_text()), np.uint16)
+    n_train = int(len(tokens) * 0.9)
+    old = {}
+    for split, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
+        buffer = io.BytesIO()
+        np.save(buffer, part)
+        old[f"tinyshakespeare_{split}_000000.npy"] = buffer.getvalue()
+
+    assert dataprep.ensure_tinyshakespeare(tmp_path / "quickstart") is True
+    assert f"prepared tiny Shakespeare from {tinyshakespeare_path}: {n_train:,} train + " in capsys.readouterr().out
+    assert prepare_data.main(["--source", "tinyshakespeare", "--out_dir", tmp_path / "command"]) == 0
+    for folder in ("quickstart", "command"):
+        assert {p.name: p.read_bytes() for p in (tmp_path / folder).glob("*.npy")} == old, folder
+
+    assert dataprep.ensure_tinyshakespeare(tmp_path / "quickstart") is False  # once
+    capsys.readouterr()
+    assert prepare_data.main(["--source", "tinyshakespeare", "--out_dir", tmp_path / "quickstart"]) == 0
+    assert "is already finished (2 shards)" in capsys.readouterr().out  # one manifest for both paths
+
+
+def test_ensure_tinyshakespeare_makes_shards_that_decode_to_the_text(tmp_path, tinyshakespeare_path):
+    assert dataprep.ensure_tinyshakespeare(tmp_path) is True
+    train = np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))
+    val = np.load(shard_path(tmp_path, "tinyshakespeare", "val", 0))
+    assert train.dtype == val.dtype == np.uint16
+    assert train[0] == EOT_TOKEN and EOT_TOKEN not in train[1:] and EOT_TOKEN not in val
+    assert len(train) == int(0.9 * (len(train) + len(val)))
+    assert get_tokenizer().decode(np.concatenate([train[1:], val]).tolist()) == tinyshakespeare_path.read_text()
+    assert dataprep.ensure_tinyshakespeare(tmp_path) is False  # already there: nothing to do
+
+
+def refuse_network(*args, **kwargs):
+    raise urllib.error.URLError("no route to host")
+
+
+def test_ensure_tinyshakespeare_download_failure_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)
+    with pytest.raises(DataError) as error:
+        dataprep.ensure_tinyshakespeare(tmp_path / "data")
+    message = str(error.value)
+    assert sources.TINYSHAKESPEARE_URL in message and "no route to host" in message
+    assert str(tmp_path / "data" / "tinyshakespeare.txt") in message and "TINYSHAKESPEARE_PATH" in message
+
+
+def test_ensure_tinyshakespeare_downloads_once_then_uses_the_cached_copy(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TINYSHAKESPEARE_PATH", raising=False)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
+    assert dataprep.ensure_tinyshakespeare(tmp_path)
+    assert (tmp_path / "tinyshakespeare.txt").read_text() == text
+
+    for shard in tmp_path.glob("*.npy"):
+        shard.unlink()
+    monkeypatch.setattr(urllib.request, "urlopen", refuse_network)  # offline now: the cache must do
+    capsys.readouterr()
+    assert dataprep.ensure_tinyshakespeare(tmp_path)
+    out = capsys.readouterr().out
+    assert "shards its prepare_data.json lists are gone; preparing tiny Shakespeare there again" in out
+    assert np.load(shard_path(tmp_path, "tinyshakespeare", "train", 0))[0] == EOT_TOKEN
+
+
+def test_ensure_tinyshakespeare_leaves_shards_made_some_other_way(tmp_path):
+    write_shard(shard_path(tmp_path, "mine", "train", 0), np.arange(100))
+    assert dataprep.ensure_tinyshakespeare(tmp_path) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine_train_000000.npy"]
 
 
 def test_refuses_to_overwrite_shards_unless_asked(tmp_path, tinyshakespeare_path, capsys):
@@ -73,8 +148,8 @@ def test_text_source_glob_of_two_files(tmp_path):
 
 def test_large_files_cut_at_blank_lines_tokenize_like_the_whole(tmp_path, tinyshakespeare_path, monkeypatch):
     """Pieces shared among the workers must not change a single token, nor add an EOT."""
-    monkeypatch.setattr(data_sources, "TEXT_CHUNK_CHARS", 50_000)  # tiny Shakespeare: ~22 pieces
-    assert len(data_sources.split_paragraphs(tinyshakespeare_path.read_text())) > 10
+    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 50_000)  # tiny Shakespeare: ~22 pieces
+    assert len(sources.split_paragraphs(tinyshakespeare_path.read_text())) > 10
     assert prepare_data.main(["--source", "text", "--input", str(tinyshakespeare_path), "--name", "shk",
                               "--out_dir", str(tmp_path / "text"), "--num_proc", "2"]) == 0
     assert prepare_data.main(["--source", "tinyshakespeare", "--out_dir", str(tmp_path / "whole")]) == 0
@@ -143,9 +218,18 @@ def test_fineweb_edu_without_datasets_says_pip_install(tmp_path, monkeypatch, ca
 ])
 def test_cli_bad_arguments_exit_nonzero_with_a_message(tmp_path, args, rc, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    result = subprocess.run([sys.executable, str(SCRIPT)] + args, capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-m", "scripts.prepare_data"] + args, capture_output=True, text=True,
+                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert result.returncode == rc
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_preparation_does_not_load_torch():
+    """python -m scripts.prepare_data starts without torch's seconds of imports."""
+    check = ("import sys; import scripts.prepare_data; "
+             "print(sorted(m for m in ('torch', 'dataloader') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert result.returncode == 0 and result.stdout == "[]\n", result.stderr
 
 
 def test_out_of_range_flags_are_usage_errors(capsys):
@@ -207,8 +291,6 @@ def test_parquet_rows_are_documents_across_row_groups_and_files(tmp_path):
 
 def test_tokenizer_batches_equal_encode_ordinary_on_tricky_text():
     """The workers' encode_to_numpy path must give encode_ordinary's tokens, special-token text included."""
-    import tokenizer_pool
-
     texts = ["", " ", "<|endoftext|>", "a<|endoftext|>b", "\ud800 lone surrogate", "emoji 🚀🚀 and café",
              "\n\n\n  tabs\t\tand spaces   ", "x" * 5000]
     tokenizer_pool.load_tokenizer()

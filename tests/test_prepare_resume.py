@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-import prepare_data  # noqa: E402
-import shard_writer  # noqa: E402
-import tokenizer_pool  # noqa: E402
+from conftest import REPO_ROOT
+from dataprep import shard_writer, tokenizer_pool
+from scripts import prepare_data
 
 # A stand-in for Hugging Face datasets, put on the path of the process under test: it streams the
 # documents of $FAKE_DATASETS_DOCS, writes the index of each one it yields to $FAKE_DATASETS_LOG
@@ -145,8 +143,8 @@ def kill_when_a_shard_is_recorded(args, out_dir, env_extra, timeout=60):
     """Start prepare_data.py, SIGKILL it (and its workers) once its manifest records a finished shard
     and before it ends; returns the manifest as the kill left it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
-    process = subprocess.Popen([sys.executable, str(SCRIPTS / "prepare_data.py")] + [str(a) for a in args],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-m", "scripts.prepare_data"] + [str(a) for a in args],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import dataloader
+import shards
 from model import GPT, GPTConfig, sample_texts
 from train_gpt2 import print_samples
 
@@ -30,8 +30,8 @@ def checkpoint_file(model, tmp_path_factory):
 
 
 def sample_cli(*args):
-    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "sample.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "scripts.sample", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 
 def test_sample_script_is_deterministic_for_a_seed(checkpoint_file, model):
@@ -44,7 +44,7 @@ def test_sample_script_is_deterministic_for_a_seed(checkpoint_file, model):
     lines = first.stdout.splitlines()
     assert lines[0] == "--- sample 0 ---" and lines[1].startswith("ROMEO:") and "--- sample 1 ---" in lines
     # The script and the training loop sample through the same function.
-    texts = sample_texts(model, dataloader.get_tokenizer(), "ROMEO:", 2, 12, torch.device("cpu"), "fp32",
+    texts = sample_texts(model, shards.get_tokenizer(), "ROMEO:", 2, 12, torch.device("cpu"), "fp32",
                          temperature=0.9, top_k=20, seed=7)
     assert first.stdout == "".join(f"--- sample {i} ---\nROMEO:{text}\n" for i, text in enumerate(texts))
 
@@ -71,7 +71,7 @@ def test_sample_script_mistakes_are_one_message(checkpoint_file, capsys, args, m
 
 def test_training_samples_are_seeded_per_rank_and_step(model, capsys):
     config = Namespace(prompt="\n", num_samples=1, max_new_tokens=10, seed=1337, dtype="fp32")
-    enc = dataloader.get_tokenizer()
+    enc = shards.get_tokenizer()
     model.train()
     outputs = {}
     for rank, step in ((0, 5), (1, 5), (0, 5), (0, 6)):

@@ -56,8 +56,16 @@ def test_dry_run_prints_the_command_with_auto_resume_and_the_extra_flags(name, t
 def test_missing_data_names_the_prepare_command(name, tmp_path):
     result = run_script(name, DRY_RUN=1, DATA_ROOT=tmp_path / "nothing_here", NPROC_PER_NODE=2)
     assert result.returncode == 1
-    assert "no train shards" in result.stderr and "prepare_data.py" in result.stderr and "nothing_here" in result.stderr
+    assert "no train shards" in result.stderr and "python -m scripts.prepare_data" in result.stderr and "nothing_here" in result.stderr
     assert "+ " not in result.stdout
+
+
+@pytest.mark.parametrize("files", [["train.bin", "val.bin"], ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]])
+def test_the_data_check_takes_nanogpt_and_llmc_token_files(tmp_path, files):
+    for name in files:
+        (tmp_path / name).write_bytes(b"\0\0" * 100)  # the loader checks their contents; the script their names
+    result = run_script("start_cpu_training.sh", DRY_RUN=1, DATA_ROOT=tmp_path)
+    assert result.returncode == 0 and f"--data_root {tmp_path}" in result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("name", ["start_cpu_training.sh", "start_mps_optimized_training.sh"])
@@ -112,9 +120,9 @@ def bench_rows(stdout):
 
 
 def test_benchmark_times_the_training_step_on_real_shards(tiny_data):
-    result = subprocess.run(["python", str(REPO_ROOT / "scripts" / "benchmark.py")] + [str(a) for a in BENCH]
+    result = subprocess.run([sys.executable, "-m", "scripts.benchmark"] + [str(a) for a in BENCH]
                             + ["--data_root", str(tiny_data)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     headers, rows = bench_rows(result.stdout)
     assert len(headers) == 1 and len(rows) == 1, result.stdout
@@ -127,9 +135,10 @@ def test_benchmark_times_the_training_step_on_real_shards(tiny_data):
 
 def test_benchmark_under_torchrun_runs_ddp_with_each_bucket_setting():
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO_ROOT / "scripts" / "benchmark.py")] + [str(a) for a in BENCH]
+                             "-m", "scripts.benchmark"] + [str(a) for a in BENCH]
                             + ["--ddp_bucket_cap_mb", "1", "25", "--ddp_bucket_view", "on", "off"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     headers, rows = bench_rows(result.stdout)
     assert len(headers) == 1 and "tok/s/GPU" in headers[0] and "tok/s all" in headers[0]  # rank 0's table only
@@ -140,9 +149,10 @@ def test_benchmark_under_torchrun_runs_ddp_with_each_bucket_setting():
 
 
 def test_attention_benchmark_compares_kernel_families_and_names_the_missing_ones():
-    result = subprocess.run(["python", str(REPO_ROOT / "scripts" / "bench_attention.py"), "--batch", "2", "--seq_len", "64",
+    result = subprocess.run([sys.executable, "-m", "scripts.bench_attention", "--batch", "2", "--seq_len", "64",
                              "--device", "cpu", "--repeats", "2", "--families", "math", "flash", "cudnn"],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
     assert float(rows["math"][-1]) == 0  # the reference against itself

@@ -142,7 +142,7 @@ def test_missing_data_root_names_the_fix(tmp_path):
     result = run_train(TINY_RUN + ["--data_root", tmp_path / "nope", "--log_dir", tmp_path / "log", "--max_steps", 1],
                        cwd=tmp_path)
     assert result.returncode == 1
-    assert "prepare_data.py" in result.stderr and "Traceback" not in result.stderr
+    assert "python -m scripts.prepare_data" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

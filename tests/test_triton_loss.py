@@ -61,9 +61,9 @@ def test_bench_loss_checks_the_kernels_against_pytorch_and_times_them():
 
     from conftest import REPO_ROOT
 
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_loss.py"), "--device", "cpu", "--rows", "16",
+    result = subprocess.run([sys.executable, "-m", "scripts.bench_loss", "--device", "cpu", "--rows", "16",
                              "--cols", "80", "--valid_cols", "70", "--check_rows", "8", "--blocks", "32:4", "--repeats", "1"],
-                            capture_output=True, text=True, timeout=120)  # TRITON_INTERPRET=1 comes from conftest
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)  # TRITON_INTERPRET=1 comes from conftest
     assert result.returncode == 0, result.stderr
     check = re.search(r"loss ([\d.]+) vs PyTorch ([\d.]+); gradient max abs difference ([\d.e+-]+).*all zero: True",
                       result.stdout)

@@ -1,7 +1,7 @@
-"""Where scripts/prepare_data.py's documents come from: text files, JSON lines, parquet files, the
-FineWeb-Edu stream.
+"""Where the preparation's documents come from: tiny Shakespeare, text files, JSON lines, parquet
+files, the FineWeb-Edu stream. SOURCES maps each --source name to its class.
 
-    source = JsonLines(["docs/*.jsonl.gz"], field="text")   # or TextFiles, ParquetFiles, FineWebEdu
+    source = open_source("jsonl", input=["docs/*.jsonl.gz"], text_field="text")   # checked now
     source.identity()                  # what the manifest records, to spot a changed input on resume
     bar = source.progress_bar()        # tqdm, with a total where one is known in advance
     for text, starts_document in source.items(skip=120, progress=bar): ...
@@ -12,18 +12,41 @@ file has the column), before anything in the output folder is touched. items() y
 them without tokenizing them, which is how a resumed preparation continues. Text files yield
 pieces (a file is one document, cut at blank lines); the other sources yield one item per document.
 JSON lines yield their text still as a JsonLine, which the tokenizer process parses (.text()).
+
+A new source is one class and one row of SOURCES; the command line (scripts/prepare_data.py)
+and the manifest follow from its attributes:
+
+    class Markdown(FileSource):       # Markdown files, one document each, without their front matter
+        options = ("input",)           # keyword arguments it takes, from --input / --text_field / --out_dir
+        layouts = ("last_fraction", "first_shard")   # --val_split values it allows; the first is its default
+
+        def __init__(self, input):
+            self.paths = find_inputs(input)
+
+        def identity(self):            # FileSource supplies describe() and progress_bar()
+            return {"input": describe_inputs(self.paths)}
+
+        def items(self, skip, progress):
+            for path in self.paths[skip:]:
+                progress.update(path.stat().st_size)
+                yield strip_front_matter(path.read_text(encoding="utf-8")), True
+
+    SOURCES = {..., "markdown": Markdown}
 """
 import glob
 import gzip
 import io
 import json
+import os
 import re
+import urllib.request
 import zlib
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dataloader import DataError
+import files
+from shards import DataError
 
 TEXT_CHUNK_CHARS = 1 << 18  # files above ~256K characters are cut into pieces (one a worker task)
 # Cut just before a blank line that follows a non-space character: GPT-2's regex never joins
@@ -35,6 +58,11 @@ FINEWEB_EDU = {"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "spli
 # progress bar's total, labelled as an estimate.
 FINEWEB_EDU_DOCUMENTS = 9_670_000
 PROGRESS_EVERY_LINES = 4096  # JSON lines read between two updates of the bar
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def plural(n, word):
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def find_inputs(patterns):
@@ -61,19 +89,56 @@ def bytes_bar(paths, desc):
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc)
 
 
-class TextFiles:
+class Source:
+    """What the preparation asks of a source. A subclass sets the class attributes where its
+    differ and implements __init__ (taking the keywords in `options`), identity, describe,
+    progress_bar and items."""
+
+    options = ()  # keyword arguments of __init__, from the command line: "input", "text_field", "out_dir"
+    name = None  # the shards' prefix; None: the user names the dataset (--name)
+    out_dir = None  # the default output folder; None: data/<name>
+    layouts = ("first_shard", "last_fraction")  # the --val_split values it allows; the first is its default
+    items_are = "documents"  # what one item of items() is, in the line a resumed run prints
+
+    def identity(self) -> dict:
+        """What must not change for a resumed run to continue the shards (input files, dataset, field)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """What is tokenized, for the line that starts a run: "3 files", "fineweb-edu"."""
+        raise NotImplementedError
+
+    def progress_bar(self):
+        raise NotImplementedError
+
+    def items(self, skip, progress):
+        raise NotImplementedError
+
+
+class FileSource(Source):
+    """Files named by --input globs."""
+
+    def describe(self):
+        return plural(len(self.paths), "file")
+
+    def progress_bar(self):
+        return bytes_bar(self.paths, "read")
+
+
+class TextFiles(FileSource):
     """Each file is one document; files above TEXT_CHUNK_CHARS characters are read and handed
     on in pieces of about that size, cut at blank lines (so memory holds a few pieces, not the file)."""
 
-    def __init__(self, patterns):
-        self.paths = find_inputs(patterns)
+    options = ("input",)
+    layouts = ("last_fraction", "first_shard")
+    items_are = "pieces"
+
+    def __init__(self, input):
+        self.paths = find_inputs(input)
 
     def identity(self):
         # The piece size decides how a resume position counts items, so it must not change in between.
         return {"input": describe_inputs(self.paths), "text_piece_chars": TEXT_CHUNK_CHARS}
-
-    def progress_bar(self):
-        return bytes_bar(self.paths, "read")
 
     def items(self, skip, progress):
         for path in self.paths:
@@ -128,20 +193,19 @@ def split_paragraphs(text, max_chars=None):
     return list(paragraph_pieces(io.StringIO(text).read, max_chars or TEXT_CHUNK_CHARS))
 
 
-class JsonLines:
-    """One JSON object per line, its text in `field`; .gz files are read through gzip. Blank lines are
-    passed over. The lines are parsed where they are tokenized (JsonLine): the main process only reads
+class JsonLines(FileSource):
+    """One JSON object per line, its text in `text_field`; .gz files are read through gzip. Blank lines
+    are passed over. The lines are parsed where they are tokenized (JsonLine): the main process only reads
     and splits the files, so it keeps up with many tokenizer processes."""
 
-    def __init__(self, patterns, field):
-        self.paths = find_inputs(patterns)
-        self.field = field
+    options = ("input", "text_field")
+
+    def __init__(self, input, text_field):
+        self.paths = find_inputs(input)
+        self.field = text_field
 
     def identity(self):
         return {"input": describe_inputs(self.paths), "text_field": self.field}
-
-    def progress_bar(self):
-        return bytes_bar(self.paths, "read")
 
     def items(self, skip, progress):
         for path in self.paths:
@@ -207,16 +271,17 @@ def import_pyarrow_parquet():
     return pyarrow.parquet
 
 
-class ParquetFiles:
-    """Parquet files with a string column `field`, e.g. FineWeb-Edu's files as its download leaves
+class ParquetFiles(FileSource):
+    """Parquet files with a string column `text_field`, e.g. FineWeb-Edu's files as its download leaves
     them; one row is one document. Read a batch of rows at a time."""
 
+    options = ("input", "text_field")
     BATCH_ROWS = 1024
 
-    def __init__(self, patterns, field):
+    def __init__(self, input, text_field):
         self.parquet = import_pyarrow_parquet()
-        self.paths = find_inputs(patterns)
-        self.field = field
+        self.paths = find_inputs(input)
+        self.field = text_field
         self.rows = [self.check(path) for path in self.paths]
 
     def check(self, path):
@@ -271,8 +336,12 @@ class ParquetFiles:
                     yield text, True
 
 
-class FineWebEdu:
+class FineWebEdu(Source):
     """HuggingFaceFW/fineweb-edu sample-10BT, streamed through the Hugging Face datasets package."""
+
+    name = "edufineweb"
+    out_dir = "data/edu_fineweb10B"
+    layouts = ("first_shard",)
 
     def __init__(self):
         try:
@@ -284,6 +353,9 @@ class FineWebEdu:
 
     def identity(self):
         return {"dataset": f"{FINEWEB_EDU['path']} {FINEWEB_EDU['name']}"}
+
+    def describe(self):
+        return "fineweb-edu"
 
     def progress_bar(self):
         return tqdm(total=FINEWEB_EDU_DOCUMENTS, unit="docs", unit_scale=True,
@@ -312,3 +384,77 @@ class FineWebEdu:
             progress.update(1)
             yield document["text"], True
 
+
+
+class TinyShakespeare(Source):
+    """Tiny Shakespeare (1.1 MB), one document: $TINYSHAKESPEARE_PATH, else the copy cached in the
+    output folder, else downloaded from TINYSHAKESPEARE_URL into that cache. The trainer's quickstart
+    data (ensure_tinyshakespeare)."""
+
+    options = ("out_dir",)
+    name = "tinyshakespeare"
+    out_dir = "data/tinyshakespeare"
+    layouts = ("last_fraction",)
+
+    def __init__(self, out_dir):
+        self.text, self.origin = read_tinyshakespeare(out_dir)
+
+    def identity(self):
+        return {}  # one fixed text, wherever it came from
+
+    def describe(self):
+        return f"tiny Shakespeare from {self.origin}"
+
+    def progress_bar(self):
+        return tqdm(total=1, unit="docs", desc="read")
+
+    def items(self, skip, progress):
+        progress.update(1)
+        if not skip:
+            yield self.text, True
+
+
+def read_tinyshakespeare(cache_dir):
+    """(text, where it came from): $TINYSHAKESPEARE_PATH, the cached copy in cache_dir, or the URL."""
+    env_path = os.environ.get("TINYSHAKESPEARE_PATH")
+    if env_path:
+        if not Path(env_path).is_file():
+            raise DataError(
+                f"TINYSHAKESPEARE_PATH={env_path} is not a file; point it at a copy of "
+                f"{TINYSHAKESPEARE_URL} or unset it to download"
+            )
+        return Path(env_path).read_text(encoding="utf-8"), env_path
+    cached = Path(cache_dir) / "tinyshakespeare.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8"), str(cached)
+    try:
+        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=10) as response:
+            text = response.read().decode("utf-8")
+    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
+        raise DataError(
+            f"could not download tiny Shakespeare from {TINYSHAKESPEARE_URL}: {e}. Fix: download it "
+            f"by hand to {cached} (curl -L -o {cached} {TINYSHAKESPEARE_URL}), "
+            f"or set TINYSHAKESPEARE_PATH to a local copy"
+        ) from None
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(cached, lambda f: f.write(text.encode("utf-8")))
+    return text, TINYSHAKESPEARE_URL
+
+
+# --source name -> class: a new source is one class above and one row here.
+SOURCES = {
+    "tinyshakespeare": TinyShakespeare,
+    "text": TextFiles,
+    "jsonl": JsonLines,
+    "parquet": ParquetFiles,
+    "fineweb-edu": FineWebEdu,
+}
+
+
+def open_source(key, **options):
+    """The source SOURCES[key], made (and so checked) from the options it takes; the others are ignored.
+    Its .key is the name it was opened by, which the manifest records."""
+    cls = SOURCES[key]
+    source = cls(**{option: options[option] for option in cls.options})
+    source.key = key
+    return source

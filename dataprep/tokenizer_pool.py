@@ -15,11 +15,11 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from dataloader import EOT_TOKEN, DataError, get_tokenizer
+from shards import EOT_TOKEN, DataError, get_tokenizer
 
-# ~256K characters per task: ~0.1 s of tokenizing, next to which sending it costs well under 1%.
-# 1M-character tasks leave a worker idle longer at the start and the end of a run: with 2 workers
-# on 6.7M tokens, 256K beat 1M in both of two (noisy, best-of-5) comparisons, and 64K was slower.
+# Characters per task: enough that pickling and queueing it cost little next to tokenizing it,
+# few enough that no worker sits idle long at the start and the end of a run waiting for the last
+# big task (docs/DATA.md, Throughput).
 BATCH_CHARS = 1 << 18
 IN_FLIGHT_PER_PROCESS = 2  # one batch being tokenized, one waiting: the worker never idles
 
@@ -35,7 +35,7 @@ def load_tokenizer():
             import tiktoken
 
             raise DataError(f"tiktoken {getattr(tiktoken, '__version__', '< 0.8')} has no encode_to_numpy, which "
-                            f"scripts/prepare_data.py uses; upgrade it: pip install 'tiktoken>=0.9'")
+                            f"the data preparation uses; upgrade it: pip install 'tiktoken>=0.9'")
         _tokenizer = tokenizer
 
 
@@ -48,9 +48,9 @@ def encode(text):
     """tiktoken's encode_ordinary(text) as a numpy array (uint32).
 
     encode_to_numpy with no special tokens allowed or refused is encode_ordinary without a Python
-    int per token (tested equal): on ~1000-token documents it ran at encode_ordinary's own rate,
-    where the list and its conversion to numpy took 16% more time. A lone surrogate (JSON can
-    hold "\\ud800") makes it raise; encode_ordinary replaces it, so such text takes that path."""
+    int per token and their conversion to numpy (tested equal; docs/DATA.md measures the difference).
+    A lone surrogate (JSON can hold "\\ud800") makes it raise; encode_ordinary replaces it, so such
+    text takes that path."""
     try:
         return _tokenizer.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
     except UnicodeEncodeError:
@@ -62,7 +62,7 @@ EOT = np.array([EOT_TOKEN], dtype=np.uint32)
 
 def encode_batch(batch):
     """[(text, starts_document)] -> (uint16 tokens of all items back to back, int64 length of each).
-    A text that is not a str is parsed here, by its .text() (data_sources.JsonLine)."""
+    A text that is not a str is parsed here, by its .text() (sources.JsonLine)."""
     parts = []
     lengths = np.empty(len(batch), dtype=np.int64)
     for i, (text, starts_document) in enumerate(batch):

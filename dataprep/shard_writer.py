@@ -3,7 +3,6 @@
     with ShardFolder.open(out_dir, command, command_line, overwrite) as folder:   # start, resume, or refuse
         write_stream(folder, source, num_proc, max_shards)  # tokenize and pack, recording each finished shard
         finish_last_fraction(folder)                         # --val_split last_fraction: cut train and val
-        folder.finish_with(paths)                            # a source that writes its own shards (tiny Shakespeare)
 
 The folder's manifest, prepare_data.json, holds the command (source, name, shard size, val
 split, the input files' sizes and times, ...) and one entry per finished shard: its file, tokens,
@@ -27,10 +26,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import files
-from dataloader import DataError, shard_files, shard_path, write_shard
-from tokenizer_pool import tokenize
+from cli import log
+from shards import DataError, shard_files, shard_path, write_shard
+
+from .tokenizer_pool import tokenize
 
 MANIFEST = "prepare_data.json"
 LOCK = ".prepare_data.lock"  # one preparation per folder at a time
@@ -41,7 +43,7 @@ PENDING = "pending"  # the split name of last_fraction's chunks before the val s
 FLAG_OF_FIELD = {
     "source": "--source", "name": "--name", "shard_size": "--shard_size", "val_split": "--val_split",
     "val_fraction": "--val_fraction", "text_field": "--text_field", "input": "--input",
-    "dataset": "the dataset", "text_piece_chars": "the text piece size (TEXT_CHUNK_CHARS in scripts/data_sources.py)",
+    "dataset": "the dataset", "text_piece_chars": "the text piece size (TEXT_CHUNK_CHARS in dataprep/sources.py)",
 }
 
 
@@ -167,7 +169,7 @@ class ShardFolder:
             raise DataError(f"{self.out_dir} holds {extra.name}, which its {MANIFEST} does not list; move it out, "
                             f"pass --overwrite to start over, or choose another --out_dir")
         if unrecorded:
-            print(f"removing {len(unrecorded)} file{'s' if len(unrecorded) > 1 else ''} the interrupted run wrote "
+            log(f"removing {len(unrecorded)} file{'s' if len(unrecorded) > 1 else ''} the interrupted run wrote "
                   f"after its last record ({unrecorded[0].name}{', ...' if len(unrecorded) > 1 else ''})")
             for path in unrecorded:
                 path.unlink()
@@ -310,14 +312,14 @@ def clear_folder(out_dir, old_manifest):
     (out_dir / MANIFEST).unlink(missing_ok=True)
     remove_stale_temp_files(out_dir)
     if doomed or old_manifest is not None:
-        print(f"--overwrite: removed {len(doomed)} shards{' and ' + MANIFEST if old_manifest else ''} from {out_dir}")
+        log(f"--overwrite: removed {len(doomed)} shards{' and ' + MANIFEST if old_manifest else ''} from {out_dir}")
 
 
 def remove_stale_temp_files(out_dir):
     """The temp files of writes a kill interrupted (files.atomic_write's .NAME.tmpPID)."""
     stale = files.remove_stale_temp_files(out_dir)
     if stale:
-        print(f"removed {len(stale)} temp file{'s' if len(stale) > 1 else ''} of a write that was killed "
+        log(f"removed {len(stale)} temp file{'s' if len(stale) > 1 else ''} of a write that was killed "
               f"({', '.join(stale)})")
 
 
@@ -325,14 +327,15 @@ def remove_stale_temp_files(out_dir):
 # Writing
 
 
-def write_stream(folder, source, num_proc, max_shards=None):
+def write_stream(folder, source, num_proc, max_shards=None, progress=True):
     """Tokenize source from where the folder's manifest stands and pack the tokens into shards of
-    shard_size tokens, recording each; stops after max_shards shards in all (None: at the end)."""
+    shard_size tokens, recording each; stops after max_shards shards in all (None: at the end).
+    progress=False: no progress bar."""
     shard_size = folder.command["shard_size"]
     documents_done, tokens_done = folder.position()
     buffer = np.empty(shard_size, dtype=np.uint16)
     filled = 0
-    progress = source.progress_bar()
+    progress = source.progress_bar() if progress else tqdm(disable=True)
     progress.set_postfix_str(f"{len(folder.chunks)} shards")
     token_batches = tokenize(source.items(skip=documents_done, progress=progress), num_proc)
     try:
