@@ -64,11 +64,16 @@ DEVICE_CHOICES = ["auto", "cuda", "mps", "cpu"]
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 
 
-def add_device_arguments(parser, dtype_default="auto", dtype_help=""):
-    """--device and --dtype, the same in every command line of the project."""
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto picks CUDA > MPS > CPU")
-    parser.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES,
-                        help="autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU)" + dtype_help)
+DEVICE_HELP = "auto picks CUDA > MPS > CPU"
+DTYPE_HELP = "autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU)"
+
+
+def add_device_arguments(parser, dtype=True):
+    """--device (and --dtype), the same in every command line of the project; the trainer's are RunConfig fields
+    with the same choices and help."""
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
 def select_device(requested="auto"):
@@ -114,7 +119,8 @@ def apply_device_settings(device_type, num_threads=None, mps_memory_fraction=Non
     """Speed and memory settings that are safe for training; returns what was set, one line each."""
     applied = list(environment.LINES.get(device_type, []))
     if device_type == "cuda":
-        # TF32 matmuls for any fp32 work left outside autocast: ~8x the fp32 rate, ample precision for training.
+        # TF32 matmuls for any fp32 work left outside autocast: tensor cores instead of the fp32 units, with
+        # ample precision for training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = not deterministic
@@ -477,7 +483,7 @@ def report(requested="auto"):
 
 def run(argv=None):
     parser = cli.ArgumentParser(description="Print what this machine has and what train_gpt2.py would use on it.")
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="device to report on")
+    add_device_arguments(parser, dtype=False)
     print(report(parser.parse_args(argv).device))
 
 

@@ -305,8 +305,8 @@ def parse_args(argv=None):
     p.add_argument("--data_file", default=None,
                    help=f"local hellaswag_val.jsonl (default: download {VAL_URL} once into $HELLASWAG_CACHE_DIR "
                         f"or {DEFAULT_CACHE_DIR})")
-    device_mod.add_device_arguments(p, dtype_help="; losses are always summed in fp32")
-    p.add_argument("--limit", type=cli.positive_int, default=None, help="score only the first N examples (default: all 10042)")
+    device_mod.add_device_arguments(p)  # the ending losses are summed in fp32 whatever --dtype
+    p.add_argument("--limit", type=cli.positive_int, default=None, help=f"score only the first N examples (default: all {VAL_SIZE})")
     p.add_argument("--batch_examples", type=cli.positive_int, default=16, help="examples per forward pass (4 rows each)")
     return p.parse_args(argv)
 

@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 import cli
-from device import COMPILE_MODES, DEVICE_CHOICES, DTYPE_CHOICES, PRESETS
+from device import COMPILE_MODES, DEVICE_CHOICES, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, PRESETS
 from model import GPTConfig, MODEL_PRESETS
 
 DEFAULT_DATA_ROOT = os.path.join("data", "tinyshakespeare")
@@ -147,8 +147,8 @@ class RunConfig:
     preset: str = option("auto", "per-device defaults for micro batch, dtype, compile, pin_memory (auto: the "
                                  "device's; python device.py shows them); flags win", kind="device",
                          choices=DEVICE_CHOICES)
-    device: str = option("auto", "auto picks CUDA > MPS > CPU", kind="invocation", choices=DEVICE_CHOICES)
-    dtype: str = option(None, "autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU)", kind="device",
+    device: str = option("auto", DEVICE_HELP, kind="invocation", choices=DEVICE_CHOICES)
+    dtype: str = option(None, DTYPE_HELP, kind="device",
                         choices=DTYPE_CHOICES)
     compile: str = option(None, "torch.compile the model; optional mode: default, reduce-overhead, max-autotune, "
                                 "max-autotune-no-cudagraphs, none (=False). A mode that fails falls back to "

@@ -91,7 +91,7 @@ def batches(items, max_chars):
 def tokenize(items, num_proc, batch_chars=None):
     """Yield (tokens, lengths) per batch of items, in order, from num_proc processes (1: this one)."""
     item_batches = batches(items, batch_chars or BATCH_CHARS)
-    load_tokenizer()  # once, here: loading the BPE ranks takes a few hundred ms, which forked workers skip
+    load_tokenizer()  # once, here: forked workers inherit the loaded BPE ranks instead of each loading them
     if num_proc == 1:
         yield from map(encode_batch, item_batches)
         return

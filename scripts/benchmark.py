@@ -211,7 +211,7 @@ def run(argv=None):
                    help="attention kernel family (auto: PyTorch's choice)")
     p.add_argument("--profile", action="store_true", help="after timing, print the top kernels of 3 profiled steps")
     p.add_argument("--hellaswag", type=int, default=0, metavar="N",
-                   help="instead of training steps, time HellaSwag on N synthetic examples (10042: the validation set)")
+                   help="instead of training steps, time HellaSwag on N synthetic examples (hellaswag.VAL_SIZE: the validation set)")
     p.add_argument("--hellaswag_batch", type=int, nargs="+", default=[16], help="examples per forward pass for --hellaswag")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")

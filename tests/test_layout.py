@@ -194,3 +194,10 @@ def test_checkpoint_py_still_runs_the_tool_from_any_folder(tmp_path):
     result = subprocess.run([sys.executable, str(REPO_ROOT / "checkpoint.py"), "list", str(tmp_path / "nothing")],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_the_readme_layer_table_is_this_layout():
+    import re
+
+    rows = re.findall(r"^\| (\d+) \| `([\w/]+?)(?:\.py)?/?` \|", (REPO_ROOT / "README.md").read_text(), flags=re.M)
+    assert {name: int(layer) for layer, name in rows} == {name: layer for name, layer in LAYER.items()}
