@@ -9,7 +9,7 @@ checks, and and the tools' way in (read_checkpoint, verify_file, load_model).
     read_weights(path) -> (tensors, model config, the rest of the file)
     summary(ckpt) -> str                               # "nanoGPT checkpoint, 2 steps done, best val loss 3.2500"
     save_file(obj, path)                               # torch.save through files.atomic_write
-    step_path, list_checkpoints, read_latest, point_latest, existing_run, check_run_folder, move_run_aside
+    step_path, list_checkpoints, read_latest, point_latest     names in a run folder (run_folder.py: what they mean)
 The training state's own parts (TrainState, RandomState) are run_state.py.
 
 Every reader here (load_model, verify_file, the tools, --init_from) takes other trainers' files too:
@@ -30,7 +30,6 @@ import math
 import os
 import pickle
 import re
-import time
 import zipfile
 from pathlib import Path
 
@@ -70,6 +69,10 @@ class CheckpointError(UserError):
     """A checkpoint cannot be used or written; the message names the file and the fix."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A file whose bytes are damaged (its CRC, a torn or unreadable zip): a resume may skip it for an older one."""
+
+
 # -----------------------------------------------------------------------------
 # Files
 
@@ -92,54 +95,29 @@ def list_checkpoints(log_dir):
     return sorted(found)
 
 
+_warned_pointers = set()
+
+
 def read_latest(log_dir):
-    """The checkpoint latest_checkpoint.pt names, or None."""
+    """The checkpoint latest_checkpoint.pt names, or None. A pointer is followed only to a file inside
+    log_dir: one leading elsewhere (another run's folder) is ignored, with one line."""
     link = Path(log_dir) / LATEST_NAME
+    target = None
     if link.is_symlink():
-        return (link.parent / os.readlink(link)).resolve()
-    if link.is_file() and link.stat().st_size < 4096:
+        target = link.parent / os.readlink(link)
+    elif link.is_file() and link.stat().st_size < 4096:
         text = link.read_text(errors="replace").strip()
         if text.startswith(POINTER_MAGIC):
-            return (link.parent / text[len(POINTER_MAGIC):]).resolve()
-    return None
-
-
-def existing_run(log_dir):
-    """The newest checkpoint file of a run in log_dir (step checkpoints, best_model.pt), or None."""
-    log_dir = Path(log_dir)
-    found = [p for _, p in list_checkpoints(log_dir)] + [p for p in (log_dir / BEST_NAME,) if p.is_file()]
-    latest = read_latest(log_dir)
-    if latest is not None and latest.is_file():
-        return latest
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def check_run_folder(log_dir, resuming=False, start_over=False):
-    """The --log_dir is free: no other trainer holds it, and a run in it is resumed or explicitly started
-    over, never silently overwritten."""
-    files.RunLock.check(log_dir)
-    newest = existing_run(log_dir)
-    if newest is not None and not (resuming or start_over):
-        raise CheckpointError(f"{log_dir} already holds a run (newest: {newest.name}); continue it with --auto_resume, "
-                              "start a new one in another --log_dir, or pass --start_over to move it aside and train "
-                              "from step 0 here")
-
-
-def move_run_aside(log_dir):
-    """--start_over: move the run in log_dir (checkpoints, latest, metrics, TensorBoard) into a new
-    folder log_dir/replaced_<time>, deleting nothing; returns that folder."""
-    log_dir = Path(log_dir)
-    aside = log_dir / time.strftime("replaced_%Y%m%d-%H%M%S")
-    while aside.exists():
-        aside = aside.with_name(aside.name + "_")
-    aside.mkdir()
-    names = [p.name for _, p in list_checkpoints(log_dir)] + [LATEST_NAME, BEST_NAME, "metrics.jsonl", "tensorboard",
-                                                               "wandb"]
-    for name in names:
-        if (log_dir / name).exists() or (log_dir / name).is_symlink():
-            os.replace(log_dir / name, aside / name)
-    files.fsync_dir(log_dir)
-    return aside
+            target = link.parent / text[len(POINTER_MAGIC):]
+    if target is None:
+        return None
+    target = target.resolve()
+    if target.parent != link.parent.resolve():
+        if str(link) not in _warned_pointers:
+            _warned_pointers.add(str(link))
+            log(f"{link} points outside its folder, at {target}: ignored (a run folder's pointer names its own files)")
+        return None
+    return target
 
 
 def tensor_bytes(obj):
@@ -215,9 +193,9 @@ def load_file(path):
             raise CheckpointError(
                 f"refused to load {path}: loading it would construct {unsafe.group(1)}, i.e. run code, not just read "
                 "tensors and plain values. Only load files you trust; re-save it as a plain state dict") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_reason(exc)})") from None
+        raise DamagedCheckpoint(f"{path} is not a readable checkpoint ({_reason(exc)})") from None
     except Exception as exc:  # truncated zip, garbage bytes, wrong format: all mean "unreadable"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {_reason(exc)})") from None
+        raise DamagedCheckpoint(f"{path} is not a readable checkpoint ({type(exc).__name__}: {_reason(exc)})") from None
 
 
 def _reason(exc):
@@ -313,9 +291,9 @@ def check_zip_crc(path):
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
     except (zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({exc})") from None
+        raise DamagedCheckpoint(f"{path} is not a readable checkpoint ({exc})") from None
     if bad is not None:
-        raise CheckpointError(f"{path} is corrupt: {bad} does not match its CRC-32 (a damaged copy or disk)")
+        raise DamagedCheckpoint(f"{path} is corrupt: {bad} does not match its CRC-32 (a damaged copy or disk)")
 
 
 def stored_config(ckpt, path):
@@ -374,6 +352,11 @@ def verify_checkpoint(ckpt, path, model_config=None, model_keys=None, allow_expo
 
 def shapes(model):
     return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def model_keys_of(ckpt, path):
+    """The tensor names and shapes a GPT of the checkpoint's own model config has."""
+    return shapes(_meta_model(stored_config(ckpt, path), path))
 
 
 def _meta_model(model_config, path):

@@ -6,7 +6,7 @@ needs to see it (full_state.py moves the state between the ranks).
                                        "train_state": train_state, "scaler": None}, meta={...},
                              checkpoint_interval=1000, keep_last_n_checkpoints=-1, save_optimizer="all",
                              async_checkpoint=False)
-    start_step = ckpt.resume(auto=True, path=None, reset_optimizer=False)  # 0 when starting fresh
+    start_step = ckpt.load(resume) if resume else 0                         # run_folder.find_resume's choice
     ckpt.maybe_save(step, best=False, force=False, epoch=None)            # interval, last step, best, epoch end
     with ckpt.saved_on_error(step): ...                                   # a crash in evaluation still saves the step
     ckpt.close()                                                          # waits for a background write
@@ -15,8 +15,6 @@ The manager saves and restores objects that have state_dict() / load_state_dict(
 in checkpoint.PARTS; it knows nothing of losses. The files themselves: checkpoint.py.
 """
 import contextlib
-import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -24,14 +22,13 @@ from pathlib import Path
 import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import torch
 
-import converters
 import distributed
 import files
-from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, PARTS, CheckpointError, check_zip_crc,
-                        is_epoch_checkpoint, list_checkpoints, load_checkpoint, not_resumable, point_latest,
-                        read_latest, remove_stale_temp_files, run_config_of, save_file, shapes, step_path,
-                        verify_checkpoint)
+from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, PARTS, CheckpointError, is_epoch_checkpoint,
+                        list_checkpoints, load_checkpoint, point_latest, read_latest, remove_stale_temp_files,
+                        save_file, step_path, verify_checkpoint)
 from cli import UserError, log
+import run_folder
 from full_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from model import unwrap
 
@@ -91,101 +88,29 @@ class CheckpointManager:
         self._thread, self._thread_error, self._buffers = None, None, {}
         self.last_save_stall_s = None  # how long the last save held up training
         self.last_write_s = None  # how long the last write took, in the background or not
+        self.last_healthy = None  # the newest checkpoint a healthy step's loss vouched for (or the one resumed from)
+        self._unconfirmed = None  # the newest one saved, until the next step's loss vouches for it
+        self._to_strip = []  # --save_optimizer latest: older healthy files to keep weights only in
         if self.is_master:
             remove_stale_temp_files(self.log_dir)
 
     # -- resuming ------------------------------------------------------------
 
-    def resume(self, auto=False, path=None, reset_optimizer=False):
-        """Load the chosen checkpoint into every part; return the step to start at (0: fresh). Rank 0 reads,
-        verifies and loads the file once; the other ranks receive the state."""
-        if not auto and path is None:
-            return 0
-        chosen = distributed.on_rank0(self._choose, auto, path, reset_optimizer,
-                                      share=lambda found: found and found[0])
-        if auto:
-            self._check_other_machines(chosen and (chosen[0] if self.is_master else chosen))
-        if chosen is None:
-            log(f"no checkpoint in {self.log_dir}: starting fresh")
-            return 0
-        path, ckpt = chosen if self.is_master else (chosen, None)
-        return self._apply(ckpt, Path(path), reset_optimizer) + 1
+    def load(self, resume, reset_optimizer=False, skip=()):
+        """Load a run_folder.Resume (its dict on rank 0) into every part but those in skip; returns the step to
+        start at. Rank 0 read and verified the file once; the other ranks receive the state."""
+        self.last_healthy = resume.path if self.is_master else None  # resumed from: healthy by construction
+        return self._apply(resume.ckpt, Path(resume.path), reset_optimizer, skip) + 1
 
-    def _check_other_machines(self, chosen):
-        """Without a shared disk only the machine that ran rank 0 holds the checkpoints. If rank 0 now
-        runs on a machine without them, starting fresh would silently start the run over."""
-        newest = max((step for step, _ in list_checkpoints(self.log_dir)), default=-1)
-        seen = distributed.all_values((socket.gethostname(), os.path.realpath(self.log_dir), newest))
-        host0, folder0, step0 = seen[0]
-        newer = [(rank, host, step) for rank, (host, folder, step) in enumerate(seen)
-                 if (host, folder) != (host0, folder0) and step > step0]  # another machine's own folder
-        if not newer:
-            return
-        rank, host, step = max(newer, key=lambda item: item[2])
-        where = f"model_{step:05d}.pt in {self.log_dir} on {host} (rank {rank})"
-        if chosen is None:
-            raise CheckpointError(f"rank 0 runs on {host0}, which has no checkpoint in {self.log_dir}, but {where}: run "
-                                  f"the job with that machine as node rank 0, or copy its {self.log_dir} to {host0}")
-        log(f"auto-resume: {where} is newer than rank 0's {Path(chosen).name}; resuming rank 0's (make that "
-                 "machine node rank 0 to continue from its files)")
-
-    def _choose(self, auto, path, reset_optimizer):
-        """(path, its checkpoint dict, verified) of the file to resume from, or None; rank 0."""
-        if path is not None:  # exactly this file: a bad one is an error, not a fallback
-            path = Path(path)
-            try:
-                ckpt = self._verified(path)
-            except CheckpointError as exc:
-                raise CheckpointError(f"cannot resume from {path}: {exc}. {self.existing_summary()}") from None
-            self._check_optimizer(ckpt, path, reset_optimizer)
-            return str(path), ckpt
-        candidates = []
-        latest = read_latest(self.log_dir)
-        if latest is not None:
-            candidates.append(latest)  # first: after a resume from an older file, latest is the live timeline
-        candidates += [p.resolve() for _, p in reversed(list_checkpoints(self.log_dir)) if p.resolve() not in candidates]
-        for candidate in candidates:
-            try:
-                ckpt = self._verified(candidate)
-            except CheckpointError as exc:
-                log(f"auto-resume: skipping {candidate.name}: {exc}")
-                continue
-            self._check_optimizer(ckpt, candidate, reset_optimizer)
-            log(f"auto-resume: {candidate}")
-            return str(candidate), ckpt
-        return None
-
-    def _verified(self, path):
-        if not Path(path).is_file():
-            raise CheckpointError(f"{path} does not exist")
-        if converters.is_llmc_model(path):
-            raise not_resumable(path, "llm.c")
-        check_zip_crc(path)
-        ckpt = load_checkpoint(path)
-        verify_checkpoint(ckpt, path, self.meta.get("model_config"), shapes(unwrap(self.model)))
-        return ckpt
-
-    def _check_optimizer(self, ckpt, path, reset_optimizer):
-        if not reset_optimizer and self.parts.get("optimizer") is not None and ckpt.get("optimizer") is None:
-            raise CheckpointError(f"{path} holds weights only (an older file of --save_optimizer latest, or "
-                                  f"{BEST_NAME}); resume from the newest checkpoint, or pass --reset_optimizer "
-                                  "to continue its weights with a fresh optimizer")
-
-    def existing_summary(self):
-        existing = list_checkpoints(self.log_dir)
-        if (self.log_dir / BEST_NAME).is_file():
-            existing.append((None, self.log_dir / BEST_NAME))
-        if not existing:
-            return f"There are no checkpoints in {self.log_dir}."
-        return "Checkpoints in {}: {}".format(self.log_dir, ", ".join(p.name for _, p in existing))
-
-    def _apply(self, ckpt, path, reset_optimizer):
+    def _apply(self, ckpt, path, reset_optimizer, skip=()):
         """Load rank 0's checkpoint, verified (None on the other ranks), into every part; returns its step."""
+        if ckpt is not None:  # the run's model is built from the checkpoint's config: this only guards other callers
+            verify_checkpoint(ckpt, path, self.meta.get("model_config"))
         # Everything but the weights and the optimizer is small: rank 0 sends it as it is.
         rest = distributed.from_rank0({k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
                                       if ckpt is not None else None)
         for name, part in self.parts.items():
-            if part is None:
+            if part is None or name in skip:
                 continue
             if name == "model":
                 load_full_model_state(part, ckpt["model"] if ckpt is not None else None)  # into the existing parameters
@@ -199,33 +124,25 @@ class CheckpointManager:
             elif rest.get(name) is not None:  # a scaler of a run without fp16 stores None
                 part.load_state_dict(rest[name])
         step = rest["train_state"]["step"]
-        self._say_changes(run_config_of(rest), step)
         log(f"resumed from {path} (step {step}): continuing at step {step + 1}")
         return step
 
-    def _say_changes(self, old, step):
-        new = self.meta.get("run_config") or {}
-        if bool(old.get("deterministic")) != bool(new.get("deterministic")) and "deterministic" in new:
-            log(f"warning: the checkpoint's run {'was' if old.get('deterministic') else 'was not'} --deterministic "
-                     f"and this one {'is' if new['deterministic'] else 'is not'}: the steps from {step + 1} on "
-                     + ("repeat bit for bit from here, not the run before" if new["deterministic"] else
-                        "no longer repeat bit for bit on CUDA"))
-        if "max_steps" in old and old["max_steps"] != new.get("max_steps"):
-            log(f"--max_steps changed from {old['max_steps']} to {new.get('max_steps')}: "
-                     f"the LR schedule is recomputed from step {step + 1}")
-        changed = [f"{k} {old[k]} -> {new[k]}" for k in ("total_batch_size", "seq_len", "max_lr", "min_lr",
-                   "warmup_steps", "weight_decay", "grad_clip") if k in old and k in new and old[k] != new[k]]
-        if changed:
-            log("resuming with changed settings: " + ", ".join(changed))
-
     # -- saving --------------------------------------------------------------
 
-    def maybe_save(self, step, best=False, force=False, epoch=None):
+    def maybe_save(self, step, best=False, force=False, epoch=None, healthy=True):
         """Save on the interval, when forced (last step, signal), best_model.pt when best, and an epoch
         checkpoint when epoch (the number of passes over the data now complete) is given. Returns the
-        step checkpoint written, if any. A background write that failed is reported here, at once."""
+        step checkpoint written, if any. A background write that failed is reported here, at once.
+        healthy (run_state.TrainState.healthy): this step's loss is not exploding. It vouches for the weights
+        the step started from, i.e. for the last checkpoint saved before it: only such a checkpoint counts as
+        healthy (a step with a huge learning rate saves broken weights after a loss that still looked fine).
+        Rotation and --save_optimizer latest never touch the newest healthy checkpoint, so a run that blows
+        up keeps one to go back to. Call it every step."""
         if self._thread is not None and not self._thread.is_alive():
             self.wait()
+        if healthy and self._unconfirmed is not None:
+            self._confirm(self._unconfirmed)
+        self._unconfirmed = self._unconfirmed if healthy else None
         due = self.interval > 0 and step > 0 and step % self.interval == 0
         if not (due or force or best or epoch):
             return None
@@ -289,7 +206,7 @@ class CheckpointManager:
         """Write model_{step}.pt (regular; model_{step}_epoch{epoch}.pt at the end of an epoch) and/or best_model.pt."""
         if not self._weights_finite():
             raise CheckpointError(f"the weights hold NaN or inf after step {step} (the update diverged): not saved. "
-                                  f"{self.last_good()}resume with --auto_resume, perhaps with a lower --max_lr")
+                                  + self.diverged(step))
         path = step_path(self.log_dir, step, epoch) if regular else None
         sharded = distributed.is_sharded(unwrap(self.model))
         t0 = time.perf_counter()
@@ -298,6 +215,8 @@ class CheckpointManager:
             distributed.on_rank0(self._write_or_start, state, path, best, sharded)
         finally:
             self.last_save_stall_s = time.perf_counter() - t0
+        if path is not None:
+            self._unconfirmed = str(path)  # healthy once the next step's loss, computed from it, says so
         return path
 
     def _write_or_start(self, state, path, best, sharded):
@@ -316,10 +235,16 @@ class CheckpointManager:
         self._thread = threading.Thread(target=self._write, args=(jobs, path), name="checkpoint-writer")
         self._thread.start()  # not a daemon: interpreter exit waits for the write
 
-    def last_good(self):
-        """'the last good checkpoint is X; ' (or that there is none), for error messages."""
-        last = self.latest_path()
-        return f"the last good checkpoint is {last}; " if last else "no checkpoint was written yet; "
+    def diverged(self, step):
+        """The run blew up at step: the folder records its newest healthy checkpoint, which the next --auto_resume
+        continues from (moving the exploded ones aside). Returns what the stop's message says about it."""
+        self._join()
+        if self.last_healthy is None:
+            return "No healthy checkpoint was written yet: lower --max_lr and start again (--start_over)"
+        if self.is_master:
+            run_folder.record_divergence(self.log_dir, step, self.last_healthy)
+        return (f"The last healthy checkpoint is {self.last_healthy}: lower --max_lr (or clip with --grad_clip 1.0) "
+                "and run again with --auto_resume, which continues from it")
 
     def _weights_finite(self):
         flags = [distributed.local(p).isfinite().all() for p in self.model.parameters() if p.is_floating_point()]
@@ -349,16 +274,12 @@ class CheckpointManager:
     def _write(self, jobs, path):
         t0 = time.perf_counter()
         try:
-            previous = read_latest(self.log_dir)
+            self._strip_confirmed()
             for target, state in jobs:
                 save_file(state, target)
                 if target == path:
                     point_latest(self.log_dir, path)
             if path is not None:
-                if (self.save_optimizer == "latest" and previous is not None and previous != path.resolve()
-                        and CHECKPOINT_PATTERN.match(previous.name) and not is_epoch_checkpoint(previous)
-                        and previous.is_file()):
-                    self._strip_optimizer(previous)
                 self._prune()
             self.last_write_s = time.perf_counter() - t0
             log("saved " + " and ".join(str(target) for target, _ in jobs))
@@ -366,6 +287,20 @@ class CheckpointManager:
             self._thread_error = exc if isinstance(exc, CheckpointError) else CheckpointError(str(exc))
         except Exception as exc:  # anything else in a background thread must still reach the loop
             self._thread_error = CheckpointError(f"saving {path} failed: {type(exc).__name__}: {exc}")
+
+    def _confirm(self, path):
+        """path is healthy: it becomes the one to go back to, and (--save_optimizer latest) the one before it
+        keeps weights only, stripped with the next write: until a newer one is vouched for, a healthy file keeps
+        its optimizer, so that a resume after a blow-up continues exactly."""
+        if self.save_optimizer == "latest" and self.last_healthy and self.last_healthy != path:
+            self._to_strip.append(self.last_healthy)
+        self.last_healthy = path
+
+    def _strip_confirmed(self):
+        while self._to_strip:
+            path = Path(self._to_strip.pop(0))
+            if CHECKPOINT_PATTERN.match(path.name) and path.is_file():  # step and epoch checkpoints, not pruned yet
+                self._strip_optimizer(path)
 
     def _strip_optimizer(self, path):
         """Keep weights only in an older checkpoint (about 1/3 the size), atomically."""
@@ -375,16 +310,16 @@ class CheckpointManager:
 
     def _prune(self):
         """Delete the oldest step checkpoints beyond keep_last_n, never the one latest points at, never
-        an epoch checkpoint."""
+        the newest healthy one (kept beyond N while newer ones are not), never an epoch checkpoint."""
         if self.keep_last_n is None or self.keep_last_n < 0:
             return
         checkpoints = [(s, p) for s, p in list_checkpoints(self.log_dir) if not is_epoch_checkpoint(p)]
-        protected = read_latest(self.log_dir)
+        protected = {read_latest(self.log_dir), self.last_healthy and Path(self.last_healthy).resolve()}
         excess = len(checkpoints) - max(self.keep_last_n, 1)
         for _, path in checkpoints:
             if excess <= 0:
                 break
-            if path.resolve() == protected:
+            if path.resolve() in protected:
                 continue
             path.unlink(missing_ok=True)
             excess -= 1
@@ -412,4 +347,11 @@ class CheckpointManager:
             raise error
 
     def close(self):
-        distributed.on_rank0(self.wait)
+        """At the end of the run: its last checkpoint counts as healthy (no step came after it to say otherwise)."""
+        if self._unconfirmed is not None:
+            self._confirm(self._unconfirmed)
+        distributed.on_rank0(self._finish)
+
+    def _finish(self):
+        self.wait()
+        self._strip_confirmed()

@@ -28,6 +28,7 @@ from cli import UserError, log
 RETRIES = 3  # network filesystems hiccup: a few tries with backoff, then report
 RETRY_WAIT_S = 0.5  # doubled after each failed try
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left, quota exceeded
+FOREVER_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)  # retrying cannot help
 TEMP_PATTERN = re.compile(r"^\..+\.tmp(\d+)$")  # .NAME.tmpPID: what atomic_write leaves behind when killed
 
 
@@ -115,6 +116,9 @@ def atomic_write(path, write_fn, expected_bytes=None, full_hint="", retries=RETR
             if not isinstance(cause, OSError):  # a bug, not the filesystem: retrying would fail the same way
                 raise WriteError(f"could not write {path}: {type(exc).__name__}: {exc}; "
                                  "the file there before, if any, is untouched") from exc
+            if cause.errno in FOREVER_ERRNOS:  # a read-only filesystem or a permission stays so: no retrying
+                raise WriteError(f"could not write {path}: {cause.strerror}; the file there before, if any, is "
+                                 "untouched. Fix the folder's permissions, or write to another folder") from None
             last_error = cause
         finally:
             tmp.unlink(missing_ok=True)  # gone already after os.replace; any other way out leaves no temp file
@@ -222,8 +226,17 @@ class RunLock:
             os.close(fd)  # releases what _take got: this was only a look
 
     def acquire(self):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock, after checking the folder can be written: a read-only or unwritable folder is found
+        here, before any step is trained, not at the first save."""
+        probe = self.folder / f".write_probe{os.getpid()}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")  # a file created and removed: the folder takes new files
+            probe.unlink()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise WriteError(f"cannot write to {self.folder}: {exc.strerror}; use a folder this user can write to "
+                             f"({self.other}), or fix its permissions") from None
         try:
             os_lock = self._take(self._fd)
         except BaseException:

@@ -141,8 +141,10 @@ class RunConfig:
                                  check=finite_at_least(0, "0 (no decay) or more, e.g. 0.1"))
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables", type=float,
                               check=finite_at_least(0, "0 (no clipping) or a norm above 0, e.g. 1.0"))
-    seed: int = option(1337, "seed for the initial weights (and the samples); the data order is the shards'",
-                       type=int)
+    seed: int = option(1337, "seed for the initial weights, the samples and the --shuffle order", type=int)
+    shuffle: bool = option(False, "read the windows in a seeded order, new each epoch (and the shards), the same for "
+                                  "any world size and exactly resumable; off: in order, as build-nanogpt reads them",
+                           kind="fixed", type=bool)
     # -- device
     preset: str = option("auto", "per-device defaults for micro batch, dtype, compile, pin_memory (auto: the "
                                  "device's; python device.py shows them); flags win", kind="device",
@@ -233,6 +235,7 @@ class RunConfig:
     loss: str = derived()  # model.LOSSES
     init_from_transformers: bool = derived(False)  # --init_from NAME|DIR (OpenAI's weights), not a file
     sources: tuple = derived(())  # (name, where its value came from), for the table and checkpoints
+    notes: tuple = derived(())  # one line each for the user: what a resume changed, ignored or chose afresh
 
     def to_dict(self):
         """Plain values for checkpoints (weights_only loading accepts them), with where each came from."""
@@ -290,7 +293,7 @@ GROUPS = [
     ("data and output", ("data_root", "log_dir")),
     ("model", SHAPE + ("init_from", "init_from_optimizer")),
     ("batch and schedule", ("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr",
-                            "min_lr", "weight_decay", "grad_clip", "seed")),
+                            "min_lr", "weight_decay", "grad_clip", "seed", "shuffle")),
     ("device", ("preset", "device", "dtype", "compile", "num_threads", "pin_memory", "mps_memory_fraction",
                 "deterministic", "activation_checkpointing", "loss_chunk_rows", "fsdp", "ddp_bucket_cap_mb",
                 "fused_loss")),
@@ -344,12 +347,16 @@ def resolve(args, device_type, world_size=1, stored=None, found=None):
     if values["resume_from_checkpoint"]:
         values["resume"] = True
     check(values, given)
+    notes = ()
     if stored is not None:
         check_changes(values, given, stored_values)
+        notes = resume_notes(values, given, stored_values, device_type, same_device)
     model_config = found.get("model_config") or (config_from_stored(stored_values) if stored is not None else None) \
         or shape_of(values)
     if values["init_from"] and stored is None:
         values["model"], sources["model"] = values["init_from"], "init_from"
+    elif values["init_from"]:  # the run it started is resumed: its weights come from its checkpoint
+        values["init_from"], values["init_from_optimizer"] = None, False
     if values["seq_len"] > model_config.block_size:
         raise ConfigError(f"--seq_len {values['seq_len']} is longer than the model's block size "
                           f"{model_config.block_size}; use --seq_len {model_config.block_size} or less, or raise "
@@ -377,7 +384,8 @@ def resolve(args, device_type, world_size=1, stored=None, found=None):
         grad_accum_steps = values["total_batch_size"] // tokens_per_micro_step
     return RunConfig(**{**values, "device": device_type}, model_config=model_config, world_size=world_size,
                      grad_accum_steps=grad_accum_steps, loss=found.get("loss"),
-                     init_from_transformers=bool(found.get("init_from_transformers")), sources=tuple(sources.items()))
+                     init_from_transformers=bool(found.get("init_from_transformers")), sources=tuple(sources.items()),
+                     notes=notes)
 
 
 def check(values, given):
@@ -401,11 +409,11 @@ def check(values, given):
 
 
 def check_changes(values, given, stored):
-    """A resume that was given another model shape or sequence length than the checkpoint's is another run:
-    refused, naming what the checkpoint has."""
-    changed = []
-    if "seq_len" in given and given["seq_len"] != stored.get("seq_len"):
-        changed.append(f"--seq_len {given['seq_len']} (the checkpoint has {stored.get('seq_len')})")
+    """A resume that was given another model shape, sequence length or reading order than the checkpoint's is
+    another run: refused, naming what the checkpoint has."""
+    changed = [f"--{name} {value} (the checkpoint has {stored.get(name, BY_NAME[name].default)})"
+               for name, value in given.items() if BY_NAME[name].metadata["kind"] == "fixed" and name not in SHAPE
+               and value != stored.get(name, BY_NAME[name].default)]
     if any(name in given for name in SHAPE) and stored.get("model_config"):
         shape = dict(stored["model_config"], **(MODEL_PRESETS[given["model"]] if "model" in given else {}))
         shape.update({name: given[name] for name in SHAPE[1:] if name in given})
@@ -420,6 +428,25 @@ def check_changes(values, given, stored):
 INIT_FROM_OPTIMIZER_NEEDS_A_FILE = ("--init_from_optimizer needs --init_from FILE, a checkpoint file holding an "
                                     "optimizer state (nanoGPT's ckpt.pt, this trainer's model_*.pt); drop it, or name "
                                     "such a file")
+
+
+def resume_notes(values, given, stored, device_type, same_device):
+    """One line for each setting a resume does not take from the checkpoint."""
+    notes = []
+    for name, value in given.items():
+        kind, old = BY_NAME[name].metadata["kind"], stored.get(name)
+        if kind in ("run", "device") and name in stored and old != value and (kind == "run" or same_device):
+            why = {"max_steps": ": the LR schedule is recomputed from the next step",
+                   "deterministic": (": the steps from here on repeat bit for bit, not the run before" if value else
+                                     ": the steps from here on no longer repeat bit for bit on CUDA")}.get(name, "")
+            notes.append(f"resume: --{name} {value}, where the checkpoint's run had {old}{why}")
+    if given.get("init_from"):
+        notes.append(f"resume: --init_from {given['init_from']} ignored: the run it started continues from its "
+                     "checkpoint (a new run from those weights needs another --log_dir)")
+    if not same_device and stored.get("device"):
+        notes.append(f"resume: the checkpoint's run was on {stored['device']}: micro batch, precision, compile and "
+                     f"the other device settings are chosen afresh for {device_type}")
+    return tuple(notes)
 
 
 def is_checkpoint_file(init_from):

@@ -2,10 +2,11 @@
 (TrainState) and every random generator it draws from (RandomState), each a stateful object with
 state_dict() / load_state_dict() in plain types and tensors, which weights_only loading accepts.
 
-    TrainState()            step, loss history, best validation loss: what the loop records
+    TrainState()            step, loss history, best validation loss: what the loop records; .healthy()
     RandomState()           Python, NumPy, torch's CPU, each CUDA device, MPS
     capture_rng_state(), restore_rng_state(state) -> names of the devices skipped
 """
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -14,6 +15,10 @@ import numpy as np
 import torch
 
 from cli import log
+
+
+HEALTHY_WINDOW = 100  # steps
+HEALTHY_MARGIN = 1.0  # nats above the window's lowest training loss
 
 
 @dataclass
@@ -37,6 +42,17 @@ class TrainState:
         if improved:
             self.best_val_loss = val_loss
         return improved
+
+    def healthy(self):
+        """The last training loss is finite and not far above the recent minimum (HEALTHY_MARGIN nats above the
+        lowest of the HEALTHY_WINDOW steps before it): a checkpoint of this state is one to go back to when
+        the run blows up later. A step's loss moves by far less in training that works; a run that diverges
+        climbs by orders of magnitude before it reaches NaN."""
+        losses = [loss for _, loss in self.history["train"][-HEALTHY_WINDOW - 1:]]
+        if not losses or not math.isfinite(losses[-1]):
+            return bool(losses) is False
+        earlier = [loss for loss in losses[:-1] if math.isfinite(loss)]
+        return not earlier or losses[-1] <= min(earlier) + HEALTHY_MARGIN
 
     def keep_best(self, val_loss):
         """A best validation loss from elsewhere (best_model.pt of the folder) that this run must beat."""

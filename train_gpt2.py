@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import torch
 
-import checkpoint
 import run_state
 import checkpoint_manager
 import cli
@@ -32,6 +31,7 @@ import gpt2_hf
 import hellaswag
 import metrics as metrics_mod
 import run_config
+import run_folder
 import shards
 import signals
 from cli import log
@@ -147,17 +147,28 @@ def print_samples(model, enc, config, dev, step, rank, quiet=False):
 
 def setup(args):
     """From the command line to a checked RunConfig, doing what the configuration needs done, in this order:
-    the process group, the flags' checks (run_config.resolve, pure), the run folder's checks, the device's
-    settings, the shape of --init_from, the micro batch probe, the run folder's lock: a refused command has
-    written nothing. Returns (config, device, ctx, lock)."""
+    the process group, the flags' checks (run_config.resolve, pure), the run folder's checks, the checkpoint a
+    resume continues from (its settings become the run's: resolve again with them), the device's settings, the
+    shape of --init_from, the micro batch probe, the run folder's lock and what a resume or --start_over moves
+    aside: a refused command has written nothing. Returns (config, device, ctx, lock, resume)."""
     device_type = device.select_device(args.device or "auto")
     ctx = distributed.setup(device_type)
-    config = run_config.resolve(args, device_type, ctx.world_size)
+    config = run_config.resolve(args, device_type, ctx.world_size)  # every flag checked before anything is read
+    # Other machines may not see the folder: rank 0 looks, reads and decides; every rank raises its errors.
+    distributed.on_rank0(run_folder.check_run_folder, config.log_dir, resuming=config.auto_resume or config.resume,
+                         start_over=config.start_over)
+    resume = distributed.on_rank0(run_folder.find_resume, config.log_dir, config.auto_resume,
+                                  config.resume_from_checkpoint, config.reset_optimizer,
+                                  share=lambda found: found and found.shared())
+    if config.auto_resume:
+        run_folder.check_other_machines(config.log_dir, resume and resume.path)
+    stored = resume.run_config if resume else None
+    config = run_config.resolve(args, device_type, ctx.world_size, stored=stored)
+    for note in config.notes:
+        log(note)
     if config.fsdp and not ctx.enabled:
         ctx = distributed.setup(device_type, one_rank_group=True)  # FSDP needs a process group, even of one
     dev = device.torch_device(device_type, ctx.local_rank)
-    distributed.on_rank0(checkpoint.check_run_folder, config.log_dir, resuming=config.auto_resume or config.resume,
-                         start_over=config.start_over)  # other machines may not see the folder: rank 0 looks
     for line in device.apply_device_settings(dev.type, config.num_threads, config.mps_memory_fraction,
                                              config.deterministic):
         log(line)
@@ -173,9 +184,18 @@ def setup(args):
                                                       config.loss_chunk_rows),
             config.total_batch_size // ctx.world_size, config.seq_len, dev, found["dtype"])
         log(line)
-    config = run_config.resolve(args, device_type, ctx.world_size, found=found)
-    lock = files.RunLock(config.log_dir).acquire() if ctx.master else None  # one trainer per folder, the whole run
-    return config, dev, ctx, lock
+    config = run_config.resolve(args, device_type, ctx.world_size, stored=stored, found=found)
+    lock = distributed.on_rank0(files.RunLock(config.log_dir).acquire, share=lambda lock: None)  # one per folder
+    distributed.on_rank0(make_room, config, resume)
+    return config, dev, ctx, lock, resume
+
+
+def make_room(config, resume):
+    """Rank 0, once every check has passed: what --start_over or a resume moves aside, nothing deleted."""
+    if config.start_over and run_folder.checkpoint_like_files(config.log_dir):
+        log(f"--start_over: the run that was in {config.log_dir} is now in {run_folder.move_run_aside(config.log_dir)}")
+    if resume is not None:
+        run_folder.make_room(config.log_dir, resume)
 
 
 def init_shape(config):
@@ -188,9 +208,13 @@ def init_shape(config):
 
 
 def train(args):
-    config, dev, ctx, lock = setup(args)
+    config, dev, ctx, lock, resume = setup(args)
     try:
-        return train_run(config, dev, ctx)
+        if resume is not None and resume.step + 1 >= config.max_steps:
+            log(f"already at step {resume.step} of --max_steps {config.max_steps}: nothing to train; raise "
+                "--max_steps to continue")
+            return None
+        return train_run(config, dev, ctx, resume)
     except RuntimeError as exc:  # torch.OutOfMemoryError, or MPS's RuntimeError saying so
         if not device.is_oom(exc):
             raise
@@ -229,21 +253,37 @@ def planned_saves(config, start_step):
     return len(set(regular) | {config.max_steps - 1})
 
 
-def train_run(config, dev, ctx):
+def load_resume(ckpt, resume, config, train_loader):
+    """The resumed checkpoint into every part; the step to start at. Other data than the checkpoint's run read
+    is refused, unless --data_root names other data on purpose: then that is read from its start."""
+    change = distributed.on_rank0(lambda: train_loader.data_change(resume.ckpt["dataloader"]))
+    skip = ()
+    if change and dict(config.sources)["data_root"] == "flag" and config.data_root != resume.run_config.get("data_root"):
+        log(f"resume: --data_root {config.data_root} is other data than the checkpoint's run read ({change}): it is "
+            "read from its start")
+        skip = ("dataloader",)
+    elif change:
+        raise dataloader.DataError(f"{config.data_root} is not the data the checkpoint's run read: {change}. Put that "
+                                   "data back, or pass --data_root DIR to continue on other data (read from its start)")
+    return ckpt.load(resume, config.reset_optimizer, skip)
+
+
+def train_run(config, dev, ctx, resume=None):
     """The training run of a checked configuration."""
     if ctx.master:
         run_config.print_config(config)
-        if config.start_over and checkpoint.existing_run(config.log_dir):
-            log(f"--start_over: the run that was in {config.log_dir} is now in {checkpoint.move_run_aside(config.log_dir)}")
+    enc = shards.get_tokenizer()  # before any file is written: offline without a cache, this is where it stops
 
     # Data: the quickstart prepares tiny Shakespeare once (rank 0), everyone else waits.
     if config.data_root == run_config.DEFAULT_DATA_ROOT and ctx.master:
         dataprep.ensure_tinyshakespeare(config.data_root)
     distributed.barrier()
+    vocab_size = config.model_config.real_vocab_size  # a token id at or above it is refused when a shard is opened
     train_loader = dataloader.ShardedDataLoader(config.data_root, "train", config.micro_batch_size, config.seq_len,
-                                                ctx.rank, ctx.world_size, pin_memory=config.pin_memory)
+                                                ctx.rank, ctx.world_size, pin_memory=config.pin_memory,
+                                                vocab_size=vocab_size, shuffle=config.shuffle, seed=config.seed)
     val_loader = dataloader.ShardedDataLoader(config.data_root, "val", config.micro_batch_size, config.seq_len,
-                                              ctx.rank, ctx.world_size, pin_memory=config.pin_memory,
+                                              ctx.rank, ctx.world_size, pin_memory=config.pin_memory, vocab_size=vocab_size,
                                               prefetch=False)  # each evaluation starts with reset(): nothing to read ahead
 
     raw_model, optimizer = build_model(config, dev, ctx)
@@ -258,8 +298,7 @@ def train_run(config, dev, ctx):
         meta={"model_config": asdict(config.model_config), "run_config": config.to_dict(), "world_size": ctx.world_size},
         checkpoint_interval=config.checkpoint_interval, keep_last_n_checkpoints=config.keep_last_n_checkpoints,
         save_optimizer=config.save_optimizer, async_checkpoint=config.async_checkpoint)
-    start_step = ckpt.resume(auto=config.auto_resume, path=config.resume_from_checkpoint,
-                             reset_optimizer=config.reset_optimizer)
+    start_step = load_resume(ckpt, resume, config, train_loader) if resume is not None else 0
     train_state.keep_best(ckpt.best_val_loss_on_disk())  # best_model.pt stays the best the folder has seen
     ckpt.check_space(planned_saves(config, start_step))
     # torch.compile down the fallback chain, each mode checked on one micro batch (under DDP, as trained;
@@ -280,7 +319,6 @@ def train_run(config, dev, ctx):
         if config.wandb else None)
     hellaswag_eval = hellaswag.TrainingEval(config.hellaswag_interval, config.hellaswag_file, config.hellaswag_limit,
                                             dev, config.dtype, ctx.rank, ctx.world_size, sharded=config.fsdp)
-    enc = shards.get_tokenizer()
 
     val_loss = None
     with signals.GracefulStop() as stop:  # SIGTERM / Ctrl-C: finish the step, save, stop; handlers restored after
@@ -295,8 +333,7 @@ def train_run(config, dev, ctx):
             train_loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
             dt = time.perf_counter() - t0
             if not math.isfinite(train_loss):
-                raise Diverged(f"loss is {train_loss} at step {step}: stopped without saving. {ckpt.last_good()}"
-                               "resume with --auto_resume, perhaps with a lower --max_lr or --grad_clip 1.0")
+                raise Diverged(f"loss is {train_loss} at step {step}: stopped without saving. {ckpt.diverged(step)}")
             train_state.record(step, train_loss)
 
             with ckpt.saved_on_error(step):  # an error from here on (evaluation, samples, metrics) still saves the step
@@ -312,7 +349,8 @@ def train_run(config, dev, ctx):
             improved = train_state.record(step, val_loss=val_loss)
             stopping = stop.agreed()
             epoch_done = train_loader.epoch if train_loader.epoch > epoch else None  # the data ran out in this step
-            ckpt.maybe_save(step, best=improved, force=last_step or stopping, epoch=epoch_done)
+            ckpt.maybe_save(step, best=improved, force=last_step or stopping, epoch=epoch_done,
+                            healthy=train_state.healthy())
             if stopping:
                 log(f"stopped by {stop.signal_name} after step {step}; resume with --auto_resume")
                 break

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint
+import run_folder
 import run_state
 import checkpoint_manager
 import files
@@ -61,6 +62,16 @@ class Run:
                  "rng": run_state.RandomState(), "train_state": self.state}
         meta = {"model_config": vars(GPTConfig(**config)), "run_config": {"max_steps": 100}}
         self.ckpt = CheckpointManager(log_dir, parts, meta=meta, **manager_kwargs)
+        self.log_dir = log_dir
+
+    def resume(self, auto=False, path=None, reset_optimizer=False):
+        """As the trainer resumes: run_folder chooses (and plans what to move aside), the manager loads."""
+        found = run_folder.find_resume(self.log_dir, auto, path, reset_optimizer)
+        if found is None:
+            return 0
+        start = self.ckpt.load(found, reset_optimizer)
+        run_folder.make_room(self.log_dir, found)
+        return start
 
     def save(self, step, train_loss=1.0, val_loss=None, force=False):
         improved = self.state.record(step, train_loss, val_loss)
@@ -117,7 +128,7 @@ def test_latest_falls_back_to_a_pointer_file_where_symlinks_fail(data, log_dir, 
     link = log_dir / checkpoint.LATEST_NAME
     assert not link.is_symlink() and link.read_text() == checkpoint.POINTER_MAGIC + "model_00003.pt"
     assert read_latest(log_dir) == step_path(log_dir, 3).resolve()
-    assert Run(data, log_dir).ckpt.resume(auto=True) == 4
+    assert Run(data, log_dir).resume(auto=True) == 4
 
 
 def test_keep_last_n_deletes_the_oldest(data, log_dir):
@@ -125,23 +136,25 @@ def test_keep_last_n_deletes_the_oldest(data, log_dir):
     assert names(log_dir) == ["model_00004.pt", "model_00005.pt"]
 
 
-def test_keep_last_n_never_deletes_the_file_latest_points_at(data, log_dir):
+def test_keep_last_n_keeps_the_newest_and_the_newest_healthy_and_a_rewind_moves_newer_files_aside(data, log_dir):
     Run(data, log_dir).train(0, 5)  # model_00001..4
     run = Run(data, log_dir, keep_last_n_checkpoints=1)
-    run.ckpt.resume(path=step_path(log_dir, 1))  # back to step 1: the new timeline's step 2 is the newest work
-    run.train(2, 3)
-    assert names(log_dir) == ["model_00002.pt"]  # by step alone, 00004 would have been kept and 00002 deleted
-    assert read_latest(log_dir) == step_path(log_dir, 2).resolve()
+    run.resume(path=step_path(log_dir, 1))  # back to step 1: 00002..4 of the old timeline move aside
+    assert names(log_dir) == ["model_00001.pt"] and len(list(log_dir.glob("rewound_*/model_*.pt"))) == 3
+    run.train(2, 4)
+    # 00003 is the newest; 00002 the newest one a later step's loss vouched for: both stay, 00001 goes
+    assert names(log_dir) == ["model_00002.pt", "model_00003.pt"]
+    assert read_latest(log_dir) == step_path(log_dir, 3).resolve()
 
 
 def test_save_optimizer_latest_strips_the_optimizer_from_older_files(data, log_dir):
     Run(data, log_dir, save_optimizer="latest").train(0, 4)
     assert [load_checkpoint(step_path(log_dir, s))["optimizer"] is None for s in (1, 2, 3)] == [True, True, False]
     assert step_path(log_dir, 1).stat().st_size < 0.5 * step_path(log_dir, 3).stat().st_size
-    assert Run(data, log_dir).ckpt.resume(auto=True) == 4
+    assert Run(data, log_dir).resume(auto=True) == 4
     with pytest.raises(CheckpointError, match="weights only.*--reset_optimizer"):
-        Run(data, log_dir).ckpt.resume(path=step_path(log_dir, 1))
-    assert Run(data, log_dir).ckpt.resume(path=step_path(log_dir, 1), reset_optimizer=True) == 2
+        Run(data, log_dir).resume(path=step_path(log_dir, 1))
+    assert Run(data, log_dir).resume(path=step_path(log_dir, 1), reset_optimizer=True) == 2
 
 
 def test_best_model_is_written_only_when_validation_loss_improves(data, log_dir):
@@ -159,7 +172,7 @@ def test_resume_restores_model_optimizer_data_and_losses_exactly(data, log_dir):
     expected = Run(data, log_dir, checkpoint_interval=3).train(0, 6)
     resumed = Run(data, log_dir / "other", seed=123)  # another init: everything must come from the file
     resumed.ckpt.log_dir = log_dir
-    assert resumed.ckpt.resume(path=step_path(log_dir, 3)) == 4
+    assert resumed.resume(path=step_path(log_dir, 3)) == 4
     assert [resumed.step() for _ in range(2)] == [expected[4], expected[5]]
 
 
@@ -171,7 +184,7 @@ def test_auto_resume_skips_truncated_garbage_and_bit_flipped_files(data, log_dir
     flipped = bytearray(step_path(log_dir, 2).read_bytes())
     flipped[len(flipped) // 2] ^= 0xFF  # inside a tensor: torch.load alone would not notice
     step_path(log_dir, 2).write_bytes(bytes(flipped))
-    assert Run(data, log_dir).ckpt.resume(auto=True) == 2
+    assert Run(data, log_dir).resume(auto=True) == 2
     out = capsys.readouterr().out
     for name in ("model_00004.pt", "model_00003.pt", "model_00002.pt"):
         assert f"skipping {name}" in out
@@ -179,7 +192,7 @@ def test_auto_resume_skips_truncated_garbage_and_bit_flipped_files(data, log_dir
 
 
 def test_auto_resume_without_checkpoints_starts_fresh(data, log_dir, capsys):
-    assert Run(data, log_dir).ckpt.resume(auto=True) == 0
+    assert Run(data, log_dir).resume(auto=True) == 0
     assert "starting fresh" in capsys.readouterr().out
 
 
@@ -188,7 +201,7 @@ def test_explicit_resume_of_a_missing_or_bad_file_lists_the_checkpoints(data, lo
     step_path(log_dir, 2).write_bytes(b"garbage")
     for bad in (log_dir / "model_00042.pt", step_path(log_dir, 2)):
         with pytest.raises(CheckpointError) as err:
-            Run(data, log_dir).ckpt.resume(path=bad)
+            Run(data, log_dir).resume(path=bad)
         assert str(bad) in str(err.value)
         assert "Checkpoints in" in str(err.value) and "model_00001.pt" in str(err.value)
 
@@ -216,8 +229,9 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(data, log_dir, t
     with pytest.raises(CheckpointError):
         load_checkpoint(newer_protocol)
     with pytest.raises(CheckpointError, match="refused"):
-        Run(data, log_dir).ckpt.resume(path=evil)
-    assert Run(data, log_dir).ckpt.resume(auto=True) == 0  # skipped, reported, fresh start
+        Run(data, log_dir).resume(path=evil)
+    with pytest.raises(CheckpointError, match="refused"):  # not damaged: a file to look at, not to skip and overwrite
+        Run(data, log_dir).resume(auto=True)
     assert run_tool("verify", str(evil)) == 1
     assert not marker.exists()
 
@@ -226,7 +240,7 @@ def test_config_mismatch_names_both_values_and_writes_nothing(data, log_dir):
     Run(data, log_dir).train(0, 2)
     before = {p.name: p.stat().st_mtime_ns for p in log_dir.iterdir()}
     with pytest.raises(CheckpointError, match="n_layer=2 in the checkpoint but 3 in this run"):
-        Run(data, log_dir, config={**CONFIG, "n_layer": 3}).ckpt.resume(path=step_path(log_dir, 1))
+        Run(data, log_dir, config={**CONFIG, "n_layer": 3}).resume(path=step_path(log_dir, 1))
     assert {p.name: p.stat().st_mtime_ns for p in log_dir.iterdir()} == before
 
 
@@ -276,7 +290,7 @@ def test_a_save_with_nan_weights_is_refused(data, log_dir):
     run.train(0, 2)
     with torch.no_grad():
         run.model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
-    with pytest.raises(CheckpointError, match="NaN or inf after step 2.*last good checkpoint is .*model_00001.pt"):
+    with pytest.raises(CheckpointError, match="NaN or inf after step 2.*last healthy checkpoint is .*model_00001.pt"):
         run.save(2)
     assert names(log_dir) == ["model_00001.pt"]
 
@@ -333,7 +347,7 @@ def test_grad_scaler_state_round_trips(data, log_dir):
     scaler.update(new_scale=256.0)  # as after a few overflows in fp16 training
     Run(data, log_dir, scaler=scaler).train(0, 2)
     fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    Run(data, log_dir, scaler=fresh).ckpt.resume(auto=True)
+    Run(data, log_dir, scaler=fresh).resume(auto=True)
     assert fresh.get_scale() == 256.0
 
 
@@ -436,7 +450,7 @@ def test_export_round_trips_the_logits(data, log_dir, tmp_path, capsys):
     assert torch.allclose(logits_of(model), expected, atol=0.05)
     assert run_tool("verify", str(tmp_path / "w16.pt")) == 0
     with pytest.raises(CheckpointError, match="is an export"):
-        Run(data, log_dir).ckpt.resume(path=tmp_path / "w.pt")
+        Run(data, log_dir).resume(path=tmp_path / "w.pt")
     assert run_tool("export", str(step_path(log_dir, 2)), "--out", str(tmp_path / "w.txt")) == 2
 
 
@@ -502,7 +516,7 @@ def test_a_checkpoint_of_an_older_format_resumes_exactly(data, log_dir, tmp_path
     old.parent.mkdir()
     torch.save(older_format(load_checkpoint(step_path(log_dir, 3)), version), old)
     resumed = Run(data, tmp_path / "new", seed=123)
-    assert resumed.ckpt.resume(path=old) == 4
+    assert resumed.resume(path=old) == 4
     assert [resumed.step() for _ in range(2)] == [expected[4], expected[5]]
     assert run_tool("verify", old) == 0
 
@@ -515,9 +529,9 @@ def test_a_resume_reads_and_verifies_the_chosen_file_once(data, log_dir, monkeyp
     real_load, real_crc = torch.load, checkpoint.check_zip_crc
     monkeypatch.setattr(torch, "load", lambda path, **kw: loads.append((Path(path).name, kw["mmap"]))
                         or real_load(path, **kw))
-    monkeypatch.setattr(checkpoint_manager, "check_zip_crc", lambda path: crc_checks.append(Path(path).name) or real_crc(path))
+    monkeypatch.setattr(run_folder, "check_zip_crc", lambda path: crc_checks.append(Path(path).name) or real_crc(path))
     run = Run(data, log_dir)
-    assert run.ckpt.resume(auto=True) == 3
+    assert run.resume(auto=True) == 3
     assert loads == [("model_00002.pt", True)] and crc_checks == ["model_00002.pt"]
     loads.clear()
     assert run.ckpt.best_val_loss_on_disk() == 2.5

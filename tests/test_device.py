@@ -286,7 +286,7 @@ def test_auto_probes_the_model_training_builds(monkeypatch, capsys, tmp_path):
     args = parse_args(["--data_root", "x", "--model", "d2", "--seq_len", "32", "--total_batch_size", "1024",
                        "--micro_batch_size", "auto", "--activation_checkpointing", "--device", "cpu",
                        "--log_dir", str(tmp_path / "log")])
-    config, _, _, lock = train_gpt2.setup(args)
+    config, _, _, lock, _ = train_gpt2.setup(args)
     lock.release()
     assert config.micro_batch_size == 32 and config.grad_accum_steps == 1 and dict(config.sources)[
         "micro_batch_size"] == "auto (flag)"
@@ -390,7 +390,7 @@ def test_deterministic_mode_switches_every_source_and_says_so(monkeypatch):
     assert "cuda: TF32 matmuls on, cudnn.benchmark on" in device_mod.apply_device_settings("cuda")
 
 
-def test_deterministic_is_recorded_and_a_resume_with_another_setting_warns(tiny_data, tmp_path, capsys):
+def test_deterministic_is_recorded_kept_by_a_resume_and_a_change_is_said(tiny_data, tmp_path, capsys):
     import checkpoint
 
     run = TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--total_batch_size", "128"]
@@ -398,11 +398,11 @@ def test_deterministic_is_recorded_and_a_resume_with_another_setting_warns(tiny_
         train_gpt2.main(run + ["--max_steps", "2", "--deterministic"])
         assert "deterministic: torch.use_deterministic_algorithms on" in capsys.readouterr().out
         assert checkpoint.load_checkpoint(tmp_path / "model_00001.pt")["run_config"]["deterministic"] is True
-        train_gpt2.main(run + ["--max_steps", "3", "--auto_resume"])
-        out = capsys.readouterr().out
-        assert "warning: the checkpoint's run was --deterministic and this one is not" in out
+        train_gpt2.main(run + ["--max_steps", "3", "--auto_resume"])  # the run's own setting
+        assert "deterministic: torch.use_deterministic_algorithms on" in capsys.readouterr().out
+        train_gpt2.main(run + ["--max_steps", "4", "--auto_resume", "--deterministic=False"])
+        assert ("resume: --deterministic False, where the checkpoint's run had True: the steps from here on no longer "
+                "repeat bit for bit on CUDA") in capsys.readouterr().out
         assert not torch.are_deterministic_algorithms_enabled()
-        train_gpt2.main(run + ["--max_steps", "4", "--auto_resume", "--deterministic"])
-        assert "the checkpoint's run was not --deterministic and this one is" in capsys.readouterr().out
     finally:
         device_mod.set_deterministic("cpu", False)

@@ -156,8 +156,10 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
     # A learning rate of 1e30 from step 3 on: step 3's update turns the weights to NaN, step 4's loss shows it.
     diverged = run(train_cmd(data, log_dir, "--auto_resume", "--max_lr", "1e30", "--checkpoint_interval", "100"))
     assert diverged.returncode == 1, diverged.output
-    assert f"--max_steps changed from 3 to {MAX_STEPS}" in diverged.output
-    assert re.search(r"error: loss is (nan|inf) at step 4: stopped without saving. the last good checkpoint is .*model_00002.pt",
+    assert f"resume: --max_steps {MAX_STEPS}, where the checkpoint's run had 3: the LR schedule is recomputed" \
+        in diverged.output
+    assert re.search(r"error: loss is (nan|inf) at step 4: stopped without saving. The last healthy checkpoint is "
+                     r".*model_00002.pt: lower --max_lr",
                      diverged.output), diverged.output
     assert [p.name for _, p in checkpoint.list_checkpoints(log_dir)] == ["model_00002.pt"]
     assert checkpoint.read_latest(log_dir) == checkpoint.step_path(log_dir, 2).resolve()

@@ -19,7 +19,7 @@ LAYERS = [
     ["model", "dataloader", "dataprep"],                # dataprep: the preparation, a package (PACKAGES)
     ["converters", "run_config"],                       # other trainers' files; every option -> one frozen config
     ["checkpoint"],                                     # checkpoint files: layout, names, loading, checks
-    ["full_state"],                                     # the whole state between rank 0 and the ranks
+    ["full_state", "run_folder"],                       # the whole state between the ranks; what a run folder holds
     ["checkpoint_manager", "hellaswag", "gpt2_hf"],
     ["train_gpt2"],                                     # the trainer: CLI and loop; scripts/ sit above it
 ]
