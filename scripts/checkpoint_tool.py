@@ -76,10 +76,10 @@ def what(ckpt):
 
 
 def losses(ckpt):
-    """What list and compare show of a checkpoint: its step, the epoch its data loader was in, and the
-    (step, loss) of the last train loss and the last validation loss recorded before the save. The val loss
-    may be older than the step (evaluations are every --eval_interval steps), so its step goes with it.
-    Exports and other trainers' files keep no history: their val loss has no step (None)."""
+    """What list and compare show of a checkpoint: its step, its epoch (the passes over the data the loader had
+    completed), and the (step, loss) of the last train loss and of the last validation loss recorded before the
+    save. The val loss may be older than the step (evaluations are every --eval_interval steps), so its step
+    goes with it. Exports and other trainers' files keep no history: their val loss has no step (None)."""
     state = ckpt.get("train_state") or {}
     history = state.get("history") or {}
     train = tuple((history.get("train") or [(None, None)])[-1])
@@ -103,14 +103,8 @@ def dash(value):
 
 
 def checkpoints_of(paths):
-    """[(path, the folder it was found in or None)] for files and folders given on the command line."""
-    found = []
-    for path in map(existing, paths):
-        if path.is_dir():
-            found += [(p, path) for p in checkpoint_files(path)]
-        else:
-            found.append((path, None))
-    return found
+    """The checkpoint files of files and folders given on the command line, in that order."""
+    return [p for path in paths for p in (checkpoint_files(path) if path.is_dir() else [path])]
 
 
 def cmd_list(args):
@@ -123,10 +117,10 @@ def cmd_list(args):
     if not found:
         return 0
     one_folder = len(paths) == 1 and paths[0].is_dir()  # names alone; otherwise the paths as given
-    shown = [p.name if one_folder else str(p) for p, _ in found]
+    shown = [p.name if one_folder else str(p) for p in found]
     width, status, latest_of = max(len("file"), *map(len, shown)), 0, {}
     print(f"{'file':<{width}} {'step':>7} {'epoch':>5} {'train loss':>16} {'val loss':>16} {'size':>10}  optimizer")
-    for (path, _), name in zip(found, shown):
+    for path, name in zip(found, shown):
         folder = path.parent.resolve()
         if folder not in latest_of:
             latest_of[folder] = read_latest(folder)
