@@ -16,7 +16,7 @@ Every reader here (load_model, verify_file, the tools, --init_from) takes other 
 nanoGPT's ckpt.pt, build-nanogpt's model_*.pt and llm.c's .bin, converted by converters.py into an
 export of this trainer ('foreign' says what the file is, 'notes' what the conversion chose). Resuming
 takes this trainer's checkpoints only. Saving and resuming a run: checkpoint_manager.py. The tools
-(list, inspect, verify, export) are scripts/checkpoint_tool.py; `python checkpoint.py ...` forwards to it.
+(list, compare, prune, inspect, verify, export) are scripts/checkpoint_tool.py; `python checkpoint.py ...` forwards to it.
 
 Files in log_dir: model_{step:05d}.pt, model_{step:05d}_epoch{N}.pt (the step where the data ran out
 for the N-th time; outside the keep-last-N rotation), latest_checkpoint.pt (symlink, or a small

@@ -4,19 +4,25 @@ Public API (the loop makes one call per step, one per evaluation):
     metrics = Metrics(log_dir, Throughput(tokens_per_step=524288, flops_per_token=..., peak_flops=..., world_size=8),
                       enabled=ddp.master, device_type="cuda", start_step=0, total_steps=19073, log_interval=1,
                       tensorboard=False, wandb=None)   # wandb: WandbRun(project, name, config, tracked)
-    train_step(..., timer=metrics.timer)       # marks data / fwd_bwd / optim inside the step (StepTimer)
+    train_step(..., timer=metrics.timer)       # marks data / fwd / bwd / optim inside the step (StepTimer)
     metrics.log_step(step, dt, loss=..., lr=..., norm=..., **extra)   # extra: any scalars, e.g. mem_* keys
     metrics.log(step, val_loss=...)            # any other record: val_loss, hellaswag_acc_norm, ...
     metrics.close()
     mfu(flops_per_token, tokens, seconds, peak_flops, world_size) -> float or None
     peak_flops(device, dtype)   datasheet peak FLOP/s of this GPU (PEAK_FLOPS), or None: no MFU
+    process_memory() -> {"mem_rss_gib", "mem_rss_peak_gib"}   this process's resident host memory
     MetricsError                               # a missing optional package; the message names the fix
 
 What it writes (rank 0 only; other ranks keep quiet):
 - <log_dir>/metrics.jsonl, one JSON object per line, appended across resumes (a resumed run may log a
-  step twice; the later line is the one that counts). Step records: step, loss, lr, norm, dt_ms,
-  tok_per_sec, mfu (known GPUs only), and every log_interval steps data_ms, fwd_bwd_ms, optim_ms
-  (the mean per step since the last report), plus any extra keys the loop passes. Other records:
+  step twice; the later line is the one that counts). Step records: step, loss, lr, norm, dt_ms (this
+  step), tok_per_sec, mfu (known GPUs only), mem_rss_gib and mem_rss_peak_gib (the process's host
+  memory), plus any extra keys the loop passes (device memory: mem_alloc_gib, ...). Every log_interval
+  steps and at the last step also the split of the step time, each a mean over the same steps, those
+  since the last report: mean_dt_ms (of their dt_ms), data_ms, fwd_ms, bwd_ms, optim_ms (the phases,
+  which add up to at most mean_dt_ms: the rest is the loop's own host work and the wait for the
+  step's result), data_share = data_ms / mean_dt_ms and compute_share = (fwd + bwd + optim) / mean_dt_ms.
+  The printed line at that step shows the same means: dt, tok/s and MFU of mean_dt_ms. Other records:
   step + val_loss, or step + hellaswag_acc, hellaswag_acc_norm, hellaswag_n.
 - <log_dir>/tensorboard/ with --tensorboard: the same scalars (needs `pip install tensorboard`).
 - a Weights & Biases run with --wandb (needs `pip install wandb`; WANDB_MODE=offline works without a
@@ -44,11 +50,13 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import environment  # noqa: F401  before torch (imported where a timer needs it): it sets variables torch reads
 from cli import UserError
 
-PHASES = ("data", "fwd_bwd", "optim")  # how a training step's time is split, in order
+PHASES = ("data", "fwd", "bwd", "optim")  # how a training step's time is split, in order
+SPLIT_KEYS = ("mean_dt_ms", *(f"{phase}_ms" for phase in PHASES), "data_share", "compute_share")
 
 
 class MetricsError(UserError):
@@ -107,8 +115,28 @@ def peak_flops(device, dtype):
     return None
 
 
+def process_memory():
+    """This process's resident host memory in GiB: now (Linux, /proc/self/statm: one read, ~10 us) and
+    the peak since it started (getrusage: KiB on Linux, bytes on macOS). {} where neither is known."""
+    gib, stats = 2**30, {}
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        stats["mem_rss_gib"] = resident_pages * os.sysconf("SC_PAGE_SIZE") / gib
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return stats
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak / gib if sys.platform == "darwin" else peak * 1024 / gib
+    # Linux updates the peak lazily, so it may lag the resident size just read by a few pages.
+    stats["mem_rss_peak_gib"] = max(peak, stats.get("mem_rss_gib", 0.0))
+    return stats
+
+
 class StepTimer:
-    """Splits each training step's time into data, forward+backward and optimizer phases without a
+    """Splits each training step's time into data, forward, backward and optimizer phases without a
     device sync per step.
 
     train_step calls start() and then mark(phase) at the end of each phase. On CUDA and MPS, a
@@ -146,12 +174,13 @@ class StepTimer:
             self._steps += 1
 
     def mark(self, phase):
-        """The phase that ended now: one of PHASES. Repeated phases (per micro step) add up."""
+        """The phase that ended now: one of PHASES. Repeated phases (per micro step) add up. The backward
+        phase holds DDP's all-reduce (overlapped with it) and FSDP's gradient reduce-scatter."""
         if self.enabled and self._marks:
             self._marks.append((phase, self._now()))
 
     def report(self):
-        """{"data_ms", "fwd_bwd_ms", "optim_ms"}: mean per step since the last report, then reset.
+        """{"data_ms", "fwd_ms", "bwd_ms", "optim_ms"}: mean per step since the last report, then reset.
         Empty when nothing was marked."""
         if not self._marks or not any(phase for phase, _ in self._marks):
             self._marks, self._steps = [], 0
@@ -206,7 +235,7 @@ def tensorboard_tag(key):
     for prefix, group in (("val_", "val"), ("hellaswag_", "hellaswag"), ("mem_", "memory")):
         if key.startswith(prefix):
             return f"{group}/{key[len(prefix):]}"
-    if key in ("dt_ms", "tok_per_sec", "mfu") or key in {f"{phase}_ms" for phase in PHASES}:
+    if key in ("dt_ms", "tok_per_sec", "mfu") or key in SPLIT_KEYS:
         return f"perf/{key}"
     return f"train/{key}"
 
@@ -252,6 +281,7 @@ class Metrics:
         self.stream = stream or sys.stdout
         self.file = self.writer = self.bar = self.wandb_run = None
         self._stdout = None
+        self._dt_sum, self._dt_count = 0.0, 0  # the steps since the last report: what the timer's means cover
         if wandb is not None:
             wandb_module = import_wandb()  # every rank: all stop together if it is missing
             if enabled:
@@ -295,16 +325,18 @@ class Metrics:
             self._stdout, sys.stdout = sys.stdout, DummyTqdmFile(sys.stdout)
 
     def log_step(self, step, dt, loss, lr, norm, **extra):
-        """One training step that took dt seconds. Timer phases join the record every log_interval
-        steps and at the last step; extra keys (e.g. mem_alloc_gib) are recorded as given."""
+        """One training step that took dt seconds. The split of the step time (SPLIT_KEYS) joins the record
+        every log_interval steps and at the last step; extra keys (e.g. mem_alloc_gib) are recorded as given."""
         tok_per_sec = self.throughput.tokens_per_sec(dt)
         record = dict(step=step, loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_sec=tok_per_sec)
         step_mfu = self.throughput.mfu(dt)
         if step_mfu is not None:
             record["mfu"] = step_mfu
+        self._dt_sum, self._dt_count = self._dt_sum + dt, self._dt_count + 1
         report = step % self.log_interval == 0 or step == (self.total_steps or 0) - 1
         if report:
-            record.update(self.timer.report())
+            record.update(self._split())
+        record.update(process_memory())
         record.update(extra)
         if not self.enabled:
             return record
@@ -319,18 +351,39 @@ class Metrics:
             print(self._step_line(record), file=self.stream, flush=True)
         return record
 
+    def _split(self):
+        """The means over the steps since the last report, then reset: mean_dt_ms and, where the timer
+        marked phases, each phase and the data and compute shares of the step."""
+        mean_dt_ms = self._dt_sum / max(self._dt_count, 1) * 1000
+        self._dt_sum, self._dt_count = 0.0, 0
+        split = {"mean_dt_ms": mean_dt_ms, **self.timer.report()}
+        if "data_ms" in split and mean_dt_ms > 0:
+            split["data_share"] = split["data_ms"] / mean_dt_ms
+            split["compute_share"] = sum(split[f"{phase}_ms"] for phase in PHASES[1:]) / mean_dt_ms
+        return split
+
     def _step_line(self, r):
+        """The printed line of a report step: dt, tok/s and MFU are means over the same steps as the phases."""
+        seconds = r["mean_dt_ms"] / 1000
         line = (f"step {r['step']:5d} | loss {r['loss']:.6f} | lr {r['lr']:.4e} | norm {r['norm']:.4f} | "
-                f"dt {r['dt_ms']:.1f} ms | {r['tok_per_sec']:,.0f} tok/s")
-        if "mfu" in r:
-            line += f" | MFU {r['mfu']:.1%}"
+                f"dt {r['mean_dt_ms']:.1f} ms | {self.throughput.tokens_per_sec(seconds):,.0f} tok/s")
+        interval_mfu = self.throughput.mfu(seconds)
+        if interval_mfu is not None:
+            line += f" | MFU {interval_mfu:.1%}"
         if "data_ms" in r:
-            line += " | data/fwd_bwd/optim " + "/".join(f"{r[f'{phase}_ms']:.1f}" for phase in PHASES) + " ms"
-        memory = {key: value for key, value in r.items() if key.startswith("mem_") and key.endswith("_gib")}
+            line += (" | " + "/".join(PHASES) + " " + "/".join(f"{r[f'{phase}_ms']:.1f}" for phase in PHASES)
+                     + f" ms (data {r['data_share']:.0%}, compute {r['compute_share']:.0%})")
+        memory = {key: value for key, value in r.items()
+                  if key.startswith("mem_") and key.endswith("_gib") and not key.startswith("mem_rss")}
         if memory:  # device.memory_stats: mem_alloc_gib, mem_peak_gib, ... -> "mem alloc/peak 1.2/3.4 GiB"
             line += (f" | mem {'/'.join(key[4:-4] for key in memory)} "
                      f"{'/'.join(f'{value:.1f}' for value in memory.values())} GiB")
-        known = {"step", "loss", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"} | {f"{p}_ms" for p in PHASES}
+        if "mem_rss_gib" in r:  # the host's: on the CPU the only memory there is
+            line += f" | rss {r['mem_rss_gib']:.2f} GiB"
+        elif "mem_rss_peak_gib" in r:  # macOS: only the peak is known
+            line += f" | rss peak {r['mem_rss_peak_gib']:.2f} GiB"
+        known = {"step", "loss", "lr", "norm", "dt_ms", "tok_per_sec", "mfu", "mem_rss_gib", "mem_rss_peak_gib",
+                 *SPLIT_KEYS}
         for key, value in r.items():
             if key not in known and key not in memory:
                 line += f" | {key} {format_value(value)}"

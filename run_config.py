@@ -195,7 +195,7 @@ class RunConfig:
                                        "$HELLASWAG_CACHE_DIR or ~/.cache/gpt2-train/hellaswag)", metavar="FILE")
     hellaswag_limit: int = option(None, "score only the first N HellaSwag examples (default: all)", type=int,
                                   check=at_least(1, "1 or more"))
-    log_interval: int = option(1, "print a step line (and time data/fwd_bwd/optim) every N steps; metrics.jsonl "
+    log_interval: int = option(1, "print a step line (and time data/fwd/bwd/optim) every N steps; metrics.jsonl "
                                      "gets every step", type=int, check=at_least(1, "1 or more"))
     tensorboard: bool = option(False, "also write the metrics to <log_dir>/tensorboard (pip install tensorboard)",
                                type=bool)

@@ -83,7 +83,7 @@ class StepSpec:
 def train_step(model, optimizer, scaler, loader, lr, spec, timer=None):
     """One optimizer step over spec.grad_accum_steps micro batches; returns (mean loss, grad norm) as
     device tensors without waiting for the GPU. scripts/benchmark.py times this same function.
-    timer (metrics.StepTimer) marks where the data, forward+backward and optimizer phases end."""
+    timer (metrics.StepTimer) marks where the data, forward, backward and optimizer phases end."""
     timer = timer or metrics_mod.StepTimer(enabled=False)
     timer.start()
     optimizer.zero_grad(set_to_none=spec.parallel != "ddp")  # DDP: in place, the gradients stay views into its buckets
@@ -101,8 +101,9 @@ def train_step(model, optimizer, scaler, loader, lr, spec, timer=None):
                 _, loss = model(x, y)
             loss = loss / spec.grad_accum_steps  # the gradient of the mean over the whole token batch
             loss_accum += loss.detach()
+            timer.mark("fwd")
             scaler.scale(loss).backward()
-        timer.mark("fwd_bwd")
+        timer.mark("bwd")
     distributed.mean_over_ranks(loss_accum)
     scaler.unscale_(optimizer)  # no-op unless fp16: clip the true gradients
     norm = distributed.clip_grad_norm(model.parameters(), spec.grad_clip if spec.grad_clip > 0 else float("inf"))

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""List, inspect, verify and export training checkpoints.
+"""List, compare, prune, inspect, verify and export training checkpoints.
 
-    python -m scripts.checkpoint_tool list log/                      # step, val loss, size, optimizer, latest
+    python -m scripts.checkpoint_tool list log/ other_run/model_00500.pt   # step, epoch, losses, size, optimizer, latest
+    python -m scripts.checkpoint_tool compare log_a/ log_b/model_02000.pt  # losses and run-config differences, side by side
+    python -m scripts.checkpoint_tool prune log/ --keep 3 [--dry_run]      # the newest 3 step checkpoints stay
     python -m scripts.checkpoint_tool inspect log/model_05000.pt     # versions, config, settings, losses, data position
     python -m scripts.checkpoint_tool verify log/                    # read every byte and tensor; exit 1 if any is bad
     python -m scripts.checkpoint_tool export log/model_19072.pt --out gpt2.safetensors --dtype bf16
@@ -10,7 +12,7 @@
 Other trainers' files work too: nanoGPT's out/ckpt.pt, build-nanogpt's log/model_*.pt, llm.c's .bin
 (converters.py); inspect and verify say what they are and what the conversion chose.
 `python checkpoint.py ...` runs this too. Exit status: 0 ok, 1 a file is corrupt or invalid,
-2 usage (bad arguments, a missing path, a missing package).
+2 usage (bad arguments, a missing path, a missing package, a folder a trainer holds).
 """
 import json
 import sys
@@ -29,8 +31,8 @@ import device  # noqa: E402
 import files  # noqa: E402
 from model import TIED_WEIGHTS  # noqa: E402
 from checkpoint import (BEST_NAME, FORMAT_VERSION, LATEST_NAME, CheckpointError,  # noqa: E402
-                        import_safetensors, iter_tensors, list_checkpoints, read_checkpoint, read_latest, run_config_of,
-                        save_file, stored_config, tensor_bytes, verify_file)
+                        import_safetensors, is_epoch_checkpoint, iter_tensors, list_checkpoints, read_checkpoint,
+                        read_latest, run_config_of, save_file, stored_config, tensor_bytes, verify_file)
 
 NANOGPT_NAME = "ckpt.pt"  # nanoGPT's one checkpoint in its out_dir
 # What only this trainer's checkpoints hold: inspect leaves these lines out for other trainers' files.
@@ -73,31 +75,199 @@ def what(ckpt):
     return f"  ({ckpt['foreign']})" if ckpt.get("foreign") else ""
 
 
+def losses(ckpt):
+    """What list and compare show of a checkpoint: its step, its epoch (the passes over the data the loader had
+    completed), and the (step, loss) of the last train loss and of the last validation loss recorded before the
+    save. The val loss may be older than the step (evaluations are every --eval_interval steps), so its step
+    goes with it. Exports and other trainers' files keep no history: their val loss has no step (None)."""
+    state = ckpt.get("train_state") or {}
+    history = state.get("history") or {}
+    train = tuple((history.get("train") or [(None, None)])[-1])
+    val = tuple((history.get("val") or [(None, None)])[-1])
+    if val[1] is None and state.get("val_loss") is not None:
+        val = (None, state["val_loss"])
+    return {"step": state.get("step"), "epoch": (ckpt.get("dataloader") or {}).get("epoch"), "train": train,
+            "val": val, "best": state.get("best_val_loss")}
+
+
+def at_step(entry):
+    """(step, loss) as "2.7500 @ 250"; "3.0625" when the step is unknown; "-" without a loss."""
+    step, loss = entry
+    if loss is None:
+        return "-"
+    return f"{loss:.4f}" if step is None else f"{loss:.4f} @ {step}"
+
+
+def dash(value):
+    return "-" if value is None else str(value)
+
+
+def checkpoints_of(paths):
+    """The checkpoint files of files and folders given on the command line, in that order."""
+    return [p for path in paths for p in (checkpoint_files(path) if path.is_dir() else [path])]
+
+
 def cmd_list(args):
-    log_dir = existing(args.dir)
-    if not log_dir.is_dir():
-        raise cli.UsageError(f"{log_dir} is not a directory")
-    files = checkpoint_files(log_dir)
-    if not files:
-        print(f"no checkpoints in {log_dir}")
+    paths = [existing(p) for p in args.paths]
+    found = checkpoints_of(paths)
+    folders = [p for p in paths if p.is_dir()]
+    for folder in folders:
+        if not checkpoint_files(folder):
+            print(f"no checkpoints in {folder}")
+    if not found:
         return 0
-    latest, status = read_latest(log_dir), 0
-    print(f"{'file':<18} {'step':>7} {'val loss':>9} {'size':>10}  optimizer")
-    for path in files:
+    one_folder = len(paths) == 1 and paths[0].is_dir()  # names alone; otherwise the paths as given
+    shown = [p.name if one_folder else str(p) for p in found]
+    width, status, latest_of = max(len("file"), *map(len, shown)), 0, {}
+    print(f"{'file':<{width}} {'step':>7} {'epoch':>5} {'train loss':>16} {'val loss':>16} {'size':>10}  optimizer")
+    for path, name in zip(found, shown):
+        folder = path.parent.resolve()
+        if folder not in latest_of:
+            latest_of[folder] = read_latest(folder)
         try:
             ckpt = read_checkpoint(path)
-            val = last_val(ckpt)
-            step = (ckpt.get("train_state") or {}).get("step")
-            row = (f"{'-' if step is None else step:>7} {'-' if val is None else f'{val:.4f}':>9} "
-                   f"{path.stat().st_size / 1e6:>7.1f} MB  {'yes' if ckpt.get('optimizer') is not None else 'no'}"
-                   f"{what(ckpt)}")
+            seen = losses(ckpt)
+            row = (f"{dash(seen['step']):>7} {dash(seen['epoch']):>5} {at_step(seen['train']):>16} "
+                   f"{at_step(seen['val']):>16} {path.stat().st_size / 1e6:>7.1f} MB  "
+                   f"{'yes' if ckpt.get('optimizer') is not None else 'no'}{what(ckpt)}")
         except CheckpointError as exc:
             row, status = f"unreadable: {exc}", 1
-        print(f"{path.name:<18} {row}{'  <- latest' if path.resolve() == latest else ''}")
-    if latest is not None:
-        print(f"latest -> {latest.name}" + ("" if latest.is_file() else " (missing!)"))
-        status = status if latest.is_file() else 1
+        print(f"{name:<{width}} {row}{'  <- latest' if path.resolve() == latest_of[folder] else ''}")
+    for folder in folders:
+        latest = read_latest(folder)
+        if latest is not None:
+            where = "" if one_folder else f" in {folder}"
+            print(f"latest{where} -> {latest.name}" + ("" if latest.is_file() else " (missing!)"))
+            status = status if latest.is_file() else 1
     return status
+
+
+def newest_in(folder):
+    """The checkpoint a folder's run is at: the one latest names, else the highest step."""
+    latest = read_latest(folder)
+    if latest is not None and latest.is_file():
+        return latest
+    steps = list_checkpoints(folder)
+    if not steps:
+        raise cli.UsageError(f"{folder} holds no model_*.pt checkpoint to compare; name a file instead")
+    return steps[-1][1]
+
+
+def flat(config, prefix=""):
+    """A nested config dict as {"a.b": value}, for a row per setting."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def setting(value):
+    return json.dumps(value) if isinstance(value, (list, tuple, dict, bool)) or value is None else str(value)
+
+
+def cmd_compare(args):
+    if len(args.paths) < 2:
+        raise cli.UsageError("compare needs two checkpoints or more (a folder stands for its latest checkpoint)")
+    paths = [newest_in(p) if p.is_dir() else p for p in map(existing, args.paths)]
+    ckpts = [read_checkpoint(p) for p in paths]
+    rows = [("file", [str(p) for p in paths]),
+            ("kind", [c.get("foreign") or c.get("kind", "checkpoint") for c in ckpts])]
+    for name, key, shown in (("step", "step", dash), ("epoch", "epoch", dash), ("train loss", "train", at_step),
+                             ("val loss", "val", at_step),
+                             ("best val loss", "best", lambda v: "-" if v is None else f"{v:.4f}")):
+        rows.append((name, [shown(losses(c)[key]) for c in ckpts]))
+    # The run's settings (RunConfig, or another trainer's under its names) and the model's shape; where each
+    # value came from ("sources") is not a difference between the runs.
+    configs = [{**{k: v for k, v in flat(run_config_of(c)).items()
+                   if not k.startswith(("sources.", "model_config."))},
+                **flat({"model": stored_config(c, p) if "model_config" in c else {}})} for c, p in zip(ckpts, paths)]
+    keys = sorted(set().union(*configs))
+    differ = [k for k in keys if len({setting(c.get(k, "-")) for c in configs}) > 1]
+    none = [str(p) for p, c in zip(paths, ckpts) if not run_config_of(c)]
+    rows.append((f"{len(differ)} of {len(keys)} settings differ"
+                 + (f" ({', '.join(none)}: no run config)" if none else ""), [""] * len(paths)))
+    rows += [(key, [setting(c[key]) if key in c else "-" for c in configs]) for key in differ]
+    label = max(len(name) for name, values in rows if any(values))
+    widths = [max(len(values[i]) for _, values in rows) for i in range(len(paths))]
+    for name, values in rows:
+        if not any(values):  # a heading
+            print(name)
+            continue
+        print(f"{name:<{label}}  " + "  ".join(f"{v:<{w}}" for v, w in zip(values, widths)).rstrip())
+    return 0
+
+
+def trainer_holding(folder):
+    """Who holds the run folder's lock ("pid 123 on host"), or None when no trainer does."""
+    try:
+        files.RunLock.check(folder)
+        return None
+    except files.RunLockError:
+        try:
+            holder = json.loads((folder / files.LOCK_NAME).read_text())
+        except (OSError, ValueError):
+            holder = {}
+        return f"pid {holder['pid']} on {holder.get('host')}" if isinstance(holder, dict) and "pid" in holder \
+            else "another process"
+
+
+def cmd_prune(args):
+    """The newest --keep step checkpoints stay; best_model.pt, epoch checkpoints and the file latest names are
+    never removed. Under the folder's lock, so a trainer cannot start (and resume from a file) meanwhile."""
+    folder = existing(args.dir)
+    if not folder.is_dir():
+        raise cli.UsageError(f"{folder} is not a directory")
+    holder = trainer_holding(folder)
+    if holder and args.dry_run:
+        print(f"{folder} is in use by a trainer ({holder}): without --dry_run prune refuses until it stops")
+    elif holder:
+        raise busy(folder, holder)
+    lock = None
+    try:
+        if not args.dry_run:
+            lock = files.RunLock(folder, holder="checkpoint prune").acquire()
+        return prune(folder, args.keep, args.dry_run)
+    except files.RunLockError:  # a trainer started between the look and the lock
+        raise busy(folder, trainer_holding(folder) or "another process") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def busy(folder, holder):
+    return cli.UsageError(f"{folder} is in use by a trainer ({holder}): pruning it now could remove the file it "
+                          "resumes from or is about to keep. Prune after it stops, or let it prune itself with "
+                          "--keep_last_n_checkpoints (--dry_run shows what would go)")
+
+
+def prune(folder, keep, dry_run):
+    steps = [p for _, p in list_checkpoints(folder) if not is_epoch_checkpoint(p)]
+    latest = read_latest(folder)
+    older = steps[:-keep]
+    protected = [p for p in older if p.resolve() == latest]
+    doomed = [p for p in older if p not in protected]
+    freed = 0
+    for path in doomed:
+        size = path.stat().st_size
+        if not dry_run:
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise CheckpointError(f"could not remove {path}: {exc.strerror}") from None
+        freed += size
+        print(f"{'would remove' if dry_run else 'removed'} {path} ({size / 1e6:.1f} MB)")
+    if doomed and not dry_run:
+        files.fsync_dir(folder)
+    for path in protected:
+        print(f"kept {path.name}, older than the newest {keep}: latest_checkpoint.pt names it")
+    epochs = sum(is_epoch_checkpoint(p) for _, p in list_checkpoints(folder))
+    best = ", best_model.pt" if (folder / BEST_NAME).is_file() else ""
+    print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB; {'would keep' if dry_run else 'kept'} "
+          f"{len(steps) - len(doomed)} step checkpoint(s){best}" + (f", {epochs} epoch checkpoint(s)" if epochs else ""))
+    return 0
 
 
 def cmd_inspect(args):
@@ -208,11 +378,20 @@ def exported(source, ckpt, dtype, out, holding):
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="Inspect, verify and export training checkpoints. "
+    p = cli.ArgumentParser(description="List, compare, prune, inspect, verify and export training checkpoints. "
                            "Exit status: 0 ok, 1 corrupt or invalid file, 2 usage error.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("list", help="every checkpoint in a log dir: step, val loss, size, optimizer, latest")
+    s = sub.add_parser("list", help="checkpoints of log dirs and files: step, epoch, train loss, val loss (@ its "
+                       "step), size, optimizer, latest")
+    s.add_argument("paths", nargs="+", metavar="path", help="checkpoint files, or log dirs (every checkpoint in them)")
+    s = sub.add_parser("compare", help="checkpoints side by side: steps, losses, the settings that differ")
+    s.add_argument("paths", nargs="+", metavar="path", help="two checkpoint files or more; a log dir stands for its "
+                   "latest checkpoint")
+    s = sub.add_parser("prune", help="remove older step checkpoints: the newest --keep stay; best_model.pt, epoch "
+                       "checkpoints and the one latest names are never removed")
     s.add_argument("dir")
+    s.add_argument("--keep", type=cli.positive_int, required=True, help="step checkpoints to keep, the newest")
+    s.add_argument("--dry_run", action="store_true", help="only list what would be removed")
     s = sub.add_parser("inspect", help="what one checkpoint holds: versions, step, config, settings, losses, data state")
     s.add_argument("path")
     s = sub.add_parser("verify", help="read every byte and tensor, check keys and shapes; exit 1 if any file is bad")
@@ -226,7 +405,8 @@ def parse_args(argv=None):
 
 def run(argv=None):
     args = parse_args(argv)
-    return {"list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify, "export": cmd_export}[args.command](args)
+    return {"list": cmd_list, "compare": cmd_compare, "prune": cmd_prune, "inspect": cmd_inspect, "verify": cmd_verify,
+            "export": cmd_export}[args.command](args)
 
 
 def main(argv=None):

@@ -362,19 +362,7 @@ def test_stale_temp_files_of_killed_writers_are_removed(data, log_dir):
 
 
 # -----------------------------------------------------------------------------
-# Tools: python checkpoint.py list | inspect | verify | export, and load_model
-
-
-def test_list_shows_every_checkpoint_and_latest(data, log_dir, capsys):
-    Run(data, log_dir, save_optimizer="latest").train(0, 3, val_losses=[3.0, 2.5, 2.75])
-    assert run_tool("list", str(log_dir)) == 0
-    out = capsys.readouterr().out
-    rows = {line.split()[0]: line for line in out.splitlines() if line.endswith(("yes", "no", "latest"))}
-    assert rows["model_00001.pt"].split()[1:3] == ["1", "2.5000"] and rows["model_00001.pt"].endswith("no")
-    assert rows["model_00002.pt"].split()[1:3] == ["2", "2.7500"] and "yes  <- latest" in rows["model_00002.pt"]
-    assert rows["best_model.pt"].split()[1:3] == ["1", "2.5000"]
-    assert "latest -> model_00002.pt" in out
-    assert run_tool("list", str(log_dir / "nope")) == 2
+# Tools: python checkpoint.py inspect | verify | export, and load_model (list, compare, prune: test_checkpoint_tools.py)
 
 
 def test_inspect_prints_what_a_checkpoint_holds(data, log_dir, capsys):

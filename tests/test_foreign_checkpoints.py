@@ -128,7 +128,7 @@ def test_list_and_verify_show_them_where_they_sit(trainers, tmp_path, capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert set(rows) == {"model_05000.pt", "gpt2_d2.bin"}
-    assert rows["model_05000.pt"].split()[1:3] == ["4999", "3.0625"]
+    assert rows["model_05000.pt"].split()[1:5] == ["4999", "-", "-", "3.0625"]  # no epoch, no train loss, no val step
     assert rows["model_05000.pt"].endswith("no  (build-nanogpt checkpoint)")
     assert rows["gpt2_d2.bin"].endswith("no  (llm.c model file)")
     assert run_tool("list", trainers["nanogpt"][1].parent) == 0

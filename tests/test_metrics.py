@@ -35,7 +35,8 @@ def test_step_records_hold_throughput_mfu_and_any_extra_keys(tmp_path):
     assert val == {"step": 0, "val_loss": 3.5}
     assert hellaswag == {"step": 0, "hellaswag_acc": 0.25, "hellaswag_acc_norm": 0.5, "hellaswag_n": 12}
     printed = out.getvalue()
-    assert "MFU 10.0%" in printed and "| mem alloc/peak 1.2/2.5 GiB | grad_scale 1024.0000\n" in printed
+    assert "MFU 10.0%" in printed and "| mem alloc/peak 1.2/2.5 GiB | rss " in printed
+    assert f"| rss {step['mem_rss_gib']:.2f} GiB | grad_scale 1024.0000\n" in printed  # the host's memory apart
     assert "step     0 | val loss 3.5000" in printed and "hellaswag acc norm 0.5000" in printed
 
 
@@ -73,16 +74,15 @@ def test_step_timer_splits_each_step_into_data_fwd_bwd_and_optim(monkeypatch):
     timer = StepTimer("cpu")
     for _ in range(2):  # two steps of two micro steps each
         timer.start()
-        for data_s, compute_s in ((0.001, 0.010), (0.002, 0.020)):
-            clock.now += data_s
-            timer.mark("data")
-            clock.now += compute_s
-            timer.mark("fwd_bwd")
+        for data_s, forward_s, backward_s in ((0.001, 0.010, 0.020), (0.002, 0.020, 0.040)):
+            for phase, seconds in (("data", data_s), ("fwd", forward_s), ("bwd", backward_s)):
+                clock.now += seconds
+                timer.mark(phase)
         clock.now += 0.005
         timer.mark("optim")
         clock.now += 1.0  # logging, evaluation: between steps, not part of any phase
     report = timer.report()
-    assert report == pytest.approx({"data_ms": 3.0, "fwd_bwd_ms": 30.0, "optim_ms": 5.0})  # mean per step
+    assert report == pytest.approx({"data_ms": 3.0, "fwd_ms": 30.0, "bwd_ms": 60.0, "optim_ms": 5.0})  # per step
     assert timer.report() == {}  # reset after each report
 
 
@@ -114,32 +114,53 @@ def test_step_timer_on_cuda_waits_only_at_the_report_and_reuses_its_events(monke
     for interval in range(2):
         for _ in range(3):
             timer.start()
-            for phase, seconds in (("data", 0.001), ("fwd_bwd", 0.010), ("optim", 0.002)):
+            for phase, seconds in (("data", 0.001), ("fwd", 0.004), ("bwd", 0.006), ("optim", 0.002)):
                 clock.now += seconds
                 timer.mark(phase)
             clock.now += 1.0  # between steps: not counted
         assert len(waits) == interval  # marking the steps waited for nothing
-        assert timer.report() == pytest.approx({"data_ms": 1.0, "fwd_bwd_ms": 10.0, "optim_ms": 2.0})
+        assert timer.report() == pytest.approx({"data_ms": 1.0, "fwd_ms": 4.0, "bwd_ms": 6.0, "optim_ms": 2.0})
         assert len(waits) == interval + 1  # one wait per report, on the last event
-    assert len(created) == 4 * 3  # the second interval reused the first one's events
+    assert len(created) == 5 * 3  # the second interval reused the first one's events
 
 
-def test_timer_phases_join_the_record_every_log_interval(tmp_path, monkeypatch):
+def test_the_split_joins_the_record_every_log_interval_as_means_over_the_same_steps(tmp_path, monkeypatch):
+    """With --log_interval 2 the phases are means over two steps; the step time shown beside them is the
+    mean over the same two steps, so they can never add up to more than it (the issue's 161.7 ms step
+    with phases of 216 ms: the last step's dt beside the interval's means)."""
     clock = FakeClock()
     monkeypatch.setattr(metrics.time, "perf_counter", clock)
-    m = Metrics(tmp_path, total_steps=5, log_interval=2, stream=io.StringIO(), throughput=Throughput(tokens_per_step=10))
-    for step in range(5):
+    out = io.StringIO()
+    m = Metrics(tmp_path, total_steps=5, log_interval=2, stream=out, throughput=Throughput(tokens_per_step=1000))
+    for step, scale in enumerate((1, 3, 1, 3, 2)):  # steps alternately slow and fast
         m.timer.start()
-        for phase, seconds in (("data", 0.001), ("fwd_bwd", 0.004), ("optim", 0.002)):
-            clock.now += seconds
+        for phase, seconds in (("data", 0.001), ("fwd", 0.002), ("bwd", 0.004), ("optim", 0.001)):
+            clock.now += seconds * scale
             m.timer.mark(phase)
-        m.log_step(step, 0.007, loss=1.0, lr=1.0, norm=1.0)
+        m.log_step(step, 0.010 * scale, loss=1.0, lr=1.0, norm=1.0)  # 2 ms * scale outside the phases
     m.close()
     records = read_records(tmp_path)
     assert [("data_ms" in r) for r in records] == [True, False, True, False, True]  # steps 0, 2 and the last
+    assert [r["mean_dt_ms"] for r in records[::2]] == pytest.approx([10.0, 20.0, 25.0])  # steps 0 / 1-2 / 3-4
     for r in records[::2]:
-        assert r["data_ms"] + r["fwd_bwd_ms"] + r["optim_ms"] == pytest.approx(r["dt_ms"])
-        assert r["fwd_bwd_ms"] == pytest.approx(4.0)
+        assert set(metrics.SPLIT_KEYS) <= set(r)
+        assert r["data_ms"] + r["fwd_ms"] + r["bwd_ms"] + r["optim_ms"] == pytest.approx(0.8 * r["mean_dt_ms"])
+        assert r["data_share"] == pytest.approx(0.1) and r["compute_share"] == pytest.approx(0.7)
+    assert records[1]["dt_ms"] == pytest.approx(30.0) and "mean_dt_ms" not in records[1]  # each step's own dt
+    line = out.getvalue().splitlines()[1]  # step 2: the mean of steps 1 and 2, 30 and 10 ms
+    assert "| dt 20.0 ms | 50,000 tok/s |" in line
+    assert "| data/fwd/bwd/optim 2.0/4.0/8.0/2.0 ms (data 10%, compute 70%)" in line
+
+
+def test_every_step_record_holds_the_process_memory(tmp_path):
+    m = Metrics(tmp_path, total_steps=1, stream=io.StringIO(), throughput=Throughput(tokens_per_step=10))
+    ballast = bytearray(64 * 2**20)  # 64 MiB more resident memory
+    record = m.log_step(0, 0.01, loss=1.0, lr=1.0, norm=1.0)
+    m.close()
+    assert 64 / 1024 < record["mem_rss_gib"] <= record["mem_rss_peak_gib"] < 64  # GiB: more than the ballast
+    assert read_records(tmp_path)[0]["mem_rss_gib"] == record["mem_rss_gib"]
+    assert metrics.tensorboard_tag("mem_rss_gib") == "memory/rss_gib" and metrics.tensorboard_tag("fwd_ms") == "perf/fwd_ms"
+    del ballast
 
 
 def test_plain_lines_when_stdout_is_not_a_terminal(tmp_path):

@@ -40,24 +40,29 @@ def test_step_timer_split_is_recorded_every_log_interval_and_adds_up_to_the_step
     assert timed == [0, 2, 4, 5]  # every 2 steps and the last
     since_last_report = []
     for r in steps:
+        assert r["mem_rss_gib"] > 0.05 and r["mem_rss_peak_gib"] >= r["mem_rss_gib"]  # a process with torch: > 50 MB
         since_last_report.append(r["dt_ms"])
         if "data_ms" not in r:
             continue
-        # Phases are the mean per step since the last report; they cover each step from zero_grad to the
-        # optimizer's update, and dt adds only get_lr and the loss.item() wait around them.
-        mean_dt = sum(since_last_report) / len(since_last_report)
+        # The phases and the step time beside them are means over the same steps, those since the last report;
+        # they cover each step from zero_grad to the optimizer's update, dt adds get_lr and the loss.item() wait.
+        assert r["mean_dt_ms"] == pytest.approx(sum(since_last_report) / len(since_last_report))
         since_last_report = []
-        phases = r["data_ms"] + r["fwd_bwd_ms"] + r["optim_ms"]
-        assert min(r["data_ms"], r["fwd_bwd_ms"], r["optim_ms"]) >= 0
-        assert r["fwd_bwd_ms"] > r["data_ms"]  # a forward and backward pass costs more than slicing a memmap
-        assert 0.5 * mean_dt <= phases <= mean_dt * 1.01, r
+        phases = r["data_ms"] + r["fwd_ms"] + r["bwd_ms"] + r["optim_ms"]
+        assert min(r["data_ms"], r["fwd_ms"], r["bwd_ms"], r["optim_ms"]) >= 0
+        assert r["bwd_ms"] > r["data_ms"] and r["fwd_ms"] > r["data_ms"]  # passes of the model cost more than a memmap slice
+        assert 0.5 * r["mean_dt_ms"] <= phases <= r["mean_dt_ms"], r  # never more than the step
+        assert r["data_share"] == pytest.approx(r["data_ms"] / r["mean_dt_ms"])
+        assert r["compute_share"] == pytest.approx((phases - r["data_ms"]) / r["mean_dt_ms"])
+        assert r["data_share"] + r["compute_share"] <= 1
 
 
 def test_plain_step_lines_when_stdout_is_not_a_terminal(monitored_run):
     result, _ = monitored_run
     lines = [line for line in result.stdout.splitlines() if "| loss " in line]
     assert [line.split("|")[0].strip() for line in lines] == ["step     0", "step     2", "step     4", "step     5"]
-    assert "data/fwd_bwd/optim" in lines[0]
+    assert "data/fwd/bwd/optim" in lines[0] and ", compute " in lines[0]
+    assert " | rss " in lines[0]
     assert "\r" not in result.stdout and "%|" not in result.stdout + result.stderr  # no progress bar in a log file
 
 
