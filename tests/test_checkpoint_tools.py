@@ -126,7 +126,7 @@ def test_prune_keeps_the_newest_n_best_epoch_and_latest(data, tmp_path, capsys):
     assert "kept model_00002.pt, older than the newest 2: latest_checkpoint.pt names it" in out
     assert names(log_dir) == ["best_model.pt", "latest_checkpoint.pt", "model_00002.pt", "model_00003_epoch1.pt",
                               "model_00005.pt", "model_00006.pt"]
-    assert Run(data, log_dir).ckpt.resume(auto=True) == 3  # latest still resumes
+    assert Run(data, log_dir).resume(auto=True) == 3  # latest still resumes
     assert run_tool("prune", log_dir, "--keep", "0") == 2
 
 
