@@ -26,6 +26,7 @@ import torch
 import converters
 import distributed
 import files
+import watchdog
 from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, TIED_WEIGHTS, CheckpointError,
                         check_zip_crc, is_epoch_checkpoint, list_checkpoints, load_checkpoint, not_resumable,
                         point_latest, read_latest, read_weights, remove_stale_temp_files, run_config_of, save_file,
@@ -440,6 +441,7 @@ class CheckpointManager:
         if not self._weights_finite():
             raise CheckpointError(f"the weights hold NaN or inf after step {step} (the update diverged): not saved. "
                                   f"{self.last_good()}resume with --auto_resume, perhaps with a lower --max_lr")
+        watchdog.progress("checkpoint")
         path = step_path(self.log_dir, step, epoch) if regular else None
         sharded = distributed.is_sharded(unwrap(self.model))
         error, t0 = None, time.perf_counter()

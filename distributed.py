@@ -15,9 +15,11 @@ function here is a no-op that returns its input, so callers need no `if distribu
     mean_over_ranks(t), sum_over_ranks(t)   in place on a tensor, returned
     barrier()
     is_master()                      rank 0, or the only process
+    peer_processes()                 [(host, pid)] of every rank, in rank order, gathered at setup()
 """
 import datetime
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -72,7 +74,16 @@ def setup(device_type, one_rank_group=False, timeout=None):
         dist.init_process_group(backend="nccl", device_id=torch.device("cuda", ctx.local_rank), timeout=timeout, **where)
     else:
         dist.init_process_group(backend="gloo", timeout=timeout, **where)
+    _peers[:] = all_values((socket.gethostname(), os.getpid()))  # for naming a rank that died (watchdog.py)
     return ctx
+
+
+_peers = []
+
+
+def peer_processes():
+    """[(host, pid)] of every rank of the group, in rank order (empty before setup() or without a group)."""
+    return list(_peers)
 
 
 # Keys of this project in torchrun's store; each attempt's process group lives under its own token.

@@ -50,7 +50,7 @@ DDP_BUCKET_CAP_MB = 25.0  # PyTorch's default all-reduce bucket size; --ddp_buck
 # default to None in the parser, so that a flag the user gave can be told from a default.
 LAYERED = ("data_root", "model", "total_batch_size", "micro_batch_size", "seq_len", "max_steps", "warmup_steps",
            "max_lr", "min_lr", "weight_decay", "grad_clip", "dtype", "compile", "pin_memory", "num_threads",
-           "eval_interval", "eval_steps", "log_interval", "generate_interval", "checkpoint_interval")
+           "eval_interval", "eval_steps", "log_interval", "generate_interval", "checkpoint_interval", "hang_timeout")
 
 
 class ConfigError(cli.UserError):
@@ -118,6 +118,7 @@ class RunConfig:
     save_optimizer: str
     async_checkpoint: bool
     reset_optimizer: bool
+    hang_timeout: float  # issue 23: seconds without progress before a rank exits (watchdog.py); 0: off
     sources: tuple = ()  # (name, where its value came from), for the table printed at start
 
     def to_dict(self):
@@ -149,6 +150,7 @@ CHECKS = [
     ("num_samples", lambda v: v >= 1, "1 or more"),
     ("max_new_tokens", lambda v: v >= 1, "1 or more"),
     ("checkpoint_interval", lambda v: v >= 0, "0 (at the last step only) or a number of steps"),
+    ("hang_timeout", lambda v: math.isfinite(v) and v >= 0, "0 (off) or seconds, e.g. 900"),
     ("keep_last_n_checkpoints", lambda v: v == -1 or v >= 1, "-1 (keep all) or 1 or more"),
     ("num_threads", lambda v: v >= 1, "1 or more threads"),
     ("loss_chunk_rows", lambda v: v >= 0, "0 (off) or a row count such as 8192"),
@@ -311,6 +313,7 @@ def build_config(args, dev, ctx, log):
         auto_resume=v["auto_resume"], start_over=v["start_over"], resume_from=v["checkpoint_path"] if v["resume"] else None,
         keep_last_n_checkpoints=v["keep_last_n_checkpoints"], save_optimizer=v["save_optimizer"],
         async_checkpoint=v["async_checkpoint"], reset_optimizer=v["no_load_optimizer"],
+        hang_timeout=v["hang_timeout"],
         sources=tuple(sources.items()))
 
 

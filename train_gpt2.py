@@ -7,10 +7,11 @@
 The model is model.py; the run's configuration, built and checked from these flags, run_config.py.
 Side concerns live in small modules, each one call from the loop: devices (device.py), processes
 (distributed.py), data (dataloader.py), checkpoints (checkpoint_manager.py), signals (signals.py),
-metrics (metrics.py), HellaSwag (hellaswag.py).
+metrics (metrics.py), HellaSwag (hellaswag.py), hangs and lost peers (watchdog.py).
 """
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,8 +30,10 @@ import gpt2_hf
 import hellaswag
 import metrics as metrics_mod
 import signals
+import watchdog
 from model import GPT, MODEL_PRESETS, sample_texts
-from run_config import DDP_BUCKET_CAP_MB, DEFAULT_DATA_ROOT, build_config, is_checkpoint_file, print_config
+from run_config import (DDP_BUCKET_CAP_MB, DEFAULT_DATA_ROOT, build_config, is_checkpoint_file, print_config,
+                        resolve_flags)
 
 
 class Diverged(cli.UserError):
@@ -169,6 +172,12 @@ def parse_args(argv=None):
     g.add_argument("--async_checkpoint", action="store_true", help="write checkpoints in a background thread")
     g.add_argument("--no_load_optimizer", "--reset_optimizer", dest="no_load_optimizer", action="store_true",
                    help="resume the weights only, with a fresh optimizer (fine-tuning, changed learning rate)")
+    g = p.add_argument_group("faults")
+    g.add_argument("--hang_timeout", type=float, default=None, metavar="SECONDS",
+                   help="a rank that finishes no step (and makes no progress in evaluation or a checkpoint) for this "
+                        "long writes every thread's stack to <log_dir>/failures/ and exits, so that torchrun "
+                        "--max-restarts restarts the group; the collectives time out 120 s later; 0: off "
+                        "(default: 900 on CUDA, off on the CPU and MPS)")
     return p.parse_args(argv)
 
 
@@ -239,6 +248,7 @@ def evaluate_loss(model, loader, steps, spec):
     loader.reset()
     total = torch.zeros((), device=spec.device)
     for _ in range(steps):
+        watchdog.progress("eval")
         x, y = loader.next_batch()
         x, y = x.to(spec.device, non_blocking=True), y.to(spec.device, non_blocking=True)
         with device.autocast(spec.device.type, spec.dtype):
@@ -264,7 +274,8 @@ def print_samples(model, enc, config, dev, step, rank, quiet=False):
 
 def train(args):
     device_type = device.select_device(args.device)
-    ctx = distributed.setup(device_type, one_rank_group=args.fsdp)
+    hang_timeout = resolve_flags(args, device_type)["hang_timeout"][0]  # the collectives wait past the watchdog
+    ctx = distributed.setup(device_type, one_rank_group=args.fsdp, timeout=watchdog.collective_timeout(hang_timeout))
     dev = device.torch_device(device_type, ctx.local_rank)
     log = print if ctx.master else (lambda *a, **k: None)
     config = build_config(args, dev, ctx, log)
@@ -356,8 +367,10 @@ def train_run(config, dev, ctx, log):
     enc = dataloader.get_tokenizer()
 
     val_loss = None
-    with signals.GracefulStop() as stop:  # SIGTERM / Ctrl-C: finish the step, save, stop; handlers restored after
+    # SIGTERM / Ctrl-C: finish the step, save, stop (handlers restored after); a hung rank exits (watchdog.py)
+    with signals.GracefulStop() as stop, watchdog.watching(config.hang_timeout, config.log_dir, ctx.rank):
         for step in range(start_step, config.max_steps):
+            watchdog.progress("train_step", step)
             last_step = step == config.max_steps - 1
             t0 = time.perf_counter()
             lr = get_lr(step, config)
@@ -379,8 +392,10 @@ def train_run(config, dev, ctx, log):
                     val_loss = evaluate_loss(model, val_loader, config.eval_steps * config.grad_accum_steps, spec)
                     metrics.log(step, val_loss=val_loss)
                 if hellaswag_eval.due(step, last_step):
+                    watchdog.progress("hellaswag")
                     metrics.log(step, **hellaswag_eval.run(model))
                 if config.generate_interval > 0 and step > 0 and step % config.generate_interval == 0:
+                    watchdog.progress("samples")
                     print_samples(raw_model, enc, config, dev, step, ctx.rank)
             improved = train_state.record(step, val_loss=val_loss)
             stopping = stop.agreed()
@@ -404,7 +419,9 @@ def run(argv=None):
     args = parse_args(argv)
     try:
         return train(args)
-    except RuntimeError as exc:  # torch.OutOfMemoryError, or MPS's RuntimeError saying so
+    except RuntimeError as exc:  # torch.OutOfMemoryError, or MPS's RuntimeError saying so; a lost peer
+        if not device.is_oom(exc) and watchdog.is_peer_failure(exc):
+            raise watchdog.peer_lost(exc, args.log_dir, int(os.environ.get("RANK", 0))) from None
         if not device.is_oom(exc):
             raise
         raise device.DeviceError(device.oom_message(torch.device(device.select_device(args.device)),

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 LAYERS = [
     ["environment", "cli"],                             # what must come before torch; the command-line conventions
     ["files", "triton_loss", "metrics", "distributed"],
-    ["device", "dataloader", "signals"],
+    ["device", "dataloader", "signals", "watchdog"],
     ["model"],
     ["converters"],
     ["checkpoint"],                                     # checkpoint files

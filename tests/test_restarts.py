@@ -1,8 +1,11 @@
-"""Unattended recovery under torchrun on two gloo ranks: a rank killed with kill -9 is restarted by
-torchrun's elastic agent (--max-restarts), the new attempt forms its process group and resumes from
-the newest checkpoint, and the run's losses are bit-identical to an uninterrupted two-rank run's."""
+"""Unattended recovery under torchrun on two gloo ranks: a rank killed with kill -9, or stopped with
+SIGSTOP (found by the hang watchdog), is restarted by torchrun's elastic agent (--max-restarts); the
+new attempt forms its process group and resumes from the newest checkpoint, and the run's losses are
+bit-identical to an uninterrupted two-rank run's. The survivor of a dead peer says so in one line."""
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+
+import checkpoint
+import train_gpt2
+import watchdog
+from conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 16
@@ -102,6 +110,60 @@ def test_kill_9_of_a_rank_is_restarted_by_torchrun_and_resumes_bit_identically(r
     text = output.read_text()
     assert "auto-resume: " in text and "continuing at step" in text, text  # the new attempt resumed
     assert "connectFullMesh failed" not in text, text  # the stale addresses of the dead attempt were not used
+    assert re.search(r"^error: rank 1 \(pid \d+ on this machine\) is gone: rank 0's collective in step \d+ \(\w+\) "
+                     r"failed with .*; torchrun restarts the group \(restart 1 of 2\)", text, re.M), text
     steps = [step for (step, key), _ in records(log_dir) if key == "loss"]
     assert len(steps) > len(set(steps)), steps  # steps after the checkpoint were run twice
     assert logged(log_dir) == reference  # every step's loss, bit for bit
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
+def test_a_stopped_rank_is_found_by_the_hang_watchdog_and_the_group_restarted(random_data, reference, tmp_path):
+    # 5 s rather than the 15 of the issue: torchrun itself waits 30 s before it SIGKILLs the stopped rank.
+    log_dir, output = tmp_path / "log", tmp_path / "output.txt"
+    proc = start(torchrun(random_data, log_dir, "--auto_resume", "--hang_timeout", "5", restarts=2), output)
+    wait_for_step(log_dir, 6, proc)
+    stopped = worker_pid(proc.pid, 1)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        assert finish(proc, 150) == 0, output.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGKILL)
+    text = output.read_text()
+    assert re.search(rf"^error: rank 0 made no progress for \d+ s in step \d+ \(\w+\); rank 1 \(pid {stopped} on this "
+                     r"machine\) is stopped; every thread's stack is in \S+failures/rank0.log; exiting with status 3: "
+                     r"torchrun restarts the group \(restart 1 of 2\)", text, re.M), text
+    stacks = (log_dir / "failures" / "rank0.log").read_text()
+    assert "Thread" in stacks and "in train_run" in stacks, stacks  # the main thread's stack, where it waited
+    assert "auto-resume: " in text
+    assert logged(log_dir) == reference
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
+def test_a_dead_peer_ends_the_survivor_with_one_line_and_its_traceback_in_the_run_folder(random_data, tmp_path):
+    log_dir, output = tmp_path / "log", tmp_path / "output.txt"
+    proc = start(torchrun(random_data, log_dir), output)  # no restarts: the user resumes
+    wait_for_step(log_dir, 2, proc)
+    os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+    assert finish(proc, 90) != 0
+    text = output.read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text
+    assert re.match(r"error: rank 1 \(pid \d+ on this machine\) is gone: rank 0's collective in step \d+ \(\w+\) failed "
+                    r"with \"[^\"]+\"; resume with --auto_resume .*; details in \S+failures/rank0.log$", errors[0]), errors[0]
+    assert "[rank0]:" not in text and "GLHF" not in text, text  # no gloo traceback from the survivor
+    assert f"traceback : {errors[0][len('error: '):]}" in text  # torchrun's summary shows the same line
+    detail = (log_dir / "failures" / "rank0.log").read_text()
+    assert "Traceback (most recent call last)" in detail and "gloo" in detail, detail
+
+
+def test_what_happens_next_depends_on_the_restarts_torchrun_has_left(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert watchdog.restart_hint().startswith("torchrun restarts the group (restart 2 of 3)")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+    assert watchdog.restart_hint().startswith("torchrun's 3 restarts are spent: resume with --auto_resume")
+    monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS")
+    assert watchdog.restart_hint().startswith("resume with --auto_resume")
+    assert watchdog.collective_timeout(900) == 900 + watchdog.COLLECTIVE_GRACE_S and watchdog.collective_timeout(0) is None

@@ -66,6 +66,8 @@ def test_flags_beat_presets_and_sources_are_reported():
     assert settings["max_lr"] == (6e-4, "recipe")
     assert settings["dtype"] == ("fp32", "preset:cpu")
     assert settings["min_lr"][0] == pytest.approx(6e-5)
+    assert settings["hang_timeout"] == (0, "preset:cpu")  # the watchdog: off on the CPU, 15 minutes on CUDA
+    assert resolve_flags(args, "cuda")["hang_timeout"] == (900, "preset:cuda")
 
 
 def test_short_run_lowers_the_loss_and_logs_jsonl(tiny_data, tmp_path):
@@ -122,6 +124,7 @@ def test_ddp_two_ranks_match_one_process(tiny_data, tmp_path):
     (["--seq_len", 0], "--seq_len 0 cannot work"),
     (["--n_layer", 0], "--n_layer 0 cannot work"),
     (["--max_steps", -1], "--max_steps -1 cannot work: use at least 1"),
+    (["--hang_timeout", -1], "--hang_timeout -1.0 cannot work: use 0 (off) or seconds"),
     (["--resume"], "--resume needs --checkpoint_path"),
 ])
 def test_user_mistakes_get_one_clear_message_and_write_nothing(tiny_data, tmp_path, capsys, extra, message):
