@@ -3,9 +3,10 @@ the background, and moves the state between ranks, so that a file resumes under 
 FSDP at any world size, and no rank but 0 needs to see it.
 
     ckpt = CheckpointManager(log_dir, {"model": model, "optimizer": opt, "dataloader": loader, "rng": RandomState(),
-                                       "train_state": train_state, "scaler": None}, meta={...}, interval=...)
+                                       "train_state": train_state, "scaler": None}, meta={...}, interval=...,
+                             every_minutes=0)                           # also by wall time, rank 0's clock
     start_step = ckpt.resume(auto=True, path=None, load_optimizer=True)   # 0 when starting fresh
-    ckpt.maybe_save(step, best=False, force=False, epoch=None)            # interval, last step, best, epoch end
+    ckpt.maybe_save(step, best=False, force=False, epoch=None)            # interval, minutes, last step, best, epoch end
     with ckpt.saved_on_error(step): ...                                   # a crash in evaluation still saves the step
     ckpt.close()                                                          # waits for a background write
     init_from_file(path, model, optimizer, load_optimizer, log)          # a new run from any checkpoint file's weights
@@ -224,7 +225,7 @@ class CheckpointManager:
     return or raise together."""
 
     def __init__(self, log_dir, parts, *, meta=None, interval, keep_last_n=-1, save_optimizer="all",
-                 async_save=False, log=print):
+                 async_save=False, every_minutes=0, log=print):
         self.log_dir = Path(log_dir)
         self.parts = dict(parts)
         self.model, self.train_state = self.parts["model"], self.parts["train_state"]
@@ -236,6 +237,7 @@ class CheckpointManager:
         self._thread, self._thread_error, self._buffers = None, None, {}
         self.last_save_stall_s = None  # how long the last save held up training
         self.last_write_s = None  # how long the last write took, in the background or not
+        self.every_s, self._last_save_t = every_minutes * 60, None  # --checkpoint_every_minutes; None: not started
         if self.is_master:
             remove_stale_temp_files(self.log_dir)
 
@@ -381,9 +383,20 @@ class CheckpointManager:
         if self._thread is not None and not self._thread.is_alive():
             self.wait()
         due = self.interval > 0 and step > 0 and step % self.interval == 0
+        due = self._minutes_due() or due
         if not (due or force or best or epoch):
             return None
         return self.save(step, regular=due or force or bool(epoch), best=best, epoch=epoch)
+
+    def _minutes_due(self):
+        """--checkpoint_every_minutes: rank 0's clock decides and every rank follows (one small all-reduce
+        per step, only with the flag). A save is collective, and each rank's own clock would call it at
+        another step."""
+        if not self.every_s:
+            return False
+        if self._last_save_t is None:  # the clock starts at the first step, after start-up and compilation
+            self._last_save_t = time.monotonic()
+        return bool(distributed.agree(self.is_master and time.monotonic() - self._last_save_t >= self.every_s, "max"))
 
     @contextlib.contextmanager
     def saved_on_error(self, step):
@@ -443,6 +456,8 @@ class CheckpointManager:
                                   f"{self.last_good()}resume with --auto_resume, perhaps with a lower --max_lr")
         watchdog.progress("checkpoint")
         path = step_path(self.log_dir, step, epoch) if regular else None
+        if regular:
+            self._last_save_t = time.monotonic()  # --checkpoint_every_minutes counts from the last step checkpoint
         sharded = distributed.is_sharded(unwrap(self.model))
         error, t0 = None, time.perf_counter()
         state = self.state() if self.is_master or sharded else None  # FSDP: every rank sends its shards

@@ -118,6 +118,7 @@ class RunConfig:
     save_optimizer: str
     async_checkpoint: bool
     reset_optimizer: bool
+    checkpoint_every_minutes: float  # issue 23: also save by wall time (0: off)
     hang_timeout: float  # issue 23: seconds without progress before a rank exits (watchdog.py); 0: off
     sources: tuple = ()  # (name, where its value came from), for the table printed at start
 
@@ -150,6 +151,7 @@ CHECKS = [
     ("num_samples", lambda v: v >= 1, "1 or more"),
     ("max_new_tokens", lambda v: v >= 1, "1 or more"),
     ("checkpoint_interval", lambda v: v >= 0, "0 (at the last step only) or a number of steps"),
+    ("checkpoint_every_minutes", lambda v: math.isfinite(v) and v >= 0, "0 (off) or minutes, e.g. 30"),
     ("hang_timeout", lambda v: math.isfinite(v) and v >= 0, "0 (off) or seconds, e.g. 900"),
     ("keep_last_n_checkpoints", lambda v: v == -1 or v >= 1, "-1 (keep all) or 1 or more"),
     ("num_threads", lambda v: v >= 1, "1 or more threads"),
@@ -313,7 +315,7 @@ def build_config(args, dev, ctx, log):
         auto_resume=v["auto_resume"], start_over=v["start_over"], resume_from=v["checkpoint_path"] if v["resume"] else None,
         keep_last_n_checkpoints=v["keep_last_n_checkpoints"], save_optimizer=v["save_optimizer"],
         async_checkpoint=v["async_checkpoint"], reset_optimizer=v["no_load_optimizer"],
-        hang_timeout=v["hang_timeout"],
+        checkpoint_every_minutes=v["checkpoint_every_minutes"], hang_timeout=v["hang_timeout"],
         sources=tuple(sources.items()))
 
 

@@ -155,6 +155,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_interval", type=int, default=None,
                    help="save every N steps and at the last step; 0: only at the end (default: 5000)")
+    g.add_argument("--checkpoint_every_minutes", type=float, default=0, metavar="M",
+                   help="also save when M minutes of wall time have passed since the last step checkpoint (or the "
+                        "first step); rank 0's clock decides for all ranks; 0: off")
     g.add_argument("--auto_resume", action="store_true",
                    help="resume from the newest valid checkpoint in --log_dir if there is one")
     g.add_argument("--start_over", action="store_true",
@@ -342,7 +345,8 @@ def train_run(config, dev, ctx, log):
          "tracking": tracked},
         meta={"model_config": asdict(config.model_config), "run_config": config.to_dict(), "world_size": ctx.world_size},
         interval=config.checkpoint_interval, keep_last_n=config.keep_last_n_checkpoints,
-        save_optimizer=config.save_optimizer, async_save=config.async_checkpoint, log=log)
+        save_optimizer=config.save_optimizer, async_save=config.async_checkpoint,
+        every_minutes=config.checkpoint_every_minutes, log=log)
     start_step = ckpt.resume(auto=config.auto_resume, path=config.resume_from, load_optimizer=not config.reset_optimizer)
     train_state.keep_best(ckpt.best_val_loss_on_disk())  # best_model.pt stays the best the folder has seen
     ckpt.check_space(planned_saves(config, start_step))

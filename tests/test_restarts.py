@@ -158,6 +158,13 @@ def test_a_dead_peer_ends_the_survivor_with_one_line_and_its_traceback_in_the_ru
     assert "Traceback (most recent call last)" in detail and "gloo" in detail, detail
 
 
+def test_checkpoint_every_minutes_saves_by_wall_time(tiny_data, tmp_path):
+    # 6 ms: every step takes longer, so each step after the first (which starts the clock) is due.
+    train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path), "--total_batch_size", "128",
+                                "--max_steps", "4", "--checkpoint_interval", "0", "--checkpoint_every_minutes", "0.0001"])
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path)] == [1, 2, 3]
+
+
 def test_what_happens_next_depends_on_the_restarts_torchrun_has_left(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
