@@ -107,7 +107,7 @@ def existing_run(log_dir):
 
 
 def move_run_aside(log_dir):
-    """--start_over: move the run in log_dir (checkpoints, latest, metrics, TensorBoard) into a new
+    """--start_over: move the run in log_dir (checkpoints, latest, metrics, TensorBoard, failure logs) into a new
     folder log_dir/replaced_<time>, deleting nothing; returns that folder."""
     log_dir = Path(log_dir)
     aside = log_dir / time.strftime("replaced_%Y%m%d-%H%M%S")
@@ -115,7 +115,7 @@ def move_run_aside(log_dir):
         aside = aside.with_name(aside.name + "_")
     aside.mkdir()
     names = [p.name for _, p in list_checkpoints(log_dir)] + [LATEST_NAME, BEST_NAME, "metrics.jsonl", "tensorboard",
-                                                               "wandb"]
+                                                               "wandb", "failures"]  # failures/: watchdog.py's logs
     for name in names:
         if (log_dir / name).exists() or (log_dir / name).is_symlink():
             os.replace(log_dir / name, aside / name)

@@ -95,6 +95,7 @@ def watching(hang_timeout, log_dir, rank):
         yield
         return
     stop = threading.Event()
+    faulthandler.dump_traceback_later(hang_timeout + BACKSTOP_S, exit=True)  # the thread re-arms it as it runs
     thread = threading.Thread(target=_watch, args=(hang_timeout, log_dir, rank, stop), name="hang-watchdog",
                               daemon=True)
     thread.start()
