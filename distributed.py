@@ -94,7 +94,7 @@ def _attempt_store(ctx, timeout):
     """The store that this attempt's process group forms through, or None for init_process_group's
     own (env://: rank 0 hosts a new store for each attempt).
 
-    torchrun's agent (c10d rendezvous, the default since torch 2.4, and static) hosts one TCPStore
+    torchrun's agent (c10d rendezvous, --standalone's too, and static) hosts one TCPStore
     for the whole job and hands every attempt the same address (TORCHELASTIC_USE_AGENT_STORE=True).
     init_process_group writes its keys into it without any prefix per attempt: gloo's
     default_pg/0//cpu//0/<rank> (each rank's address), NCCL's unique id. After a restart each rank

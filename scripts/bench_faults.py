@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -58,7 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="train_gpt2.py --device (cpu: gloo ranks)")
     p.add_argument("--data_root", default=None, help="shards to train on (default: random tokens, written for the run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault instants and the ranks hit")
-    p.add_argument("--work_dir", default=None, help="keep the runs here (default: a temp dir, removed after)")
+    p.add_argument("--work_dir", default=None,
+                   help="keep the runs here: outputs, metrics, failure logs (default: a temp dir, removed after); "
+                        "each run's checkpoints are deleted when it ends, so the disk holds one run's at a time")
     p.add_argument("--timeout", type=float, default=600, help="seconds a run may take before it counts as failed")
     p.add_argument("extra", nargs="*", help="train_gpt2.py flags after --, e.g. -- --compile none --deterministic")
     args = p.parse_args(argv)
@@ -242,6 +245,8 @@ def run(args, name, cmd, log_dir, faults=(), timeout=600):
             except ProcessLookupError:
                 pass
     wall = time.monotonic() - t0
+    for path in Path(log_dir).glob("*.pt"):  # only the losses are compared: free the disk for the next run
+        path.unlink()
     if proc.returncode != 0:
         raise BenchError(f"{name} exited with {proc.returncode}; the last lines of {output}:\n"
                          + "\n".join(output.read_text().splitlines()[-15:]))
@@ -279,14 +284,42 @@ def row(run, reference):
 
 
 def print_table(rows):
-    print(f"{'run':<22} {'wall s':>8} {'useful s':>9} {'goodput':>8} {'faults':>6} {'redone/fault':>12} "
+    print(f"{'run (checkpoint every N steps)':<30} {'wall s':>7} {'useful s':>9} {'goodput':>8} {'faults':>6} {'redone/fault':>12} "
           f"{'recovery s':>10}  losses as uninterrupted")
     for r in rows:
         redone = "-" if r["redone"] is None else f"{r['redone']:.1f}"
         recovery = "-" if r["recovery"] is None else f"{r['recovery']:.1f}"
         same = "yes" if r["identical"] else f"no (max diff {r['difference']:.3g})"
-        print(f"{r['run']:<22} {r['wall']:>8.1f} {r['useful']:>9.1f} {r['goodput']:>7.1f}% {r['faults']:>6} "
+        print(f"{r['run']:<30} {r['wall']:>7.1f} {r['useful']:>9.1f} {r['goodput']:>7.1f}% {r['faults']:>6} "
               f"{redone:>12} {recovery:>10}  {same}")
+
+
+def print_faults(run):
+    """One line per fault: what hit which rank when, and what it cost."""
+    for f in run.faults:
+        if f.at is None:
+            print(f"  {run.name}: {f.kind} did not land before the run ended (step {f.target})")
+            continue
+        resumed = "-" if f.resumed_at is None else f"{f.resumed_at}"
+        redone = "-" if f.redone is None else f"{f.redone}"
+        recovery = "-" if f.recovery_s is None else f"{f.recovery_s:.1f} s"
+        print(f"  {run.name}: {'kill -9' if f.kind == 'kill' else 'SIGSTOP'} of rank {f.rank} at {f.at:.1f} s, "
+              f"after step {f.last_step}; resumed at step {resumed}, {redone} steps redone, next step {recovery} later")
+
+
+def print_tradeoff(intervals, runs, rows, cost, step_s, max_steps):
+    """The waste the checkpoint interval sets (saves, and steps redone after faults) beside Young and
+    Daly's optimum sqrt(2 x save cost x MTBF): what is left (restarts, start-up) does not depend on it."""
+    print(f"{'interval':>8} {'saves':>6} {'save s':>7} {'redone steps':>12} {'redone s':>9} {'both s':>7} {'goodput':>8}")
+    for interval, run, r in zip(intervals, runs, rows):
+        saves = sum(1 for _, step in run.seen if (step > 0 and step % interval == 0) or step == max_steps - 1)
+        redone = sum(f.redone or 0 for f in run.faults)
+        print(f"{interval:>8} {saves:>6} {saves * cost:>7.2f} {redone:>12} {redone * step_s:>9.2f} "
+              f"{saves * cost + redone * step_s:>7.2f} {r['goodput']:>7.1f}%")
+    mtbf = statistics.mean(r["wall"] / r["faults"] for r in rows if r["faults"])
+    optimum_s = math.sqrt(2 * cost * mtbf)
+    print(f"save cost {cost:.3f} s, step {step_s:.3f} s, a fault every {mtbf:.0f} s: Young/Daly's optimum "
+          f"sqrt(2 x {cost:.3f} x {mtbf:.0f}) = {optimum_s:.1f} s = every {optimum_s / step_s:.0f} steps")
 
 
 def faults_for(args):
@@ -302,8 +335,16 @@ def faults_for(args):
 def bench(args):
     if not Path("/proc/self/task").exists():
         raise BenchError("bench_faults.py finds torchrun's ranks through /proc: it runs on Linux")
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_faults_"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        return measure(args, Path(args.work_dir))
+    work = Path(tempfile.mkdtemp(prefix="bench_faults_"))
+    status = measure(args, work)  # a failed run raises, and its output stays there to be read
+    shutil.rmtree(work, ignore_errors=True)
+    return status
+
+
+def measure(args, work):
     data_root = args.data_root or random_shards(work / "data", tokens=(args.max_steps + 1) * batch_tokens(args))
     make_faults = faults_for(args)
     restarts = args.kills + args.stops + 1
@@ -312,31 +353,23 @@ def bench(args):
     print(f"bench_faults: {args.nproc} rank(s) on {args.device}, --model {args.model}, {args.max_steps} steps, "
           f"{args.kills} kill -9 and {args.stops} SIGSTOP at steps {[f.target for f in make_faults()]}, "
           f"--max-restarts={restarts}; runs in {work}")
-    reference = run(args, "uninterrupted", torchrun(args, train_flags(args, data_root, work / "reference", intervals[0]), 0),
+    reference = run(args, f"uninterrupted, every {intervals[0]}", torchrun(args, train_flags(args, data_root, work / "reference", intervals[0]), 0),
                     work / "reference", timeout=args.timeout)
-    rows = [row(reference, reference)]
+    rows, runs = [row(reference, reference)], []
     cost = save_cost(reference, intervals[0], args.max_steps)
     for interval in intervals:
-        name = f"faults, every {interval} steps"
         log_dir = work / f"faults_{interval}"
         flags = train_flags(args, data_root, log_dir, interval) + ["--auto_resume"] + hang
-        faulty = run(args, name, torchrun(args, flags, restarts), log_dir, faults=make_faults(), timeout=args.timeout)
-        rows.append(row(faulty, reference))
-        missed = [f for f in faulty.faults if f.at is None]
-        if missed:
-            print(f"note: {len(missed)} fault(s) did not land before the run ended (steps {[f.target for f in missed]})")
+        runs.append(run(args, f"faults, every {interval}", torchrun(args, flags, restarts), log_dir,
+                        faults=make_faults(), timeout=args.timeout))
+        rows.append(row(runs[-1], reference))
     print_table(rows)
+    for faulty in runs:
+        print_faults(faulty)
     step_s = statistics.median(dt for _, dt in reference.steps.values())
     faulty_rows = rows[1:]
-    if len(intervals) > 1 and cost is not None and sum(r["faults"] for r in faulty_rows):
-        mtbf = statistics.mean(r["wall"] / r["faults"] for r in faulty_rows if r["faults"])
-        best = max(zip(intervals, faulty_rows), key=lambda pair: pair[1]["goodput"])
-        optimum_s = math.sqrt(2 * cost * mtbf)
-        print(f"save cost {cost:.3f} s, step {step_s:.3f} s, one fault per {mtbf:.0f} s: Young/Daly's optimum "
-              f"sqrt(2 x {cost:.3f} x {mtbf:.0f}) = {optimum_s:.1f} s = {optimum_s / step_s:.0f} steps; "
-              f"measured best: every {best[0]} steps ({best[1]['goodput']:.1f}%)")
-    elif cost is not None:
-        print(f"save cost {cost:.3f} s a checkpoint, step {step_s:.3f} s (from the uninterrupted run)")
+    if cost is not None and any(r["faults"] for r in faulty_rows):
+        print_tradeoff(intervals, runs, faulty_rows, cost, step_s, args.max_steps)
     best = max(zip(intervals, faulty_rows), key=lambda pair: pair[1]["goodput"])
     redone = [r["redone"] for r in faulty_rows if r["redone"] is not None]
     recovery = [r["recovery"] for r in faulty_rows if r["recovery"] is not None]
