@@ -5,9 +5,9 @@ needs to see it (full_state.py moves the state between the ranks).
     ckpt = CheckpointManager(log_dir, {"model": model, "optimizer": opt, "dataloader": loader, "rng": RandomState(),
                                        "train_state": train_state, "scaler": None}, meta={...},
                              checkpoint_interval=1000, keep_last_n_checkpoints=-1, save_optimizer="all",
-                             async_checkpoint=False)
+                             async_checkpoint=False, checkpoint_every_minutes=0)
     start_step = ckpt.load(resume) if resume else 0                         # run_folder.find_resume's choice
-    ckpt.maybe_save(step, best=False, force=False, epoch=None)            # interval, last step, best, epoch end
+    ckpt.maybe_save(step, best=False, force=False, epoch=None)            # interval, minutes, last step, best, epoch end
     with ckpt.saved_on_error(step): ...                                   # a crash in evaluation still saves the step
     ckpt.close()                                                          # waits for a background write
 
@@ -29,6 +29,7 @@ from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, PARTS, Ch
                         save_file, step_path, verify_checkpoint)
 from cli import UserError, log
 import run_folder
+import watchdog
 from full_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from model import unwrap
 
@@ -74,7 +75,7 @@ class CheckpointManager:
     writes, and all ranks return or raise together."""
 
     def __init__(self, log_dir, parts, *, meta=None, checkpoint_interval, keep_last_n_checkpoints=-1,
-                 save_optimizer="all", async_checkpoint=False):
+                 save_optimizer="all", async_checkpoint=False, checkpoint_every_minutes=0):
         unknown = set(parts) - set(PARTS)
         if unknown:
             raise ValueError(f"parts {sorted(unknown)} are not in checkpoint.PARTS")
@@ -91,6 +92,7 @@ class CheckpointManager:
         self.last_healthy = None  # the newest checkpoint a healthy step's loss vouched for (or the one resumed from)
         self._unconfirmed = None  # the newest one saved, until the next step's loss vouches for it
         self._to_strip = []  # --save_optimizer latest: older healthy files to keep weights only in
+        self.every_s, self._last_save_t = checkpoint_every_minutes * 60, None  # None: the clock has not started
         if self.is_master:
             remove_stale_temp_files(self.log_dir)
 
@@ -144,9 +146,20 @@ class CheckpointManager:
             self._confirm(self._unconfirmed)
         self._unconfirmed = self._unconfirmed if healthy else None
         due = self.interval > 0 and step > 0 and step % self.interval == 0
+        due = self._minutes_due() or due
         if not (due or force or best or epoch):
             return None
         return self.save(step, regular=due or force or bool(epoch), best=best, epoch=epoch)
+
+    def _minutes_due(self):
+        """--checkpoint_every_minutes: rank 0's clock decides and every rank follows (one small all-reduce
+        per step, only with the flag). A save is collective, and each rank's own clock would call it at
+        another step."""
+        if not self.every_s:
+            return False
+        if self._last_save_t is None:  # the clock starts at the first step, after start-up and compilation
+            self._last_save_t = time.monotonic()
+        return bool(distributed.agree(self.is_master and time.monotonic() - self._last_save_t >= self.every_s, "max"))
 
     @contextlib.contextmanager
     def saved_on_error(self, step):
@@ -207,7 +220,10 @@ class CheckpointManager:
         if not self._weights_finite():
             raise CheckpointError(f"the weights hold NaN or inf after step {step} (the update diverged): not saved. "
                                   + self.diverged(step))
+        watchdog.progress("checkpoint")
         path = step_path(self.log_dir, step, epoch) if regular else None
+        if regular:
+            self._last_save_t = time.monotonic()  # --checkpoint_every_minutes counts from the last step checkpoint
         sharded = distributed.is_sharded(unwrap(self.model))
         t0 = time.perf_counter()
         state = self.state() if self.is_master or sharded else None  # FSDP: every rank sends its shards

@@ -39,12 +39,13 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 PRESETS = {
     # micro batch "auto": the largest that fits this GPU (probed at start); compile: faster than eager
     # with either loss (docs/PERFORMANCE.md).
-    "cuda": dict(micro_batch_size="auto", dtype="auto", compile="default", pin_memory=True),
+    # hang_timeout: 15 minutes, past a slow save or the first evaluation's compile; NCCL's own is 10.
+    "cuda": dict(micro_batch_size="auto", dtype="auto", compile="default", pin_memory=True, hang_timeout=900),
     # torch.compile on MPS is young: opt in with --compile (it falls back to eager if it fails).
-    "mps": dict(micro_batch_size=8, dtype="auto", compile="none", pin_memory=False),
+    "mps": dict(micro_batch_size=8, dtype="auto", compile="none", pin_memory=False, hang_timeout=0),
     # Compiling a small CPU model costs more time than it saves in a short run. Threads: torch's
     # own count (one per physical core; OMP_NUM_THREADS or --num_threads override it).
-    "cpu": dict(micro_batch_size=8, dtype="fp32", compile="none", pin_memory=False),
+    "cpu": dict(micro_batch_size=8, dtype="fp32", compile="none", pin_memory=False, hang_timeout=0),
 }
 
 

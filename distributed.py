@@ -3,7 +3,8 @@
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them there is one process and every
 function here is a no-op that returns its input, so callers need no `if distributed` branches.
 
-    ctx = setup(device_type, one_rank_group=False)   -> Dist(enabled, rank, local_rank, world_size); .master is rank 0
+    ctx = setup(device_type, one_rank_group=False, timeout=None)   -> Dist(enabled, rank, local_rank, world_size);
+                                     .master is rank 0; timeout (seconds): every collective's, None for torch's
     close()                          leave the process group so that no rank aborts at exit
     wrap_ddp(model, ctx, bucket_cap_mb, bucket_view=True)
     shard_fsdp(model, blocks, dtype) FSDP2: each block and the root sharded over the ranks
@@ -15,10 +16,14 @@ function here is a no-op that returns its input, so callers need no `if distribu
     mean_over_ranks(t), sum_over_ranks(t)   in place on a tensor, returned
     barrier()
     is_master()                      rank 0, or the only process
+    peer_processes()                 [(host, pid)] of every rank, in rank order, gathered at setup()
 """
+import datetime
 import os
 import pickle
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 
 import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
@@ -53,25 +58,95 @@ def is_master():
     return not active() or dist.get_rank() == 0
 
 
-def setup(device_type, one_rank_group=False):
+def setup(device_type, one_rank_group=False, timeout=None):
     """Join torchrun's process group (NCCL on CUDA, gloo otherwise), or one process without torchrun:
-    with one_rank_group (FSDP needs a group even alone), a group of that one process."""
+    with one_rank_group (FSDP needs a group even alone), a group of that one process. timeout: seconds
+    a collective may wait before it fails (None: torch's default, 10 minutes for NCCL, 30 for gloo)."""
+    timeout = None if timeout is None else datetime.timedelta(seconds=timeout)
     if "RANK" not in os.environ:
         if not one_rank_group:
             return Dist()
         if device_type == "cuda":
             torch.cuda.set_device(0)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
         return Dist(True, 0, 0, 1)
     ctx = Dist(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    # Under torchrun's elastic agent: this attempt's own keys in the agent's store (_attempt_store says why).
+    store = _attempt_store(ctx, timeout or datetime.timedelta(minutes=30))
+    where = dict(store=store, rank=ctx.rank, world_size=ctx.world_size) if store is not None else {}
     if device_type == "cuda":
         torch.cuda.set_device(ctx.local_rank)
         # Bound to its GPU: NCCL then neither guesses the device from the rank nor waits for the
         # first collective to set up.
-        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", ctx.local_rank))
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", ctx.local_rank), timeout=timeout, **where)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=timeout, **where)
+    _peers[:] = all_values((socket.gethostname(), os.getpid()))  # for naming a rank that died (watchdog.py)
     return ctx
+
+
+_peers = []
+
+
+def peer_processes():
+    """[(host, pid)] of every rank of the group, in rank order (empty before setup() or without a group)."""
+    return list(_peers)
+
+
+# Keys of this project in torchrun's store; each attempt's process group lives under its own token.
+ATTEMPT_PREFIX = "gpt2-train/attempt"
+
+
+def _attempt_store(ctx, timeout):
+    """The store that this attempt's process group forms through, or None for init_process_group's
+    own (env://: rank 0 hosts a new store for each attempt).
+
+    torchrun's agent (c10d rendezvous, --standalone's too, and static) hosts one TCPStore
+    for the whole job and hands every attempt the same address (TORCHELASTIC_USE_AGENT_STORE=True).
+    init_process_group writes its keys into it without any prefix per attempt: gloo's
+    default_pg/0//cpu//0/<rank> (each rank's address), NCCL's unique id. After a restart each rank
+    finds the dead attempt's keys already there and connects to ports that no longer exist ("Gloo
+    connectFullMesh failed ... Connection refused", NCCL's "socketPollConnect ... Connection
+    refused", pytorch/pytorch#135712, #167288), until the restarts are spent.
+    TORCHELASTIC_RESTART_COUNT cannot name the attempt: each agent counts only its own failures,
+    so after one machine's failure the machines disagree. Instead rank 0 names the attempt with a
+    fresh token, and each other rank proves it has this attempt's token (not a dead attempt's,
+    which the store still holds) by a nonce of its own that rank 0 echoes back."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    leader = f"{ATTEMPT_PREFIX}/leader"
+    hello, welcome = f"{ATTEMPT_PREFIX}/{{}}/hello/{{}}", f"{ATTEMPT_PREFIX}/{{}}/welcome/{{}}"
+    if ctx.rank == 0:
+        token = uuid.uuid4().hex
+        store.set(leader, token)
+        keys = [hello.format(token, r) for r in range(1, ctx.world_size)]
+        if keys:
+            store.wait(keys)  # every other rank of this attempt has read the token
+            store.multi_set([welcome.format(token, r) for r in range(1, ctx.world_size)], store.multi_get(keys))
+    else:
+        token = _join_attempt(store, ctx.rank, leader, hello, welcome, timeout)
+    return dist.PrefixStore(f"{ATTEMPT_PREFIX}/{token}/group", store)
+
+
+def _join_attempt(store, rank, leader, hello, welcome, timeout):
+    """Rank 0's token for this attempt: the one whose welcome echoes this rank's nonce. A token
+    left by a dead attempt has no such welcome, so the rank polls until the new rank 0 has written
+    its token (check, not a wait with a timeout: each of those logs two C++ warnings)."""
+    nonce, said_hello_to, pause = uuid.uuid4().hex, None, 0.01
+    deadline = time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        token = store.get(leader).decode()  # waits for the key in the job's first attempt
+        if token != said_hello_to:
+            store.set(hello.format(token, rank), nonce)
+            said_hello_to = token
+        if store.check([welcome.format(token, rank)]) and store.get(welcome.format(token, rank)).decode() == nonce:
+            return token
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.5)  # the first attempt answers within milliseconds; a restart waits for rank 0
+    raise dist.DistStoreError(f"rank {rank}: no rank 0 of this attempt answered within {timeout}")
 
 
 def close():

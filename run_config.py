@@ -228,6 +228,15 @@ class RunConfig:
     reset_optimizer: bool = option(False, "resume the weights only, with a fresh optimizer (fine-tuning, a changed "
                                           "learning rate)", kind="invocation", type=bool,
                                    aliases=("--no_load_optimizer",))
+    checkpoint_every_minutes: float = option(0.0, "also save every M minutes of wall time (rank 0's clock decides "
+                                                  "for every rank); 0: off", type=float, metavar="M",
+                                             check=finite_at_least(0, "0 (off) or a number of minutes, e.g. 30"))
+    # -- faults
+    hang_timeout: float = option(None, "seconds without progress (a step, an evaluation batch, a save) before a "
+                                       "rank dumps every thread's stack and exits, so torchrun restarts the group "
+                                       "(watchdog.py); 0: off", kind="device", type=float, metavar="SECONDS",
+                                 check=(lambda v: v is None or (math.isfinite(v) and v >= 0),
+                                        "0 (off) or a number of seconds, e.g. 900"))
     # -- derived: what the setup found, and consequences of the values above
     model_config: GPTConfig = derived()
     world_size: int = derived(1)
@@ -301,7 +310,9 @@ GROUPS = [
                                 "hellaswag_limit", "log_interval", "tensorboard", "wandb", "wandb_project",
                                 "wandb_run_name", "generate_interval", "prompt", "num_samples", "max_new_tokens")),
     ("checkpoints", ("checkpoint_interval", "auto_resume", "start_over", "resume", "resume_from_checkpoint",
-                     "keep_last_n_checkpoints", "save_optimizer", "async_checkpoint", "reset_optimizer")),
+                     "keep_last_n_checkpoints", "save_optimizer", "async_checkpoint", "reset_optimizer",
+                     "checkpoint_every_minutes")),
+    ("faults", ("hang_timeout",)),
 ]
 
 

@@ -40,7 +40,8 @@ from cli import log
 
 DIVERGED_NAME = "diverged.json"  # written by a NaN stop: the step, and the healthy checkpoint to go back to
 OTHER_TRAINERS = ("ckpt.pt",)  # nanoGPT's one checkpoint; build-nanogpt's are model_*.pt, llm.c's *.bin
-RUN_FILES = (LATEST_NAME, BEST_NAME, DIVERGED_NAME, "metrics.jsonl", "tensorboard", "wandb")  # what --start_over moves
+RUN_FILES = (LATEST_NAME, BEST_NAME, DIVERGED_NAME, "metrics.jsonl", "tensorboard", "wandb",
+             "failures")  # what --start_over moves (failures/: watchdog.py's logs)
 
 
 @dataclass

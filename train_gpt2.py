@@ -7,10 +7,12 @@
 The model is model.py; the run's configuration, built and checked from these flags, run_config.py.
 Side concerns live in small modules, each one call from the loop: devices (device.py), processes
 (distributed.py), data (dataloader.py), checkpoints (checkpoint_manager.py), signals (signals.py),
-metrics (metrics.py), HellaSwag (hellaswag.py).
+metrics (metrics.py), HellaSwag (hellaswag.py), hangs and lost peers (watchdog.py).
 """
+import argparse
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +36,7 @@ import run_config
 import run_folder
 import shards
 import signals
+import watchdog
 from cli import log
 from model import GPT, sample_texts
 
@@ -123,6 +126,7 @@ def evaluate_loss(model, loader, steps, spec):
     loader.reset()
     total = torch.zeros((), device=spec.device)
     for _ in range(steps):
+        watchdog.progress("eval")
         x, y = loader.next_batch()
         x, y = x.to(spec.device, non_blocking=True), y.to(spec.device, non_blocking=True)
         with device.autocast(spec.device.type, spec.dtype):
@@ -153,8 +157,14 @@ def setup(args):
     shape of --init_from, the micro batch probe, the run folder's lock and what a resume or --start_over moves
     aside: a refused command has written nothing. Returns (config, device, ctx, lock, resume)."""
     device_type = device.select_device(args.device or "auto")
-    ctx = distributed.setup(device_type)
-    config = run_config.resolve(args, device_type, ctx.world_size)  # every flag checked before anything is read
+    # Every flag checked before anything is read; the collectives wait past the hang watchdog (watchdog.py).
+    config = run_config.resolve(args, device_type, int(os.environ.get("WORLD_SIZE", 1)))
+    ctx = distributed.setup(device_type, timeout=watchdog.collective_timeout(config.hang_timeout))
+    if distributed.agree(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0, "max") and not (
+            args.auto_resume or args.resume or args.resume_from_checkpoint or args.start_over):
+        log("a torchrun restart: continuing the run in its --log_dir, as --auto_resume does")  # else refused, in vain
+        args = argparse.Namespace(**{**vars(args), "auto_resume": True})
+        config = run_config.resolve(args, device_type, ctx.world_size)
     # Other machines may not see the folder: rank 0 looks, reads and decides; every rank raises its errors.
     distributed.on_rank0(run_folder.check_run_folder, config.log_dir, resuming=config.auto_resume or config.resume,
                          start_over=config.start_over)
@@ -168,7 +178,8 @@ def setup(args):
     for note in config.notes:
         log(note)
     if config.fsdp and not ctx.enabled:
-        ctx = distributed.setup(device_type, one_rank_group=True)  # FSDP needs a process group, even of one
+        ctx = distributed.setup(device_type, one_rank_group=True,  # FSDP needs a process group, even of one
+                                timeout=watchdog.collective_timeout(config.hang_timeout))
     dev = device.torch_device(device_type, ctx.local_rank)
     for line in device.apply_device_settings(dev.type, config.num_threads, config.mps_memory_fraction,
                                              config.deterministic):
@@ -298,7 +309,8 @@ def train_run(config, dev, ctx, resume=None):
          "tracking": tracked},
         meta={"model_config": asdict(config.model_config), "run_config": config.to_dict(), "world_size": ctx.world_size},
         checkpoint_interval=config.checkpoint_interval, keep_last_n_checkpoints=config.keep_last_n_checkpoints,
-        save_optimizer=config.save_optimizer, async_checkpoint=config.async_checkpoint)
+        save_optimizer=config.save_optimizer, async_checkpoint=config.async_checkpoint,
+        checkpoint_every_minutes=config.checkpoint_every_minutes)
     start_step = load_resume(ckpt, resume, config, train_loader) if resume is not None else 0
     train_state.keep_best(ckpt.best_val_loss_on_disk())  # best_model.pt stays the best the folder has seen
     ckpt.check_space(planned_saves(config, start_step))
@@ -322,8 +334,10 @@ def train_run(config, dev, ctx, resume=None):
                                             dev, config.dtype, ctx.rank, ctx.world_size, sharded=config.fsdp)
 
     val_loss = None
-    with signals.GracefulStop() as stop:  # SIGTERM / Ctrl-C: finish the step, save, stop; handlers restored after
+    # SIGTERM / Ctrl-C: finish the step, save, stop (handlers restored after); a hung rank exits (watchdog.py)
+    with signals.GracefulStop() as stop, watchdog.watching(config.hang_timeout, config.log_dir, ctx.rank):
         for step in range(start_step, config.max_steps):
+            watchdog.progress("train_step", step)
             last_step = step == config.max_steps - 1
             t0 = time.perf_counter()
             lr = get_lr(step, config)
@@ -344,8 +358,10 @@ def train_run(config, dev, ctx, resume=None):
                     val_loss = evaluate_loss(model, val_loader, config.eval_steps * config.grad_accum_steps, spec)
                     metrics.log(step, val_loss=val_loss)
                 if hellaswag_eval.due(step, last_step):
+                    watchdog.progress("hellaswag")
                     metrics.log(step, **hellaswag_eval.run(model))
                 if config.generate_interval > 0 and step > 0 and step % config.generate_interval == 0:
+                    watchdog.progress("samples")
                     print_samples(raw_model, enc, config, dev, step, ctx.rank)
             improved = train_state.record(step, val_loss=val_loss)
             stopping = stop.agreed()
@@ -367,7 +383,13 @@ def train_run(config, dev, ctx, resume=None):
 
 
 def run(argv=None):
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except RuntimeError as exc:  # a lost peer: one line, the traceback into the run folder's failures/
+        if device.is_oom(exc) or not watchdog.is_peer_failure(exc):
+            raise
+        raise watchdog.peer_lost(exc, args.log_dir or "log", int(os.environ.get("RANK", 0))) from None
 
 
 def main(argv=None):

@@ -88,6 +88,38 @@ def test_multi_gpu_rendezvous_from_the_torchrun_variables(tiny_data):
     assert bad.returncode == 1 and "not a positive number" in bad.stderr
 
 
+def test_multi_gpu_restarts_by_default_and_passes_torchrun_options_through(tiny_data):
+    single = run_script("start_multi_gpu_training.sh", ["--monitor-interval=1", "--", "--max_steps", 7], DRY_RUN=1,
+                        DATA_ROOT=tiny_data, NPROC_PER_NODE=8)
+    assert "--standalone --nproc_per_node=8 --max-restarts=3 --monitor-interval=1 " in single.stdout, single.stdout
+    assert single.stdout.splitlines()[0].endswith("--auto_resume --max_steps 7")  # the rest is train_gpt2.py's
+    c10d = run_script("start_multi_gpu_training.sh", DRY_RUN=1, DATA_ROOT=tiny_data, NPROC_PER_NODE=4, NNODES=2,
+                      RDZV_ENDPOINT="10.0.0.1:29400", RDZV_ID="run7", MAX_RESTARTS=0)
+    assert ("--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --rdzv-id=run7 --nproc_per_node=4 "
+            "--max-restarts=0 " in c10d.stdout), c10d.stdout
+    bad = run_script("start_multi_gpu_training.sh", DRY_RUN=1, DATA_ROOT=tiny_data, NPROC_PER_NODE=4, MAX_RESTARTS="-1")
+    assert bad.returncode == 1 and "MAX_RESTARTS" in bad.stderr
+
+
+def test_slurm_script_runs_one_torchrun_per_node_meeting_on_the_first_node(tiny_data, tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu-07\\ngpu-08\\n"\n')
+    (fake / "srun").write_text('#!/bin/sh\necho "srun $*" >&2\nwhile [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n')
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    result = run_script("slurm_train.sbatch", ["--max_steps", 5], DRY_RUN=1, DATA_ROOT=tiny_data, NPROC_PER_NODE=8,
+                        PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-[07-08]",
+                        SLURM_JOB_NUM_NODES=2, SLURM_JOB_ID=4242, SLURM_SUBMIT_DIR=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1 " in result.stderr
+    command = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
+    assert len(command) == 1, result.stdout
+    assert ("--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=gpu-07:29500 --rdzv-id=4242 --nproc_per_node=8 "
+            "--max-restarts=3 " in command[0]), command
+    assert command[0].endswith("--auto_resume --max_steps 5")
+
+
 def test_multi_gpu_starts_one_process_per_gpu_torch_sees(tiny_data, tmp_path):
     fake_python = tmp_path / "python"
     fake_python.write_text('#!/bin/sh\necho 3\n')  # torch.cuda.device_count() on a 3-GPU machine
