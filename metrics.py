@@ -301,17 +301,24 @@ class Metrics:
             self._start_bar(start_step)
 
     def _start_wandb(self, wandb_module, options, log_dir):
+        """W&B's own variables win where the user set them (WANDB_PROJECT, WANDB_NAME, WANDB_RUN_ID, WANDB_DIR);
+        the run id is kept in the checkpoints either way, so a resume continues the same W&B run."""
+        env = os.environ
+        if env.get("WANDB_RUN_ID"):
+            options.tracked.wandb_run_id = env["WANDB_RUN_ID"]
         resumed = options.tracked.wandb_run_id is not None
         if not resumed:
             options.tracked.wandb_run_id = uuid.uuid4().hex[:8]  # W&B's own id format: 8 of [a-z0-9]
-        os.makedirs(log_dir, exist_ok=True)
-        run = wandb_module.init(project=options.project, name=options.name, id=options.tracked.wandb_run_id,
-                                resume="allow", dir=log_dir, config=options.config,
+        project, name = env.get("WANDB_PROJECT") or options.project, env.get("WANDB_NAME") or options.name
+        files_dir = env.get("WANDB_DIR") or log_dir
+        os.makedirs(files_dir, exist_ok=True)
+        run = wandb_module.init(project=project, name=name, id=options.tracked.wandb_run_id,
+                                resume="allow", dir=files_dir, config=options.config,
                                 settings=wandb_module.Settings(quiet=True))
-        offline = " (offline: `wandb sync " + os.path.join(log_dir, "wandb") + "` uploads it)" \
+        offline = " (offline: `wandb sync " + os.path.join(files_dir, "wandb") + "` uploads it)" \
             if os.environ.get("WANDB_MODE") in ("offline", "dryrun") else ""
-        print(f"wandb: {'continuing' if resumed else 'new'} run {run.id} ({options.name}) in project "
-              f"{options.project}{offline}", file=self.stream)
+        print(f"wandb: {'continuing' if resumed else 'new'} run {run.id} ({name}) in project "
+              f"{project}{offline}", file=self.stream)
         return run
 
     def _start_bar(self, start_step):

@@ -327,7 +327,9 @@ def resolve(args, device_type, world_size=1, stored=None, found=None):
     "model_config"}); without it those keep what was asked for ("auto") and the batch is not yet checked.
     Does no I/O, runs no collective and touches no torch state. Raises ConfigError naming the fix."""
     found = found or {}
-    given = {name: value for name, value in vars(args).items() if name in BY_NAME and value is not None}
+    flags = {name: value for name, value in vars(args).items() if name in BY_NAME and value is not None}
+    config_values = dict(getattr(args, "config_values", None) or {})
+    given = {**config_values, **flags}  # what a config file says is asked for as a flag is: a resume checks it
     stored_values, stored_sources = dict(stored or {}), dict((stored or {}).get("sources") or {})
     same_device = str(stored_values.get("device", "")).split(":")[0] == device_type
     quickstart = "data_root" not in given and (stored is None or stored_sources.get("data_root", "flag") == "default"
@@ -335,7 +337,7 @@ def resolve(args, device_type, world_size=1, stored=None, found=None):
     run_table = f"quickstart:{device_type}" if quickstart else "recipe"
     preset = given.get("preset") or (stored_values.get("preset") if stored and same_device else None) or "auto"
     preset = device_type if preset == "auto" else preset
-    layers = [("flag", given)]
+    layers = [("flag", flags), (f"config:{getattr(args, 'config', None)}", config_values)]
     if stored is not None:
         restorable = {"run", "fixed"} | ({"device"} if same_device else set())
         layers.append(("checkpoint", {name: value for name, value in stored_values.items()

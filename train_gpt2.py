@@ -23,6 +23,7 @@ import torch
 import run_state
 import checkpoint_manager
 import cli
+import config_file
 import dataloader
 import dataprep
 import device
@@ -55,7 +56,16 @@ def parse_args(argv=None):
                     "device. Every flag can be written with hyphens too: --max-steps is --max_steps; a boolean takes "
                     "a value too: --tensorboard=False.")
     run_config.add_arguments(p)  # every option is declared once, as a RunConfig field
-    return p.parse_args(argv)
+    p.add_argument("--config", metavar="FILE|NAME",
+                   help="options from a YAML, TOML or JSON file (or a file of configs/ by name: gpt2-124m); the "
+                        "command line wins over it. A file given first, without --config, works too")
+    p.add_argument("config_positional", nargs="?", metavar="CONFIG", help=cli.argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.config and args.config_positional:
+        p.error(f"one config file, please: --config {args.config} or {args.config_positional}")
+    spec = args.config or args.config_positional
+    args.config, args.config_values = config_file.load(spec, p) if spec else (None, {})
+    return args
 
 
 def get_lr(step, config):

@@ -26,10 +26,12 @@ import environment  # noqa: E402,F401  before torch: it sets variables torch rea
 import torch  # noqa: E402
 
 import cli  # noqa: E402
+import config_file  # noqa: E402
 import converters  # noqa: E402
 import device  # noqa: E402
 import files  # noqa: E402
-from model import TIED_WEIGHTS  # noqa: E402
+from model import MODEL_PRESETS, TIED_WEIGHTS  # noqa: E402
+from run_config import BY_NAME  # noqa: E402
 from checkpoint import (BEST_NAME, FORMAT_VERSION, LATEST_NAME, CheckpointError,  # noqa: E402
                         import_safetensors, is_epoch_checkpoint, iter_tensors, list_checkpoints, read_checkpoint,
                         read_latest, run_config_of, save_file, stored_config, tensor_bytes, verify_file)
@@ -336,6 +338,31 @@ def cmd_verify(args):
     return status
 
 
+def run_settings(ckpt):
+    """The options of a checkpoint's run that make the run (not how this command was called, nor what was derived),
+    the model shape spelt out where it came from a file (--init_from)."""
+    stored = run_config_of(ckpt)
+    settings = {name: stored[name] for name, field in BY_NAME.items()
+                if name in stored and field.metadata["kind"] != "invocation"}
+    if settings.get("model") not in MODEL_PRESETS:  # --init_from FILE's shape: the numbers themselves
+        shape = stored_config(ckpt, "checkpoint")
+        settings.pop("model", None)
+        settings.update({key: shape[key] for key in ("n_layer", "n_head", "n_embd", "block_size")})
+    return settings
+
+
+def cmd_config(args):
+    path = existing(args.path)
+    ckpt = read_checkpoint(path)
+    if not run_config_of(ckpt):
+        raise CheckpointError(f"{path} holds no run settings ({ckpt.get('foreign') or 'an export'})")
+    text = config_file.dump(run_settings(ckpt), args.format)
+    print(f"# the settings of {path}'s run (step {ckpt['train_state'].get('step')}): "
+          f"python train_gpt2.py --config FILE --log_dir NEW_DIR" if args.format != "json" else "", end="")
+    print("\n" + text if args.format != "json" else text, end="")
+    return 0
+
+
 def cmd_export(args):
     out = Path(args.out)
     if out.suffix not in (".pt", ".safetensors", ".bin"):
@@ -396,6 +423,10 @@ def parse_args(argv=None):
     s.add_argument("path")
     s = sub.add_parser("verify", help="read every byte and tensor, check keys and shapes; exit 1 if any file is bad")
     s.add_argument("path", help="a checkpoint file, or a log dir (all model_*.pt, best_model.pt, latest)")
+    s = sub.add_parser("config", help="a checkpoint's settings as a config file that reproduces its run "
+                                      "(python checkpoint.py config CKPT > run.yaml; train_gpt2.py --config run.yaml)")
+    s.add_argument("path")
+    s.add_argument("--format", default="yaml", choices=["yaml", "toml", "json"], help="the file's format")
     s = sub.add_parser("export", help="weights and model config only, for inference or sharing")
     s.add_argument("path")
     s.add_argument("--out", required=True, help="output file: .pt, .safetensors, or .bin for llm.c's model format")
@@ -406,7 +437,7 @@ def parse_args(argv=None):
 def run(argv=None):
     args = parse_args(argv)
     return {"list": cmd_list, "compare": cmd_compare, "prune": cmd_prune, "inspect": cmd_inspect, "verify": cmd_verify,
-            "export": cmd_export}[args.command](args)
+            "config": cmd_config, "export": cmd_export}[args.command](args)
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ LAYERS = [
     ["device", "shards", "signals", "watchdog"],        # shards: the tokenizer and the token files, without torch
     ["model", "dataloader", "dataprep"],                # dataprep: the preparation, a package (PACKAGES)
     ["converters", "run_config"],                       # other trainers' files; every option -> one frozen config
-    ["checkpoint"],                                     # checkpoint files: layout, names, loading, checks
+    ["checkpoint", "config_file"],                      # checkpoint files: layout, names, loading, checks; --config
     ["full_state", "run_folder"],                       # the whole state between the ranks; what a run folder holds
     ["checkpoint_manager", "hellaswag", "gpt2_hf"],
     ["train_gpt2"],                                     # the trainer: CLI and loop; scripts/ sit above it
