@@ -122,6 +122,9 @@ def _report_hang(idle, log_dir, rank):
     nothing but os._exit ends the process."""
     faulthandler.cancel_dump_traceback_later()
     path, peers = failure_log(log_dir, rank), _peers_down(rank)
+    stopped = _end_stopped_peers(rank)
+    if stopped:
+        peers += f" (ended now: torchrun would wait 30 s before killing a stopped {stopped})"
     why = f"; {peers}" if peers else ": this rank or a peer is hung (a peer's own log says if it saw the hang too)"
     line = f"rank {rank} made no progress for {idle:.0f} s in {where()}{why}"
     try:
@@ -195,6 +198,18 @@ def _peers_down(rank, wait=0.0):
             break
         time.sleep(0.05)
     return ", ".join(f"rank {r} (pid {pid} on this machine) is {state}" for r, pid, state in down)
+
+
+def _end_stopped_peers(rank):
+    """SIGKILL this machine's stopped ranks (SIGSTOP, a frozen process): they ignore torchrun's SIGTERM, which
+    waits 30 s before its SIGKILL, and the group restarts without them anyway. Returns what was ended."""
+    host, ended = socket.gethostname(), []
+    for r, (h, pid) in enumerate(distributed.peer_processes()):
+        if r != rank and h == host and _process_state(pid) == "stopped":
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                ended.append(f"rank {r}")
+    return ", ".join(ended)
 
 
 def _process_state(pid):

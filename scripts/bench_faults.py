@@ -90,11 +90,11 @@ def random_shards(folder, tokens, seed=0):
     """Train/val shards of random token ids: the mechanics are what is measured, not the loss."""
     import numpy as np
 
-    import dataloader
+    import shards
 
     rng = np.random.default_rng(seed)
-    dataloader.write_shard(dataloader.shard_path(folder, "bench", "train", 0), rng.integers(0, 50257, tokens))
-    dataloader.write_shard(dataloader.shard_path(folder, "bench", "val", 0), rng.integers(0, 50257, 20_000))
+    shards.write_shard(shards.shard_path(folder, "bench", "train", 0), rng.integers(0, 50257, tokens))
+    shards.write_shard(shards.shard_path(folder, "bench", "val", 0), rng.integers(0, 50257, 20_000))
     return folder
 
 

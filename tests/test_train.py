@@ -112,8 +112,8 @@ def test_ddp_two_ranks_match_one_process(tiny_data, tmp_path):
     (["--seq_len", 0], "--seq_len 0 cannot work"),
     (["--n_layer", 0], "--n_layer 0 cannot work"),
     (["--max_steps", -1], "--max_steps -1 cannot work: use at least 1"),
-    (["--hang_timeout", -1], "--hang_timeout -1.0 cannot work: use 0 (off) or seconds"),
-    (["--checkpoint_every_minutes", "nan"], "--checkpoint_every_minutes nan cannot work: use 0 (off) or minutes"),
+    (["--hang_timeout", -1], "--hang_timeout -1.0 cannot work: use 0 (off) or a number of seconds, e.g. 900"),
+    (["--checkpoint_every_minutes", "nan"], "--checkpoint_every_minutes nan cannot work: use 0 (off) or a number of minutes, e.g. 30"),
     (["--resume"], "--resume needs --checkpoint_path"),
 ])
 def test_user_mistakes_get_one_clear_message_and_write_nothing(tiny_data, tmp_path, capsys, extra, message):
