@@ -55,6 +55,7 @@ def torchrun(*args, nproc=2, cwd=None, **launch):
                           timeout=300, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+@pytest.mark.slow
 def test_fsdp_gives_one_process_losses_and_checkpoints_move_between_fsdp_ddp_and_one_process(data, reference, tmp_path):
     expected, reference_dir = reference
     fsdp = tmp_path / "fsdp"
@@ -128,6 +129,7 @@ def worker_of(agent):
     pytest.fail("torchrun started no worker")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's worker through /proc (Linux)")
 def test_two_machines_without_a_shared_disk_stop_and_resume_with_the_uninterrupted_losses(data, reference, tmp_path):
     expected, _ = reference

@@ -97,6 +97,7 @@ def reference(data, tmp_path_factory):
     return dict(logged(log_dir)), log_dir
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_cleanly_and_resumes_bit_identically(data, reference, tmp_path):
     log_dir, output = tmp_path / "log", tmp_path / "output.txt"
     proc = start(train_cmd(data, log_dir, "--async_checkpoint"), output)
@@ -115,6 +116,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identically(data, reference
     assert dict(logged(log_dir)) == reference[0]  # every step's loss, bit for bit
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_instants_and_inside_saves_never_loses_a_valid_checkpoint(data, reference, tmp_path):
     log_dir, output = tmp_path / "log", tmp_path / "output.txt"
     rng = random.Random(3)

@@ -76,6 +76,7 @@ def assert_redone_steps_repeat_their_losses(seen):
         assert first.setdefault(step, loss) == loss, (step, first[step], loss)
 
 
+@pytest.mark.slow
 @LINUX
 def test_kill_9_of_a_rank_is_restarted_by_torchrun_with_the_uninterrupted_losses(random_data, tmp_path, capsys):
     # bench_faults.py: an uninterrupted run, then one under --max-restarts with kill -9 of a random
@@ -93,6 +94,7 @@ def test_kill_9_of_a_rank_is_restarted_by_torchrun_with_the_uninterrupted_losses
                      r"\(\w+\) failed with .*; torchrun restarts the group \(restart 1 of 2\)", text, re.M), text
 
 
+@pytest.mark.slow
 @LINUX
 def test_a_stopped_rank_is_found_by_the_hang_watchdog_and_the_group_restarted(random_data, tmp_path):
     # --hang_timeout 15, as the issue asks: the watchdog that fires ends the stopped rank itself, which
