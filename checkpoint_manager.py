@@ -27,6 +27,7 @@ import torch
 import converters
 import distributed
 import files
+import optimizers
 from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, PARTS, CheckpointError, check_zip_crc,
                         is_epoch_checkpoint, list_checkpoints, load_checkpoint, not_resumable, point_latest,
                         read_latest, remove_stale_temp_files, run_config_of, save_file, shapes, step_path,
@@ -170,6 +171,14 @@ class CheckpointManager:
             raise CheckpointError(f"{path} holds weights only (an older file of --save_optimizer latest, or "
                                   f"{BEST_NAME}); resume from the newest checkpoint, or pass --reset_optimizer "
                                   "to continue its weights with a fresh optimizer")
+        # -- issue 25 (--optimizer muon): another optimizer's state does not load; switching means a fresh one
+        if not reset_optimizer and self.parts.get("optimizer") is not None:
+            theirs = optimizers.kind_of_state(ckpt.get("optimizer"))
+            ours = optimizers.kind_of_state(self.parts["optimizer"].state_dict())
+            if theirs is not None and theirs != ours:
+                raise CheckpointError(f"{path} was trained with --optimizer {theirs} and this run asks for --optimizer "
+                                      f"{ours}: pass --optimizer {theirs} to continue it, or --reset_optimizer to "
+                                      f"continue its weights with a fresh {ours}")
 
     def existing_summary(self):
         existing = list_checkpoints(self.log_dir)

@@ -16,7 +16,7 @@ LAYERS = [
     ["environment", "cli"],                             # what must come before torch; the command-line conventions
     ["files", "triton_loss", "metrics", "distributed", "run_state"],
     ["device", "shards", "signals"],                    # shards: the tokenizer and the token files, without torch
-    ["model", "dataloader", "dataprep"],                # dataprep: the preparation, a package (PACKAGES)
+    ["model", "dataloader", "dataprep", "optimizers"],  # dataprep: the preparation, a package (PACKAGES)
     ["converters", "run_config"],                       # other trainers' files; every option -> one frozen config
     ["checkpoint"],                                     # checkpoint files: layout, names, loading, checks
     ["full_state"],                                     # the whole state between rank 0 and the ranks
