@@ -5,7 +5,7 @@ cost of a step and of its optimizer phase.
 
     python -m scripts.bench_optimizers --out bench/cpu --muon_lrs 0.01 0.02 0.04 -- \\
         --data_root data/docs --model d4 --seq_len 128 --total_batch_size 4096 --max_steps 400 --device cpu
-    python -m scripts.bench_optimizers --out bench/cpu --report     # the table again, from the runs' metrics
+    python -m scripts.bench_optimizers --out bench/cpu --report     # the table of every finished run in bench/cpu
 
 Everything after `--` goes to every run as it is (the trainer's flags). Each run writes its own --log_dir under
 --out (adamw, muon_lr0.02, ...); a finished run is not run again when the command is the same (one line says
@@ -14,7 +14,6 @@ some of them. Training time is the sum of the steps' times (metrics.jsonl's dt_m
 start-up and compilation are left out, the same for every run. The optimizer phase (optim_ms) is gradient
 clipping plus the optimizer step. A val loss between two evaluations is read off the straight line between them.
 """
-import argparse
 import json
 import os
 import shlex
@@ -121,10 +120,25 @@ def lr_of(run):
     return f"{config['max_lr']:g}"
 
 
-def report(out, names):
-    runs = {name: read_run(out / name) for name in names if (out / name / DONE).is_file()}
+def finished_runs(out):
+    """The names of the finished runs in out: adamw first, then by optimizer and LR."""
+    def order(name):
+        optimizer, _, lr = name.partition("_lr")
+        return name != "adamw", optimizer, float(lr or 0)
+
+    return sorted((p.parent.name for p in out.glob(f"*/{DONE}")), key=order)
+
+
+def report(out, asked=True):
+    """The tables of the finished runs in out. Without a finished adamw run (whose final val loss is the target)
+    there is none: an error where the table was asked for (--report), one line where runs were."""
+    runs = {name: read_run(out / name) for name in finished_runs(out)}
     if "adamw" not in runs:
-        raise cli.UserError(f"no finished adamw run in {out}: its final val loss is the target; run it first")
+        if asked:
+            raise cli.UserError(f"no finished adamw run in {out}: its final val loss is the target; run it first")
+        print(f"no table yet: it needs the finished adamw run; then: python -m scripts.bench_optimizers --out {out} "
+              "--report")
+        return
     target = runs["adamw"]["curve"][-1][2]
     first = runs["adamw"]["config"]
     read = first["total_batch_size"] * first["max_steps"]
@@ -177,7 +191,7 @@ def run(argv=None):
             raise cli.UserError("the bench sets --log_dir, --optimizer and --muon_lr of each run; drop them after --")
         for name, flags in runs:
             run_one(name, flags, train_args, out)
-    report(out, [name for name, _ in planned_runs(argparse.Namespace(**{**vars(args), "runs": None}))])
+    report(out, asked=args.report)
     return 0
 
 
