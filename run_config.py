@@ -138,7 +138,8 @@ class RunConfig:
     min_lr: float = option(None, "final learning rate of the cosine decay; a default above --max_lr becomes "
                                  "max_lr/10", type=float,
                            check=finite_at_least(0, "a finite learning rate of 0 or more, e.g. max_lr / 10"))
-    weight_decay: float = option(0.1, "AdamW weight decay on 2-D weights", type=float,
+    weight_decay: float = option(0.1, "AdamW weight decay on 2-D weights (with --optimizer muon: on the embeddings)",
+                                 type=float,
                                  check=finite_at_least(0, "0 (no decay) or more, e.g. 0.1"))
     optimizer: str = option("adamw", "adamw: AdamW over every parameter (the GPT-2 recipe); muon: torch.optim.Muon for "
                                      "the blocks' attention and MLP matrices at --muon_lr, AdamW at --max_lr for the "
@@ -146,7 +147,7 @@ class RunConfig:
                                      "(docs/PERFORMANCE.md compares them)", choices=list(OPTIMIZERS))
     muon_lr: float = option(MUON_LR, "--optimizer muon: peak LR of the block matrices (Muon's step is scaled by "
                                      "sqrt(max(1, rows/cols)))", type=float,
-                            check=finite_at_least(0, "a finite learning rate, 0 or more, e.g. 0.02"))
+                            check=finite_at_least(0, "a finite learning rate, 0 or more, e.g. 0.01"))
     muon_momentum: float = option(MUON_MOMENTUM, "--optimizer muon: Muon's Nesterov momentum", type=float,
                                   check=(lambda v: math.isfinite(v) and 0 <= v < 1, "a momentum in [0, 1), e.g. 0.95"))
     muon_weight_decay: float = option(0.0, "--optimizer muon: decoupled weight decay of the block matrices, per unit "

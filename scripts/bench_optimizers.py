@@ -3,7 +3,7 @@ train_gpt2.py run on the same tokens and batch, then the table: validation loss 
 training time, the tokens (and seconds) each run needs to reach the AdamW run's final validation loss, and the
 cost of a step and of its optimizer phase.
 
-    python -m scripts.bench_optimizers --out bench/cpu --muon_lrs 0.01 0.02 0.04 -- \\
+    python -m scripts.bench_optimizers --out bench/cpu --muon_lrs 0.005 0.01 0.02 -- \\
         --data_root data/docs --model d4 --seq_len 128 --total_batch_size 4096 --max_steps 400 --device cpu
     python -m scripts.bench_optimizers --out bench/cpu --report     # the table of every finished run in bench/cpu
 
@@ -175,8 +175,8 @@ def run(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                            epilog="after --: the trainer's flags, given to every run")
     p.add_argument("--out", required=True, metavar="DIR", help="a folder per run, and their output")
-    p.add_argument("--muon_lrs", nargs="*", type=float, default=[0.01, 0.02, 0.04],
-                   help="--muon_lr of each Muon run (default: 0.01 0.02 0.04)")
+    p.add_argument("--muon_lrs", nargs="*", type=float, default=[0.005, 0.01, 0.02],
+                   help="--muon_lr of each Muon run (default: 0.005 0.01 0.02, around the trainer's 0.01)")
     p.add_argument("--adamw_lrs", nargs="*", type=float, default=[],
                    help="more AdamW runs at these --max_lr (default: none; the adamw run takes the trainer's)")
     p.add_argument("--runs", nargs="*", default=None, metavar="NAME",
