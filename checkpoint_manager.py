@@ -24,6 +24,7 @@ import torch
 
 import distributed
 import files
+import optimizers
 from checkpoint import (BEST_NAME, CHECKPOINT_PATTERN, FORMAT_VERSION, PARTS, CheckpointError, is_epoch_checkpoint,
                         list_checkpoints, load_checkpoint, point_latest, read_latest, remove_stale_temp_files,
                         save_file, step_path, verify_checkpoint)
@@ -108,6 +109,13 @@ class CheckpointManager:
         """Load rank 0's checkpoint, verified (None on the other ranks), into every part; returns its step."""
         if ckpt is not None:  # the run's model is built from the checkpoint's config: this only guards other callers
             verify_checkpoint(ckpt, path, self.meta.get("model_config"))
+        if ckpt is not None and not reset_optimizer and self.parts.get("optimizer") is not None:
+            theirs = optimizers.kind_of_state(ckpt.get("optimizer"))  # another optimizer's state does not load
+            ours = optimizers.kind_of_state(self.parts["optimizer"].state_dict())
+            if theirs is not None and theirs != ours:
+                raise CheckpointError(f"{path} was trained with --optimizer {theirs} and this run asks for --optimizer "
+                                      f"{ours}: drop --optimizer to continue it, or pass --reset_optimizer to continue "
+                                      f"its weights with a fresh {ours}")
         # Everything but the weights and the optimizer is small: rank 0 sends it as it is.
         rest = distributed.from_rank0({k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
                                       if ckpt is not None else None)

@@ -6,26 +6,33 @@ but 0 needs to see it. --init_from FILE loads any checkpoint file's weights the 
 
     full_model_state(model), full_optimizer_state(optimizer)      every rank calls; the whole state on rank 0
     load_full_model_state(model, state), load_full_optimizer_state(optimizer, state)   rank 0's state, every rank
-    init_shape(path, block_size, with_optimizer) -> GPTConfig      --init_from FILE's model shape, checked
+    init_shape(path, block_size, with_optimizer, optimizer) -> GPTConfig   --init_from FILE's model shape, checked
     init_from_file(path, model, optimizer, load_optimizer)         a new run (step 0) from any file's weights
 """
 import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import torch
 
 import distributed
+import optimizers
 from checkpoint import CheckpointError, read_weights, summary
 from cli import log
 from model import TIED_WEIGHTS, GPTConfig, unwrap
 
 
-def init_shape(path, block_size, with_optimizer=False):
+def init_shape(path, block_size, with_optimizer=False, optimizer="adamw"):
     """--init_from FILE: the file's model shape (a GPTConfig), its position table cut to block_size where that is
-    shorter (as gpt2_hf does). Read before anything is written, so that what the file cannot do is refused first."""
+    shorter (as gpt2_hf does). Read before anything is written, so that what the file cannot do is refused first.
+    optimizer: the run's --optimizer, whose state with_optimizer (--init_from_optimizer) continues."""
     _, stored, ckpt = read_weights(path, for_training=True)
     config = GPTConfig(**{**stored, "block_size": min(block_size, stored["block_size"])})
     if with_optimizer and ckpt.get("optimizer") is None:
         raise CheckpointError(f"--init_from_optimizer: {path} ({summary(ckpt)}) holds no AdamW state that maps "
                               "onto this trainer's; drop the flag to start with a fresh one")
+    theirs = optimizers.kind_of_state(ckpt.get("optimizer"))
+    if with_optimizer and theirs not in (None, optimizer):
+        raise CheckpointError(f"--init_from_optimizer: {path} holds the state of --optimizer {theirs}, which does not "
+                              f"map onto --optimizer {optimizer}; use --optimizer {theirs}, or drop the flag to start "
+                              f"with a fresh {optimizer}")
     if with_optimizer and config.block_size < stored["block_size"]:
         raise CheckpointError(f"--init_from_optimizer continues moments of all {stored['block_size']} positions of "
                               f"{path}; drop --block_size {block_size}, or the flag")
@@ -48,14 +55,18 @@ def init_from_file(path, model, optimizer, load_optimizer=False):
             log(f"--block_size {block_size}: the first {block_size} of the file's {model_config['block_size']} positions")
             tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"][:block_size]
         state = ckpt.get("optimizer")
+        ours, theirs = optimizers.kind_of_state(optimizer.state_dict()), optimizers.kind_of_state(state)
+        fresh = f"fresh {optimizers.NAMES[ours]}"
         if state is not None and load_optimizer:
-            log(f"optimizer: the AdamW moments and step counts of {path} (--init_from_optimizer), with this run's "
-                "learning rate, betas and weight decay")
+            log(f"optimizer: the {optimizers.NAMES[ours]} moments and step counts of {path} (--init_from_optimizer), "
+                "with this run's learning rate, betas and weight decay")
+        elif state is not None and theirs == ours:
+            log(f"optimizer: {fresh}; {path} holds an {optimizers.NAMES[theirs]} state that maps onto it: "
+                "--init_from_optimizer continues it")
         elif state is not None:
-            log(f"optimizer: fresh AdamW; {path} holds an AdamW state that maps onto it: --init_from_optimizer "
-                "continues it")
+            log(f"optimizer: {fresh} ({path} holds the state of --optimizer {theirs})")
         elif "foreign" not in ckpt:  # for other trainers' files, converters' notes say it
-            log(f"optimizer: fresh AdamW ({path} holds weights only)")
+            log(f"optimizer: {fresh} ({path} holds weights only)")
     load_full_model_state(model, tensors)  # into the existing parameters, on their device
     if distributed.from_rank0(state is not None) and load_optimizer:
         load_adamw_state(optimizer, state)
@@ -63,7 +74,7 @@ def init_from_file(path, model, optimizer, load_optimizer=False):
 
 def load_adamw_state(optimizer, state):
     """An AdamW state dict's moments and step counts (this trainer's, or nanoGPT's, which maps onto the same
-    groups) with this optimizer's hyperparameters: the run's flags win over the file's weight decay and betas,
+    groups; or this trainer's Muon and AdamW state, group for group) with this optimizer's hyperparameters: the run's flags win over the file's weight decay and betas,
     and the fused / capturable settings decide where torch puts the step counts. state: on rank 0 (None on
     the other ranks, which get their part from it)."""
     if state is not None:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 import cli
 from device import COMPILE_MODES, DEVICE_CHOICES, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, PRESETS
 from model import GPTConfig, MODEL_PRESETS
+from optimizers import MUON_LR, MUON_MOMENTUM, OPTIMIZERS
 
 DEFAULT_DATA_ROOT = os.path.join("data", "tinyshakespeare")
 DDP_BUCKET_CAP_MB = 25.0  # PyTorch's default all-reduce bucket size; --ddp_bucket_cap_mb
@@ -137,8 +138,21 @@ class RunConfig:
     min_lr: float = option(None, "final learning rate of the cosine decay; a default above --max_lr becomes "
                                  "max_lr/10", type=float,
                            check=finite_at_least(0, "a finite learning rate of 0 or more, e.g. max_lr / 10"))
-    weight_decay: float = option(0.1, "AdamW weight decay on 2-D weights", type=float,
+    weight_decay: float = option(0.1, "AdamW weight decay on 2-D weights (with --optimizer muon: on the embeddings)",
+                                 type=float,
                                  check=finite_at_least(0, "0 (no decay) or more, e.g. 0.1"))
+    optimizer: str = option("adamw", "adamw: AdamW over every parameter (the GPT-2 recipe); muon: torch.optim.Muon for "
+                                     "the blocks' attention and MLP matrices at --muon_lr, AdamW at --max_lr for the "
+                                     "embeddings, biases and layer norms; the LR schedule scales both "
+                                     "(docs/PERFORMANCE.md compares them)", choices=list(OPTIMIZERS))
+    muon_lr: float = option(MUON_LR, "--optimizer muon: peak LR of the block matrices (Muon's step is scaled by "
+                                     "sqrt(max(1, rows/cols)))", type=float,
+                            check=finite_at_least(0, "a finite learning rate, 0 or more, e.g. 0.01"))
+    muon_momentum: float = option(MUON_MOMENTUM, "--optimizer muon: Muon's Nesterov momentum", type=float,
+                                  check=(lambda v: math.isfinite(v) and 0 <= v < 1, "a momentum in [0, 1), e.g. 0.95"))
+    muon_weight_decay: float = option(0.0, "--optimizer muon: decoupled weight decay of the block matrices, per unit "
+                                           "of Muon's LR", type=float,
+                                      check=finite_at_least(0, "0 (no decay) or more"))
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables", type=float,
                               check=finite_at_least(0, "0 (no clipping) or a norm above 0, e.g. 1.0"))
     seed: int = option(1337, "seed for the initial weights, the samples and the --shuffle order", type=int)
@@ -302,7 +316,8 @@ GROUPS = [
     ("data and output", ("data_root", "log_dir")),
     ("model", SHAPE + ("init_from", "init_from_optimizer")),
     ("batch and schedule", ("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr",
-                            "min_lr", "weight_decay", "grad_clip", "seed", "shuffle")),
+                            "min_lr", "weight_decay", "optimizer", "muon_lr", "muon_momentum", "muon_weight_decay",
+                            "grad_clip", "seed", "shuffle")),
     ("device", ("preset", "device", "dtype", "compile", "num_threads", "pin_memory", "mps_memory_fraction",
                 "deterministic", "activation_checkpointing", "loss_chunk_rows", "fsdp", "ddp_bucket_cap_mb",
                 "fused_loss")),
@@ -432,6 +447,11 @@ def check_changes(values, given, stored):
         shape.update({name: given[name] for name in SHAPE[1:] if name in given})
         changed += [f"--{name} {shape[name]} (the checkpoint has {stored['model_config'][name]})"
                     for name in SHAPE[1:] if shape[name] != stored["model_config"][name]]
+    old = stored.get("optimizer", "adamw")
+    if given.get("optimizer", old) != old and not values["reset_optimizer"]:
+        raise ConfigError(f"the checkpoint's run was trained with --optimizer {old}: drop --optimizer "
+                          f"{given['optimizer']} to continue it, or pass --reset_optimizer to continue its weights with "
+                          f"a fresh {given['optimizer']}")
     if changed:
         raise ConfigError(f"resuming {values['log_dir']} with {', '.join(changed)} would train another run: drop "
                           "those flags to continue this one, or start a new run from its weights in another "
@@ -487,7 +507,8 @@ def config_from_stored(stored):
 def print_config(config):
     """The table printed at start: every value that is not a plain default, and where it came from."""
     rows = [(name, getattr(config, name), source) for name, source in config.sources
-            if (source != "default" or name in TABLED or name in ("weight_decay", "grad_clip")) and name != "device"]
+            if (source != "default" or name in TABLED or name in ("weight_decay", "grad_clip", "optimizer")
+                or name.startswith("muon_") and config.optimizer == "muon") and name != "device"]
     rows += [("device", f"{config.device} x {config.world_size}", "derived"), ("precision", config.dtype, "derived"),
              ("grad_accum_steps", config.grad_accum_steps, "derived"), ("loss", config.loss, "derived"),
              ("model_shape", asdict(config.model_config), "derived")]

@@ -33,6 +33,7 @@ import full_state
 import gpt2_hf
 import hellaswag
 import metrics as metrics_mod
+import optimizers
 import run_config
 import run_folder
 import shards
@@ -120,8 +121,7 @@ def train_step(model, optimizer, scaler, loader, lr, spec, timer=None):
     distributed.mean_over_ranks(loss_accum)
     scaler.unscale_(optimizer)  # no-op unless fp16: clip the true gradients
     norm = distributed.clip_grad_norm(model.parameters(), spec.grad_clip if spec.grad_clip > 0 else float("inf"))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    optimizers.set_lr(optimizer, lr)  # Muon's groups (--optimizer muon) at their own scale of the schedule
     scaler.step(optimizer)
     scaler.update()
     timer.mark("optim")
@@ -223,7 +223,8 @@ def make_room(config, resume):
 def init_shape(config):
     """(model shape, from transformers?) of --init_from: a checkpoint file's, or OpenAI's weights via transformers."""
     if run_config.is_checkpoint_file(config.init_from):
-        return full_state.init_shape(config.init_from, config.block_size, config.init_from_optimizer), False
+        return full_state.init_shape(config.init_from, config.block_size, config.init_from_optimizer,
+                                     config.optimizer), False
     if config.init_from_optimizer:
         raise run_config.ConfigError(run_config.INIT_FROM_OPTIMIZER_NEEDS_A_FILE)
     return gpt2_hf.gpt_config(config.init_from, config.block_size), True
@@ -248,7 +249,7 @@ def train(args):
 
 
 def build_model(config, dev, ctx):
-    """The model on dev (sharded over the ranks with --fsdp) and its AdamW; weights from --init_from."""
+    """The model on dev (sharded over the ranks with --fsdp) and its optimizer (--optimizer); weights from --init_from."""
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     model = (gpt2_hf.from_pretrained(config.init_from, config.model_config) if config.init_from_transformers
              else GPT(config.model_config)).to(dev)
@@ -260,7 +261,11 @@ def build_model(config, dev, ctx):
         log(f"fsdp: weights, gradients and AdamW state sharded over {ctx.world_size} rank(s): "
             f"{mine / 1e6:.2f}M of {model.num_params(non_embedding=False) / 1e6:.2f}M parameters on each"
             + (", bf16 compute, fp32 gradient reduction" if config.dtype == "bf16" else ""))
-    optimizer = model.configure_optimizer(config.weight_decay, config.max_lr)
+    optimizer = optimizers.build(model, config.optimizer, lr=config.max_lr, weight_decay=config.weight_decay,
+                                 muon_lr=config.muon_lr, muon_momentum=config.muon_momentum,
+                                 muon_weight_decay=config.muon_weight_decay)
+    if config.optimizer != "adamw":
+        log(optimizers.describe(optimizer))
     if not optimizer.defaults.get("fused"):
         log(f"fused AdamW is not available on {dev.type}; using the for-each implementation")
     if config.init_from and not config.init_from_transformers:

@@ -30,6 +30,7 @@ import config_file  # noqa: E402
 import converters  # noqa: E402
 import device  # noqa: E402
 import files  # noqa: E402
+import optimizers  # noqa: E402
 from model import MODEL_PRESETS, TIED_WEIGHTS  # noqa: E402
 from run_config import BY_NAME  # noqa: E402
 from checkpoint import (BEST_NAME, FORMAT_VERSION, LATEST_NAME, CheckpointError,  # noqa: E402
@@ -280,7 +281,8 @@ def cmd_inspect(args):
     run_config = run_config_of(ckpt)
     summary = run_config if ckpt.get("foreign") else {  # another trainer's settings: all of them, under its names
         k: run_config[k] for k in ("model", "data_root", "max_steps", "total_batch_size", "micro_batch_size",
-                                   "seq_len", "max_lr", "min_lr", "warmup_steps", "dtype", "device", "seed")
+                                   "seq_len", "max_lr", "min_lr", "warmup_steps", "optimizer", "muon_lr", "dtype",
+                                   "device", "seed")
         if k in run_config}
     state = ckpt.get("train_state") or {}
     step, history = state.get("step"), state.get("history") or {}
@@ -302,7 +304,8 @@ def cmd_inspect(args):
                                    if k not in ("shards", "shard_tokens", "fingerprints")})),  # lists per shard
         ("history", f"{len(history.get('train', []))} train losses, {len(history.get('val', []))} val losses"),
         ("model tensors", f"{model_count} ({model_bytes / 1e6:.1f} MB)"),
-        ("optimizer", f"{opt_count} tensors ({opt_bytes / 1e6:.1f} MB)" if ckpt.get("optimizer") is not None
+        ("optimizer", f"{optimizers.NAMES.get(optimizers.kind_of_state(ckpt.get('optimizer')), 'unknown')}, "
+                      f"{opt_count} tensors ({opt_bytes / 1e6:.1f} MB)" if ckpt.get("optimizer") is not None
          else "none" if ckpt.get("foreign") else "none (weights only)"),  # other trainers': the notes say why
         ("grad scaler", ckpt.get("scaler") or "none"),
     ] + [("note", note) for note in ckpt.get("notes", ())]

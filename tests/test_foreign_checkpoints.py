@@ -104,7 +104,7 @@ def test_inspect_says_what_each_file_is(trainers, capsys):
     assert run_tool("inspect", path) == 0
     out = capsys.readouterr().out.splitlines()
     expected = ["kind            nanoGPT checkpoint", "step            1 (the last completed step: 2 steps done)",
-                "best val loss   3.25", f"optimizer       {3 * len(list(nanogpt.parameters()))} tensors (13.1 MB)"]
+                "best val loss   3.25", f"optimizer       AdamW, {3 * len(list(nanogpt.parameters()))} tensors (13.1 MB)"]
     expected += [f"note            {note}" for note in checkpoint.read_foreign(path).notes]
     assert set(expected) <= set(out)
     assert not any(line.startswith(("format version", "torch version", "dataloader")) for line in out)

@@ -16,7 +16,7 @@ LAYERS = [
     ["environment", "cli"],                             # what must come before torch; the command-line conventions
     ["files", "triton_loss", "metrics", "distributed", "run_state"],
     ["device", "shards", "signals", "watchdog"],        # shards: the tokenizer and the token files, without torch
-    ["model", "dataloader", "dataprep"],                # dataprep: the preparation, a package (PACKAGES)
+    ["model", "dataloader", "dataprep", "optimizers"],  # dataprep: the preparation, a package (PACKAGES)
     ["converters", "run_config"],                       # other trainers' files; every option -> one frozen config
     ["checkpoint", "config_file"],                      # checkpoint files: layout, names, loading, checks; --config
     ["full_state", "run_folder"],                       # the whole state between the ranks; what a run folder holds
