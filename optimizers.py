@@ -4,7 +4,7 @@ checkpoints, full_state's gathering and sending (DDP, FSDP, no shared disk) and 
 alike.
 
     OPTIMIZERS, NAMES                            ("adamw", "muon"), for --optimizer; their names for people
-    build(model, "muon", lr=6e-4, weight_decay=0.1, muon_lr=0.01, muon_momentum=0.95, muon_weight_decay=0.0)
+    build(model, "muon", lr=6e-4, weight_decay=0.1, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0)
     set_lr(optimizer, lr)                        the schedule's LR; Muon's groups get theirs scaled (muon_lr / lr)
     kind_of_state(state_dict) -> "adamw" | "muon" | None    which optimizer wrote a stored state
     describe(optimizer) -> str                   one line: what steps which parameters, at what LR
@@ -21,7 +21,7 @@ import torch
 
 OPTIMIZERS = ("adamw", "muon")
 NAMES = {"adamw": "AdamW", "muon": "Muon and AdamW"}  # for people: log lines, `checkpoint.py inspect`
-MUON_LR = 0.01        # --muon_lr: the best of 0.005-0.04 on the CPU (docs/PERFORMANCE.md, Muon against AdamW)
+MUON_LR = 0.02        # --muon_lr: the best of 0.005-0.04 for GPT-2 124M on one H200 (docs/PERFORMANCE.md, Muon)
 MUON_MOMENTUM = 0.95  # torch's default; --muon_momentum
 
 

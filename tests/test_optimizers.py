@@ -91,7 +91,7 @@ def test_muon_lowers_the_loss_of_the_trainer(tiny_data, tmp_path, capsys):
             "--optimizer", "muon", "--data_root", tiny_data, "--log_dir", tmp_path]
     assert run_main(train_gpt2.main, args) == 0
     out = capsys.readouterr().out
-    assert "optimizer: Muon (peak lr 0.01, momentum 0.95, weight decay 0) for the blocks' 8 matrices" in out
+    assert "optimizer: Muon (peak lr 0.02, momentum 0.95, weight decay 0) for the blocks' 8 matrices" in out
     assert "optimizer            muon                     flag" in out  # the configuration table says so
     losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 2.0, losses
