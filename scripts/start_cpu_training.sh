@@ -5,7 +5,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_start_common.sh"
 
 USAGE="usage: [DATA_ROOT=dir] [DRY_RUN=1] scripts/start_cpu_training.sh [train_gpt2.py flags ...]
 
-Trains on the CPU with --preset cpu (fp32, one thread per core, micro batch 8, no compile)
+Trains on the CPU with --preset cpu (what it sets: python device.py --device cpu)
 and --auto_resume: it continues from the newest checkpoint in --log_dir (default log/).
 Without DATA_ROOT it runs the quickstart: tiny Shakespeare (prepared on first use) on a d4
 model sized for a CPU. With DATA_ROOT it runs the GPT-2 recipe on those shards: add a small

@@ -5,10 +5,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/_start_common.sh"
 
 USAGE="usage: [DATA_ROOT=dir] [DRY_RUN=1] scripts/start_cuda_optimized_training.sh [train_gpt2.py flags ...]
 
-Trains on one CUDA GPU with --preset cuda: bf16 autocast (fp16 with grad scaling on GPUs
-without bf16), TF32, torch.compile (falls back to eager if it fails), the largest micro batch
-that fits (--micro_batch_size auto, probed at start), pinned memory, expandable allocator
-segments; and --auto_resume: it continues from the newest checkpoint in --log_dir (default log/).
+Trains on one CUDA GPU with --preset cuda (what it sets: python device.py --device cuda)
+and --auto_resume: it continues from the newest checkpoint in --log_dir (default log/).
 The recipe is GPT-2 124M on FineWeb-Edu (524,288 tokens per step, 19,073 steps).
 For several GPUs use scripts/start_multi_gpu_training.sh.
 Extra flags go to train_gpt2.py and win over the preset (python train_gpt2.py --help).

@@ -5,8 +5,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/_start_common.sh"
 
 USAGE="usage: [DATA_ROOT=dir] [DRY_RUN=1] scripts/start_mps_optimized_training.sh [train_gpt2.py flags ...]
 
-Trains on Apple MPS with --preset mps (bf16 autocast on macOS 14+, else fp32; micro batch 8, 16 in the quickstart;
-no compile) and --auto_resume: it continues from the newest checkpoint in --log_dir (default log/).
+Trains on Apple MPS with --preset mps (what it sets: python device.py --device mps)
+and --auto_resume: it continues from the newest checkpoint in --log_dir (default log/).
 Ops that MPS lacks run on the CPU (PYTORCH_ENABLE_MPS_FALLBACK=1), and allocations stop at
 the GPU's recommended working set (PYTORCH_MPS_HIGH_WATERMARK_RATIO=1.0) so an oversize batch
 fails with a clear out-of-memory message instead of swapping; train_gpt2.py sets both unless
