@@ -222,7 +222,7 @@ def make_room(config, resume):
 
 def init_shape(config):
     """(model shape, from transformers?) of --init_from: a checkpoint file's, or OpenAI's weights via transformers."""
-    if run_config.is_checkpoint_file(config.init_from):
+    if os.path.isfile(config.init_from):  # a checkpoint file, else a name or folder for transformers (gpt2_hf)
         return full_state.init_shape(config.init_from, config.block_size, config.init_from_optimizer,
                                      config.optimizer), False
     if config.init_from_optimizer:
