@@ -32,8 +32,7 @@ DDP_BUCKET_CAP_MB = 25.0  # PyTorch's default all-reduce bucket size; --ddp_buck
 # loss fall and a sample in minutes (docs/RESULTS.md has the runs these were chosen from).
 RUNS = {
     "recipe": dict(model="gpt2", seq_len=1024, total_batch_size=524288, max_steps=19073, warmup_steps=715,
-                   max_lr=6e-4, min_lr=6e-5, eval_interval=250, eval_steps=20,
-                   checkpoint_interval=5000),
+                   max_lr=6e-4, min_lr=6e-5, eval_interval=250, eval_steps=20, checkpoint_interval=5000),
     # compile off: 300 eager steps of GPT-2 take less time than compiling it
     "quickstart:cuda": dict(model="gpt2", seq_len=1024, micro_batch_size=16, total_batch_size=16384, max_steps=300,
                             warmup_steps=30, max_lr=6e-4, min_lr=6e-5, eval_interval=50, eval_steps=2,

@@ -296,7 +296,6 @@ def load_resume(ckpt, resume, config, train_loader):
 
 
 def train_run(config, dev, ctx, resume=None):
-    """The training run of a checked configuration."""
     if ctx.master:
         run_config.print_config(config)
     enc = shards.get_tokenizer()  # before any file is written: offline without a cache, this is where it stops
