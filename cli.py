@@ -38,8 +38,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if (default is None or default is argparse.SUPPRESS or isinstance(default, bool) or "default" in text
-                or action.option_strings == [] and action.nargs in (None, 1) and default is None):
+        if default is None or default is argparse.SUPPRESS or isinstance(default, bool) or "default" in text:
             return text
         if isinstance(default, (list, tuple)):
             default = " ".join(map(str, default)) or "none"

@@ -104,9 +104,7 @@ def _checked(action, value, name, path):
             value = float(value)
         elif kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
             raise ValueError(f"{value!r} is not a whole number")
-    except (ValueError, TypeError) as exc:
-        raise ConfigFileError(f"--config {path}: {name}: {exc}") from None
-    except Exception as exc:  # argparse.ArgumentTypeError from the flag's type
+    except Exception as exc:  # ValueError, TypeError, or argparse.ArgumentTypeError from the flag's type
         raise ConfigFileError(f"--config {path}: {name}: {exc}") from None
     if action.choices is not None and value not in action.choices:
         raise ConfigFileError(f"--config {path}: {name} {value!r} is not one of {', '.join(map(str, action.choices))}")

@@ -40,16 +40,14 @@ def _set_defaults():
     users = [name for name in alloc_names if name in os.environ]
     name = users[0] if users else alloc_names[0] if _torch_version() >= (2, 9) else alloc_names[1]
     setdefault("cuda", name, "expandable_segments:True", "less allocator fragmentation")
-    # Ops that MPS lacks run on the CPU instead of stopping the run.
     setdefault("mps", "PYTORCH_ENABLE_MPS_FALLBACK", "1", "ops MPS lacks run on the CPU instead of failing")
     # MPS's default ceiling is 1.7x the GPU's recommended working set, where macOS swaps and a step
     # takes minutes. At 1.0 an oversize batch fails at once with an out-of-memory error, which
     # --micro_batch_size auto and the error message can act on. The low mark must stay below the high.
-    if "PYTORCH_MPS_HIGH_WATERMARK_RATIO" in os.environ or "PYTORCH_MPS_LOW_WATERMARK_RATIO" in os.environ:
-        for name in ("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "PYTORCH_MPS_LOW_WATERMARK_RATIO"):
-            if name in os.environ:
-                lines["mps"].append(f"mps: {name}={os.environ[name]} (from your environment)")
-    else:
+    watermarks = ("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "PYTORCH_MPS_LOW_WATERMARK_RATIO")
+    users = [name for name in watermarks if name in os.environ]
+    lines["mps"] += [f"mps: {name}={os.environ[name]} (from your environment)" for name in users]
+    if not users:
         os.environ["PYTORCH_MPS_LOW_WATERMARK_RATIO"] = "0.8"
         setdefault("mps", "PYTORCH_MPS_HIGH_WATERMARK_RATIO", "1.0",
                    "allocations stop at the recommended working set (low mark 0.8): out of memory instead of swapping")

@@ -32,8 +32,7 @@ DDP_BUCKET_CAP_MB = 25.0  # PyTorch's default all-reduce bucket size; --ddp_buck
 # loss fall and a sample in minutes (docs/RESULTS.md has the runs these were chosen from).
 RUNS = {
     "recipe": dict(model="gpt2", seq_len=1024, total_batch_size=524288, max_steps=19073, warmup_steps=715,
-                   max_lr=6e-4, min_lr=6e-5, eval_interval=250, eval_steps=20,
-                   checkpoint_interval=5000),
+                   max_lr=6e-4, min_lr=6e-5, eval_interval=250, eval_steps=20, checkpoint_interval=5000),
     # compile off: 300 eager steps of GPT-2 take less time than compiling it
     "quickstart:cuda": dict(model="gpt2", seq_len=1024, micro_batch_size=16, total_batch_size=16384, max_steps=300,
                             warmup_steps=30, max_lr=6e-4, min_lr=6e-5, eval_interval=50, eval_steps=2,
@@ -74,7 +73,7 @@ def at_least(low, instead):
 
 
 def finite_at_least(low, instead):
-    return (lambda v: math.isfinite(v) and v >= low), instead
+    return (lambda v: v is None or math.isfinite(v) and v >= low), instead
 
 
 def micro_batch_size_arg(text):
@@ -139,8 +138,7 @@ class RunConfig:
                                  "max_lr/10", type=float,
                            check=finite_at_least(0, "a finite learning rate of 0 or more, e.g. max_lr / 10"))
     weight_decay: float = option(0.1, "AdamW weight decay on 2-D weights (with --optimizer muon: on the embeddings)",
-                                 type=float,
-                                 check=finite_at_least(0, "0 (no decay) or more, e.g. 0.1"))
+                                 type=float, check=finite_at_least(0, "0 (no decay) or more, e.g. 0.1"))
     optimizer: str = option("adamw", "adamw: AdamW over every parameter (the GPT-2 recipe); muon: torch.optim.Muon for "
                                      "the blocks' attention and MLP matrices at --muon_lr, AdamW at --max_lr for the "
                                      "embeddings, biases and layer norms; the LR schedule scales both "
@@ -164,8 +162,7 @@ class RunConfig:
                                  "device's; python device.py shows them); flags win", kind="device",
                          choices=DEVICE_CHOICES)
     device: str = option("auto", DEVICE_HELP, kind="invocation", choices=DEVICE_CHOICES)
-    dtype: str = option(None, DTYPE_HELP, kind="device",
-                        choices=DTYPE_CHOICES)
+    dtype: str = option(None, DTYPE_HELP, kind="device", choices=DTYPE_CHOICES)
     compile: str = option(None, "torch.compile the model; optional mode: default, reduce-overhead, max-autotune, "
                                 "max-autotune-no-cudagraphs, none (=False). A mode that fails falls back to "
                                 "default, then eager", kind="device", type=compile_arg, nargs="?", const="default",
@@ -249,8 +246,7 @@ class RunConfig:
     hang_timeout: float = option(None, "seconds without progress (a step, an evaluation batch, a save) before a "
                                        "rank dumps every thread's stack and exits, so torchrun restarts the group "
                                        "(watchdog.py); 0: off", kind="device", type=float, metavar="SECONDS",
-                                 check=(lambda v: v is None or (math.isfinite(v) and v >= 0),
-                                        "0 (off) or a number of seconds, e.g. 900"))
+                                 check=finite_at_least(0, "0 (off) or a number of seconds, e.g. 900"))
     # -- derived: what the setup found, and consequences of the values above
     model_config: GPTConfig = derived()
     world_size: int = derived(1)
@@ -296,9 +292,9 @@ def describe_default(f):
 def add_arguments(parser):
     """Every option as a flag whose dest is its RunConfig field. Every default is None here, so that a flag
     the user gave can be told from one they did not; the help states the real default from the tables."""
-    groups = {title: parser.add_argument_group(title) for title, _ in GROUPS}
     for f in OPTIONS:
-        group = groups[next(title for title, names in GROUPS if f.name in names)]
+        if f.name in GROUP_STARTS:
+            group = parser.add_argument_group(GROUP_STARTS[f.name])
         meta = f.metadata
         kwargs = dict(meta["argparse"])
         if meta["type"] is bool:
@@ -312,23 +308,10 @@ def add_arguments(parser):
                                help=argparse.SUPPRESS)
 
 
-GROUPS = [
-    ("data and output", ("data_root", "log_dir")),
-    ("model", SHAPE + ("init_from", "init_from_optimizer")),
-    ("batch and schedule", ("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr",
-                            "min_lr", "weight_decay", "optimizer", "muon_lr", "muon_momentum", "muon_weight_decay",
-                            "grad_clip", "seed", "shuffle")),
-    ("device", ("preset", "device", "dtype", "compile", "num_threads", "pin_memory", "mps_memory_fraction",
-                "deterministic", "activation_checkpointing", "loss_chunk_rows", "fsdp", "ddp_bucket_cap_mb",
-                "fused_loss")),
-    ("evaluation and logging", ("eval_interval", "eval_steps", "hellaswag_interval", "hellaswag_file",
-                                "hellaswag_limit", "log_interval", "tensorboard", "wandb", "wandb_project",
-                                "wandb_run_name", "generate_interval", "prompt", "num_samples", "max_new_tokens")),
-    ("checkpoints", ("checkpoint_interval", "auto_resume", "start_over", "resume", "resume_from_checkpoint",
-                     "keep_last_n_checkpoints", "save_optimizer", "async_checkpoint", "reset_optimizer",
-                     "checkpoint_every_minutes")),
-    ("faults", ("hang_timeout",)),
-]
+# --help's sections, each named at its first option; the options after it (RunConfig's order) belong to it.
+GROUP_STARTS = {"data_root": "data and output", "model": "model", "total_batch_size": "batch and schedule",
+                "preset": "device", "eval_interval": "evaluation and logging",
+                "checkpoint_interval": "checkpoints", "hang_timeout": "faults"}
 
 
 # -----------------------------------------------------------------------------
@@ -379,8 +362,8 @@ def resolve(args, device_type, world_size=1, stored=None, found=None):
     if stored is not None:
         check_changes(values, given, stored_values)
         notes = resume_notes(values, given, stored_values, device_type, same_device)
-    model_config = found.get("model_config") or (config_from_stored(stored_values) if stored is not None else None) \
-        or shape_of(values)
+    stored_shape = stored_values.get("model_config")
+    model_config = found.get("model_config") or (stored_shape and GPTConfig(**stored_shape)) or shape_of(values)
     if values["init_from"] and stored is None:
         values["model"], sources["model"] = values["init_from"], "init_from"
     elif values["init_from"]:  # the run it started is resumed: its weights come from its checkpoint
@@ -482,26 +465,14 @@ def resume_notes(values, given, stored, device_type, same_device):
     return tuple(notes)
 
 
-def is_checkpoint_file(init_from):
-    """--init_from FILE (a checkpoint file), rather than a name or folder for transformers (gpt2_hf). A look at
-    the file system, not a read."""
-    return bool(init_from) and os.path.isfile(init_from)
-
-
 def shape_of(values):
     """The GPTConfig of the preset and the shape flags (--init_from's shape comes in found instead)."""
     shape = dict(MODEL_PRESETS[values["model"]])
-    for key in ("n_layer", "n_head", "n_embd"):
-        if values[key] is not None:
-            shape[key] = values[key]
+    shape.update({key: values[key] for key in ("n_layer", "n_head", "n_embd") if values[key] is not None})
     if shape["n_embd"] % shape["n_head"]:
         raise ConfigError(f"--n_embd {shape['n_embd']} is not divisible by --n_head {shape['n_head']}; pick sizes "
                           "where it is")
     return GPTConfig(block_size=values["block_size"], **shape)
-
-
-def config_from_stored(stored):
-    return GPTConfig(**stored["model_config"]) if stored.get("model_config") else None
 
 
 def print_config(config):

@@ -222,7 +222,7 @@ def make_room(config, resume):
 
 def init_shape(config):
     """(model shape, from transformers?) of --init_from: a checkpoint file's, or OpenAI's weights via transformers."""
-    if run_config.is_checkpoint_file(config.init_from):
+    if os.path.isfile(config.init_from):  # a checkpoint file, else a name or folder for transformers (gpt2_hf)
         return full_state.init_shape(config.init_from, config.block_size, config.init_from_optimizer,
                                      config.optimizer), False
     if config.init_from_optimizer:
@@ -296,7 +296,6 @@ def load_resume(ckpt, resume, config, train_loader):
 
 
 def train_run(config, dev, ctx, resume=None):
-    """The training run of a checked configuration."""
     if ctx.master:
         run_config.print_config(config)
     enc = shards.get_tokenizer()  # before any file is written: offline without a cache, this is where it stops
