@@ -249,13 +249,9 @@ def _same(a, b):
     return torch.equal(a, b)
 
 
-def _shapes(model_config):
-    model = model_from_config(model_config, device="meta")
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
 def _check_tensors(foreign):
-    expected, path = _shapes(foreign.model_config), foreign.path
+    path, model = foreign.path, model_from_config(foreign.model_config, device="meta")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     unexpected = sorted(set(foreign.tensors) - set(expected))
     if unexpected:
         raise ConverterError(f"{path} has tensors a GPT-2 of its shape lacks: {_some(unexpected)}; a modified model "

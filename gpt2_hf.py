@@ -98,8 +98,7 @@ def _gpt_config_from_hf(hf_config, source, block_size=None):
 def gpt_config(name_or_path, block_size=None):
     """The GPTConfig that holds these weights: their shape, the padded vocabulary, and a position table
     of block_size (at most the weights' n_positions; shorter keeps the first rows)."""
-    hf_config = _from_pretrained("GPT2Config", "config", name_or_path)
-    return _gpt_config_from_hf(hf_config, name_or_path, block_size)
+    return _gpt_config_from_hf(_from_pretrained("GPT2Config", "config", name_or_path), name_or_path, block_size)
 
 
 def from_hf(hf_model, config=None):
