@@ -63,8 +63,6 @@ def checkpoint_like_files(log_dir):
     """Every file in log_dir that holds a run: this trainer's (model_*.pt, best_model.pt), nanoGPT's ckpt.pt,
     llm.c's model files; oldest first by name."""
     log_dir = Path(log_dir)
-    if not log_dir.is_dir():
-        return []
     found = [p for _, p in list_checkpoints(log_dir)]
     found += [log_dir / name for name in (BEST_NAME,) + OTHER_TRAINERS if (log_dir / name).is_file()]
     found += [p for p in sorted(log_dir.glob("*.bin")) if p.is_file() and converters.is_llmc_model(p)]
