@@ -49,13 +49,10 @@ def snapshot_to_cpu(obj, buffers, copied=None):
         key = (obj.device, obj.data_ptr(), obj.dtype, tuple(obj.shape), tuple(obj.stride()))
         if key in copied:
             return copied[key]
-        buf = buffers.get(key)
-        if buf is None:
-            buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
-            buffers[key] = buf
-        buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
-        copied[key] = buf
-        return buf
+        if key not in buffers:
+            buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+        copied[key] = buffers[key].copy_(obj.detach(), non_blocking=obj.is_cuda)
+        return copied[key]
     if isinstance(obj, dict):
         return {k: snapshot_to_cpu(v, buffers, copied) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -330,13 +327,9 @@ class CheckpointManager:
         checkpoints = [(s, p) for s, p in list_checkpoints(self.log_dir) if not is_epoch_checkpoint(p)]
         protected = {read_latest(self.log_dir), self.last_healthy and Path(self.last_healthy).resolve()}
         excess = len(checkpoints) - max(self.keep_last_n, 1)
-        for _, path in checkpoints:
-            if excess <= 0:
-                break
-            if path.resolve() in protected:
-                continue
+        unprotected = [path for _, path in checkpoints if path.resolve() not in protected]
+        for path in unprotected[:max(excess, 0)]:  # the oldest first
             path.unlink(missing_ok=True)
-            excess -= 1
 
     @property
     def writing(self):
