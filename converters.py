@@ -168,9 +168,7 @@ def _nanogpt(obj, path, for_training):
 
 
 def _build_nanogpt(obj, path):
-    config = obj.get("config")
-    fields = vars(config).get("fields", {}) if isinstance(config, PickledConfig) else config
-    fields = fields if isinstance(fields, dict) else {}
+    fields = vars(obj["config"]).get("fields", {})  # a PickledConfig: detect() checked it
     unknown = sorted(set(fields) - set(SHAPE_FIELDS))
     if unknown:
         raise ConverterError(f"{path}: build-nanogpt's GPTConfig has {', '.join(unknown)}, which build-nanogpt's does "
