@@ -121,13 +121,9 @@ def read_latest(log_dir):
 
 def tensor_bytes(obj):
     """Bytes of the distinct tensors in a nested dict/list: about the size torch.save writes."""
-    seen, total = set(), 0
-    for t in iter_tensors(obj):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    sizes = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel() * t.element_size()
+             for t in iter_tensors(obj)}  # keyed by what the tensor is: one met twice (a tied weight) is saved once
+    return sum(sizes.values())
 
 
 def save_file(obj, path, hint=DISK_FULL_HINT):
@@ -258,9 +254,8 @@ def from_foreign(foreign):
     return {"format_version": FORMAT_VERSION, "kind": "export", "foreign": converters.KINDS[foreign.kind],
             "train_state": {"step": None if foreign.steps_done is None else foreign.steps_done - 1,
                             "val_loss": foreign.val_loss, "best_val_loss": foreign.best_val_loss},
-            "model": foreign.tensors,
-            "model_config": foreign.model_config, "optimizer": foreign.optimizer, "run_config": foreign.run_config,
-            "notes": list(foreign.notes)}
+            "model": foreign.tensors, "model_config": foreign.model_config, "optimizer": foreign.optimizer,
+            "run_config": foreign.run_config, "notes": list(foreign.notes)}
 
 
 def summary(ckpt):

@@ -177,10 +177,8 @@ def find_resume(log_dir, auto=False, path=None, reset_optimizer=False):
         log(f"auto-resume: {diverged}, the newest healthy checkpoint before the run diverged")
         return replace(_resume(diverged, ckpt), moves=_rewind(log_dir, diverged, "diverged",
                                                                f"the run diverged after {diverged.name}"))
-    candidates = []
-    latest = read_latest(log_dir)
-    if latest is not None:
-        candidates.append(latest)  # first: after a resume from an older file, latest is the live timeline
+    latest = read_latest(log_dir)  # first: after a resume from an older file, latest is the live timeline
+    candidates = [latest] if latest is not None else []
     candidates += [p.resolve() for _, p in reversed(list_checkpoints(log_dir)) if p.resolve() not in candidates]
     skipped, weights_only = [], None
     for candidate in candidates:
