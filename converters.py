@@ -353,8 +353,7 @@ def read_llmc(path):
                                  n_layer=n_layer, n_head=n_head, n_embd=n_embd), gelu="tanh", real_vocab_size=vocab)
     layout = llmc_layout(n_layer, n_embd, block_size, padded_vocab)
     numel = sum(math.prod(shape) for _, shape in layout)
-    itemsize = 4 if dtype == "fp32" else 2
-    expected = LLMC_HEADER_BYTES + numel * itemsize
+    expected = LLMC_HEADER_BYTES + numel * (4 if dtype == "fp32" else 2)
     if size != expected:
         cause = "truncated (an interrupted write or copy?)" if size < expected else "longer than its header says"
         raise ConverterError(f"{path} has {size} bytes, but its llm.c header (L {n_layer}, C {n_embd}, "
@@ -363,11 +362,8 @@ def read_llmc(path):
                                       offset=LLMC_HEADER_BYTES, shape=(numel,)))
     if dtype == "bf16":
         flat = flat.view(torch.bfloat16)  # numpy has no bf16: the bits were read as int16
-    tensors, offset = {}, 0
-    for name, shape in layout:
-        n = math.prod(shape)
-        tensors[name] = flat[offset:offset + n].view(shape)
-        offset += n
+    chunks = flat.split([math.prod(shape) for _, shape in layout])  # views: the pages stay on disk until copied
+    tensors = {name: chunk.view(shape) for (name, shape), chunk in zip(layout, chunks)}
     for tied, source in TIED_WEIGHTS.items():  # llm.c ties them: one matrix in the file
         tensors[tied] = tensors[source]
     notes = [f"llm.c model, {dtype}: {vocab} tokens in {padded_vocab} rows, the padding masked as llm.c's "

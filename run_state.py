@@ -39,8 +39,7 @@ class TrainState:
             return False
         self.history["val"].append([step, val_loss])
         improved = val_loss < self.best_val_loss
-        if improved:
-            self.best_val_loss = val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)  # min(best, NaN) is best: NaN never wins
         return improved
 
     def healthy(self):
