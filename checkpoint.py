@@ -24,7 +24,6 @@ pointer file where symlinks are impossible), best_model.pt (lowest validation lo
 seen; everything but the optimizer). A checkpoint's `step` is the last completed step; training
 resumes at step + 1.
 """
-import contextlib
 import json
 import math
 import os
@@ -122,13 +121,9 @@ def read_latest(log_dir):
 
 def tensor_bytes(obj):
     """Bytes of the distinct tensors in a nested dict/list: about the size torch.save writes."""
-    seen, total = set(), 0
-    for t in iter_tensors(obj):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    sizes = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel() * t.element_size()
+             for t in iter_tensors(obj)}  # keyed by what the tensor is: one met twice (a tied weight) is saved once
+    return sum(sizes.values())
 
 
 def save_file(obj, path, hint=DISK_FULL_HINT):
@@ -162,15 +157,6 @@ def remove_stale_temp_files(log_dir):
 
 # -----------------------------------------------------------------------------
 # Loading and checking
-
-
-@contextlib.contextmanager
-def checkpoint_errors():
-    """converters' errors as CheckpointErrors, which every caller here handles (skip the file, report it)."""
-    try:
-        yield
-    except converters.ConverterError as exc:
-        raise CheckpointError(str(exc)) from None
 
 
 def load_file(path):
@@ -238,21 +224,22 @@ def read_checkpoint(path, for_training=False):
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     if path.suffix == ".safetensors":
-        tensors, model_config, train_state = _read_safetensors(path)
-        return {"format_version": FORMAT_VERSION, "kind": "export", "train_state": train_state, "model": tensors,
-                "model_config": model_config}
+        return _read_safetensors(path)
     found = _read_any(path, for_training)
     return from_foreign(found) if isinstance(found, converters.Foreign) else found
 
 
 def _read_any(path, for_training):
-    """Another trainer's file as a converters.Foreign; this trainer's .pt files as their (migrated) dict."""
-    with checkpoint_errors():
+    """Another trainer's file as a converters.Foreign; this trainer's .pt files as their (migrated) dict.
+    converters' errors become CheckpointErrors, which every caller here handles (skip the file, report it)."""
+    try:
         if converters.is_llmc_file(path):
             return converters.read_llmc(path)
         obj = load_checkpoint(path)
         kind = converters.detect(obj)
         return converters.convert(obj, path, kind, for_training) if kind else obj
+    except converters.ConverterError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def read_foreign(path, for_training=False):
@@ -267,9 +254,8 @@ def from_foreign(foreign):
     return {"format_version": FORMAT_VERSION, "kind": "export", "foreign": converters.KINDS[foreign.kind],
             "train_state": {"step": None if foreign.steps_done is None else foreign.steps_done - 1,
                             "val_loss": foreign.val_loss, "best_val_loss": foreign.best_val_loss},
-            "model": foreign.tensors,
-            "model_config": foreign.model_config, "optimizer": foreign.optimizer, "run_config": foreign.run_config,
-            "notes": list(foreign.notes)}
+            "model": foreign.tensors, "model_config": foreign.model_config, "optimizer": foreign.optimizer,
+            "run_config": foreign.run_config, "notes": list(foreign.notes)}
 
 
 def summary(ckpt):
@@ -350,20 +336,13 @@ def verify_checkpoint(ckpt, path, model_config=None, model_keys=None, allow_expo
             raise CheckpointError(f"{path} has tensors this model lacks: {', '.join(unexpected[:3])}")
 
 
-def shapes(model):
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
 def model_keys_of(ckpt, path):
-    """The tensor names and shapes a GPT of the checkpoint's own model config has."""
-    return shapes(_meta_model(stored_config(ckpt, path), path))
-
-
-def _meta_model(model_config, path):
+    """The tensor names and shapes a GPT of the checkpoint's own model config has (built on the meta device)."""
     try:
-        return model_from_config(model_config, device="meta")
+        model = model_from_config(stored_config(ckpt, path), device="meta")
     except ModelConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def read_weights(path, for_training=False):
@@ -379,9 +358,9 @@ def read_weights(path, for_training=False):
     for tied, source in TIED_WEIGHTS.items():
         if tied not in tensors and source in tensors:
             tensors[tied] = tensors[source]
-    verify_checkpoint({"format_version": FORMAT_VERSION, "train_state": {"step": 0}, "kind": "export", "model": tensors,
-                       "model_config": model_config}, path, model_keys=shapes(_meta_model(model_config, path)),
-                      allow_export=True)
+    export = {"format_version": FORMAT_VERSION, "train_state": {"step": 0}, "kind": "export", "model": tensors,
+              "model_config": model_config}
+    verify_checkpoint(export, path, model_keys=model_keys_of(export, path), allow_export=True)
     return tensors, model_config, ckpt
 
 
@@ -398,6 +377,7 @@ def load_model(path, device="cpu"):
 
 
 def _read_safetensors(path):
+    """An export written as .safetensors, as the dict of a .pt export."""
     safetensors_torch = import_safetensors()
     from safetensors import safe_open
 
@@ -405,8 +385,9 @@ def _read_safetensors(path):
         metadata = f.metadata() or {}
     if "model_config" not in metadata:
         raise CheckpointError(f"{path} has no model_config in its metadata: not an export of this trainer")
-    train_state = json.loads(metadata.get("train_state", '{"step": null}'))
-    return safetensors_torch.load_file(str(path)), json.loads(metadata["model_config"]), train_state
+    return {"format_version": FORMAT_VERSION, "kind": "export",
+            "train_state": json.loads(metadata.get("train_state", '{"step": null}')),
+            "model": safetensors_torch.load_file(str(path)), "model_config": json.loads(metadata["model_config"])}
 
 
 def import_safetensors():
@@ -421,11 +402,8 @@ def import_safetensors():
 def iter_tensors(obj):
     if isinstance(obj, torch.Tensor):
         yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from iter_tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in obj.values() if isinstance(obj, dict) else obj:
             yield from iter_tensors(v)
 
 
@@ -433,14 +411,11 @@ def verify_file(path):
     """Read every byte and tensor of any checkpoint file (read_checkpoint's); check structure, keys and shapes
     against a model built from its own model_config, and that weights are finite. Returns the checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path):  # False for a missing file, which read_checkpoint reports
         check_zip_crc(path)
     ckpt = read_checkpoint(path)
     verify_checkpoint(ckpt, path, allow_export=True)
-    model = _meta_model(stored_config(ckpt, path), path)
-    verify_checkpoint(ckpt, path, model_keys=shapes(model), allow_export=True)
+    verify_checkpoint(ckpt, path, model_keys=model_keys_of(ckpt, path), allow_export=True)
     for name, t in ckpt["model"].items():
         if t.is_floating_point() and not bool(t.isfinite().all()):
             raise CheckpointError(f"{path}: {name} holds NaN or inf")

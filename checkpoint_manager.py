@@ -49,13 +49,10 @@ def snapshot_to_cpu(obj, buffers, copied=None):
         key = (obj.device, obj.data_ptr(), obj.dtype, tuple(obj.shape), tuple(obj.stride()))
         if key in copied:
             return copied[key]
-        buf = buffers.get(key)
-        if buf is None:
-            buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
-            buffers[key] = buf
-        buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
-        copied[key] = buf
-        return buf
+        if key not in buffers:
+            buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+        copied[key] = buffers[key].copy_(obj.detach(), non_blocking=obj.is_cuda)
+        return copied[key]
     if isinstance(obj, dict):
         return {k: snapshot_to_cpu(v, buffers, copied) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -100,13 +97,10 @@ class CheckpointManager:
     # -- resuming ------------------------------------------------------------
 
     def load(self, resume, reset_optimizer=False, skip=()):
-        """Load a run_folder.Resume (its dict on rank 0) into every part but those in skip; returns the step to
-        start at. Rank 0 read and verified the file once; the other ranks receive the state."""
+        """Load a run_folder.Resume (its dict on rank 0, None on the other ranks) into every part but those in skip;
+        returns the step to start at. Rank 0 read and verified the file once; the other ranks receive the state."""
         self.last_healthy = resume.path if self.is_master else None  # resumed from: healthy by construction
-        return self._apply(resume.ckpt, Path(resume.path), reset_optimizer, skip) + 1
-
-    def _apply(self, ckpt, path, reset_optimizer, skip=()):
-        """Load rank 0's checkpoint, verified (None on the other ranks), into every part; returns its step."""
+        ckpt, path = resume.ckpt, Path(resume.path)
         if ckpt is not None:  # the run's model is built from the checkpoint's config: this only guards other callers
             verify_checkpoint(ckpt, path, self.meta.get("model_config"))
         if ckpt is not None and not reset_optimizer and self.parts.get("optimizer") is not None:
@@ -135,7 +129,7 @@ class CheckpointManager:
                 part.load_state_dict(rest[name])
         step = rest["train_state"]["step"]
         log(f"resumed from {path} (step {step}): continuing at step {step + 1}")
-        return step
+        return step + 1
 
     # -- saving --------------------------------------------------------------
 
@@ -247,7 +241,9 @@ class CheckpointManager:
         """Rank 0: write the files now, or start the background write of a snapshot."""
         self.wait()  # one write at a time; raises if the previous background write failed
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        jobs = self._jobs(state, path, best)
+        jobs = [(path, state)] if path is not None else []
+        if best:  # the same weights, without the optimizer: resumable with --reset_optimizer
+            jobs.append((self.log_dir / BEST_NAME, {**state, "optimizer": None, "scaler": None}))
         if not self.async_save:
             self._write(jobs, path)
             self.wait()  # raises what _write recorded
@@ -289,12 +285,6 @@ class CheckpointManager:
         state.update(self.meta)
         return state
 
-    def _jobs(self, state, path, best):
-        jobs = [(path, state)] if path is not None else []
-        if best:  # the same weights, without the optimizer: resumable with --reset_optimizer
-            jobs.append((self.log_dir / BEST_NAME, {**state, "optimizer": None, "scaler": None}))
-        return jobs
-
     def _write(self, jobs, path):
         t0 = time.perf_counter()
         try:
@@ -321,16 +311,13 @@ class CheckpointManager:
         self.last_healthy = path
 
     def _strip_confirmed(self):
+        """Keep weights only in the older checkpoints _confirm queued (about 1/3 the size), atomically."""
         while self._to_strip:
             path = Path(self._to_strip.pop(0))
             if CHECKPOINT_PATTERN.match(path.name) and path.is_file():  # step and epoch checkpoints, not pruned yet
-                self._strip_optimizer(path)
-
-    def _strip_optimizer(self, path):
-        """Keep weights only in an older checkpoint (about 1/3 the size), atomically."""
-        ckpt = load_checkpoint(path)
-        if ckpt.get("optimizer") is not None:
-            save_file({**ckpt, "optimizer": None, "scaler": None}, path)
+                ckpt = load_checkpoint(path)
+                if ckpt.get("optimizer") is not None:
+                    save_file({**ckpt, "optimizer": None, "scaler": None}, path)
 
     def _prune(self):
         """Delete the oldest step checkpoints beyond keep_last_n, never the one latest points at, never
@@ -340,23 +327,14 @@ class CheckpointManager:
         checkpoints = [(s, p) for s, p in list_checkpoints(self.log_dir) if not is_epoch_checkpoint(p)]
         protected = {read_latest(self.log_dir), self.last_healthy and Path(self.last_healthy).resolve()}
         excess = len(checkpoints) - max(self.keep_last_n, 1)
-        for _, path in checkpoints:
-            if excess <= 0:
-                break
-            if path.resolve() in protected:
-                continue
+        unprotected = [path for _, path in checkpoints if path.resolve() not in protected]
+        for path in unprotected[:max(excess, 0)]:  # the oldest first
             path.unlink(missing_ok=True)
-            excess -= 1
 
     @property
     def writing(self):
         """True while a background write is in flight."""
         return self._thread is not None and self._thread.is_alive()
-
-    def latest_path(self):
-        """The newest checkpoint on disk, after any write in flight has landed."""
-        self._join()
-        return read_latest(self.log_dir)
 
     def _join(self):
         if self._thread is not None:

@@ -168,9 +168,7 @@ def _nanogpt(obj, path, for_training):
 
 
 def _build_nanogpt(obj, path):
-    config = obj.get("config")
-    fields = vars(config).get("fields", {}) if isinstance(config, PickledConfig) else config
-    fields = fields if isinstance(fields, dict) else {}
+    fields = vars(obj["config"]).get("fields", {})  # a PickledConfig: detect() checked it
     unknown = sorted(set(fields) - set(SHAPE_FIELDS))
     if unknown:
         raise ConverterError(f"{path}: build-nanogpt's GPTConfig has {', '.join(unknown)}, which build-nanogpt's does "
@@ -249,13 +247,9 @@ def _same(a, b):
     return torch.equal(a, b)
 
 
-def _shapes(model_config):
-    model = model_from_config(model_config, device="meta")
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
 def _check_tensors(foreign):
-    expected, path = _shapes(foreign.model_config), foreign.path
+    path, model = foreign.path, model_from_config(foreign.model_config, device="meta")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     unexpected = sorted(set(foreign.tensors) - set(expected))
     if unexpected:
         raise ConverterError(f"{path} has tensors a GPT-2 of its shape lacks: {_some(unexpected)}; a modified model "
@@ -359,8 +353,7 @@ def read_llmc(path):
                                  n_layer=n_layer, n_head=n_head, n_embd=n_embd), gelu="tanh", real_vocab_size=vocab)
     layout = llmc_layout(n_layer, n_embd, block_size, padded_vocab)
     numel = sum(math.prod(shape) for _, shape in layout)
-    itemsize = 4 if dtype == "fp32" else 2
-    expected = LLMC_HEADER_BYTES + numel * itemsize
+    expected = LLMC_HEADER_BYTES + numel * (4 if dtype == "fp32" else 2)
     if size != expected:
         cause = "truncated (an interrupted write or copy?)" if size < expected else "longer than its header says"
         raise ConverterError(f"{path} has {size} bytes, but its llm.c header (L {n_layer}, C {n_embd}, "
@@ -369,11 +362,8 @@ def read_llmc(path):
                                       offset=LLMC_HEADER_BYTES, shape=(numel,)))
     if dtype == "bf16":
         flat = flat.view(torch.bfloat16)  # numpy has no bf16: the bits were read as int16
-    tensors, offset = {}, 0
-    for name, shape in layout:
-        n = math.prod(shape)
-        tensors[name] = flat[offset:offset + n].view(shape)
-        offset += n
+    chunks = flat.split([math.prod(shape) for _, shape in layout])  # views: the pages stay on disk until copied
+    tensors = {name: chunk.view(shape) for (name, shape), chunk in zip(layout, chunks)}
     for tied, source in TIED_WEIGHTS.items():  # llm.c ties them: one matrix in the file
         tensors[tied] = tensors[source]
     notes = [f"llm.c model, {dtype}: {vocab} tokens in {padded_vocab} rows, the padding masked as llm.c's "

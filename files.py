@@ -13,6 +13,7 @@ temp file in the same folder (.NAME.tmpPID), which takes the name only once it i
 on disk. A write that fails removes its temp file; one killed mid-write leaves it for
 remove_stale_temp_files (checkpoint.py) to clean up once its process is gone.
 """
+import contextlib
 import errno
 import json
 import os
@@ -62,12 +63,9 @@ def fsync_dir(path):
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return  # some platforms cannot open directories; the rename is still atomic
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 class _RecordingFile:
@@ -304,10 +302,8 @@ class RunLock:
 
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
-            try:
+            with contextlib.suppress(OSError):  # a network hiccup: the next beat tries again
                 self._write({**self._holder(self._fd), "heartbeat": time.time()})
-            except OSError:
-                pass  # a network hiccup: the next beat tries again
 
     def release(self):
         if self._fd is None:
@@ -315,10 +311,8 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        try:
+        with contextlib.suppress(OSError):
             self._write({"released": time.time()})
-        except OSError:
-            pass
         os.close(self._fd)  # releases the lock
         self._fd = None
         _HELD.discard(str(self.path.resolve()))
@@ -328,7 +322,6 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
-        return False
 
 
 def remove_stale_temp_files(folder):

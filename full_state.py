@@ -74,19 +74,15 @@ def init_from_file(path, model, optimizer, load_optimizer=False):
 
 def load_adamw_state(optimizer, state):
     """An AdamW state dict's moments and step counts (this trainer's, or nanoGPT's, which maps onto the same
-    groups; or this trainer's Muon and AdamW state, group for group) with this optimizer's hyperparameters: the run's flags win over the file's weight decay and betas,
-    and the fused / capturable settings decide where torch puts the step counts. state: on rank 0 (None on
-    the other ranks, which get their part from it)."""
+    groups; or this trainer's Muon and AdamW state, group for group) with this optimizer's hyperparameters: the
+    run's flags win over the file's weight decay and betas, and the fused / capturable settings decide where torch
+    puts the step counts. state: on rank 0 (None on the other ranks, which get their part from it)."""
     if state is not None:
         ours = optimizer.state_dict()["param_groups"]
         groups = [{**theirs, **{k: v for k, v in mine.items() if k != "params"}}
                   for theirs, mine in zip(state["param_groups"], ours)]
         state = {**state, "param_groups": groups}
     load_full_optimizer_state(optimizer, state)
-
-
-def _is_tensor(value):
-    return isinstance(value, torch.Tensor)
 
 
 def full_model_state(model):
@@ -120,7 +116,7 @@ def full_optimizer_state(optimizer):
         values = {}
         for key, value in entry.items():
             whole = value.full_tensor() if hasattr(value, "full_tensor") else value
-            values[key] = whole.detach().to("cpu", copy=True) if _is_tensor(whole) else whole
+            values[key] = whole.detach().to("cpu", copy=True) if isinstance(whole, torch.Tensor) else whole
         if master:
             gathered[index] = values
     return {"state": gathered, "param_groups": state["param_groups"]} if master else {}
@@ -165,7 +161,7 @@ def load_full_optimizer_state(optimizer, state):
         optimizer.load_state_dict(state)
         return
     def shape_of(value):
-        return ("tensor", tuple(value.shape), value.dtype) if _is_tensor(value) else value
+        return ("tensor", tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
 
     skeleton = distributed.from_rank0(
         {"state": {i: {k: shape_of(v) for k, v in e.items()} for i, e in state["state"].items()},

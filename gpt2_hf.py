@@ -98,32 +98,15 @@ def _gpt_config_from_hf(hf_config, source, block_size=None):
 def gpt_config(name_or_path, block_size=None):
     """The GPTConfig that holds these weights: their shape, the padded vocabulary, and a position table
     of block_size (at most the weights' n_positions; shorter keeps the first rows)."""
-    hf_config = _from_pretrained("GPT2Config", "config", name_or_path)
-    return _gpt_config_from_hf(hf_config, name_or_path, block_size)
+    return _gpt_config_from_hf(_from_pretrained("GPT2Config", "config", name_or_path), name_or_path, block_size)
 
 
 def from_hf(hf_model, config=None):
     """Our GPT with the weights of a transformers GPT2LMHeadModel (fp32, CPU)."""
     source = getattr(hf_model, "name_or_path", None) or "the GPT2LMHeadModel"
     config = config or _gpt_config_from_hf(hf_model.config, source)
-    hf_state = hf_model.state_dict()
     model = GPT(config)
-    with torch.no_grad():
-        for name, target in model.state_dict().items():  # views of the parameters: copy_ fills the model
-            if name in TIED_WEIGHTS:
-                continue  # the same tensor as the weight it is tied to
-            if name not in hf_state:
-                raise HFError(f"{source} has no tensor {name}; is it a GPT-2 checkpoint?")
-            weight = hf_state[name].float()
-            if name.endswith(CONV1D):
-                weight = weight.t()
-            if name == "transformer.wte.weight":
-                target.zero_()  # padding rows: never real tokens
-                target[:weight.size(0)].copy_(weight)
-            elif name == "transformer.wpe.weight":
-                target.copy_(weight[:config.block_size])
-            else:
-                target.copy_(weight)
+    _copy_weights(hf_model.state_dict(), model.state_dict(), source)
     return model
 
 
@@ -142,18 +125,28 @@ def to_hf(model):
                                         activation_function="gelu_new" if cfg.gelu == "tanh" else "gelu",
                                         tie_word_embeddings=True)
     hf_model = transformers.GPT2LMHeadModel(hf_config)
-    state = model.state_dict()
+    _copy_weights(model.state_dict(), hf_model.state_dict(), "the GPT")
+    return hf_model.eval()
+
+
+def _copy_weights(source_state, target_state, source):
+    """Copy a GPT-2 state dict into another of the same names (target_state's tensors are views of the parameters),
+    transposing transformers' Conv1D weights. Ours pads the vocabulary, and may have a shorter position table."""
     with torch.no_grad():
-        for name, target in hf_model.state_dict().items():
+        for name, target in target_state.items():
             if name in TIED_WEIGHTS:
-                continue  # tied to the input embedding
-            weight = state[name].float()
+                continue  # the same tensor as the weight it is tied to
+            if name not in source_state:
+                raise HFError(f"{source} has no tensor {name}; is it a GPT-2 checkpoint?")
+            weight = source_state[name].float()
             if name.endswith(CONV1D):
                 weight = weight.t()
+            if name in ("transformer.wte.weight", "transformer.wpe.weight"):
+                weight = weight[:len(target)]  # the first rows: no padding rows, or a shorter position table
             if name == "transformer.wte.weight":
-                weight = weight[:hf_config.vocab_size]
+                target.zero_()  # padding rows: never real tokens
+                target = target[:len(weight)]
             target.copy_(weight)
-    return hf_model.eval()
 
 
 def export(checkpoint_path, out_dir):

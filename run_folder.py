@@ -63,8 +63,6 @@ def checkpoint_like_files(log_dir):
     """Every file in log_dir that holds a run: this trainer's (model_*.pt, best_model.pt), nanoGPT's ckpt.pt,
     llm.c's model files; oldest first by name."""
     log_dir = Path(log_dir)
-    if not log_dir.is_dir():
-        return []
     found = [p for _, p in list_checkpoints(log_dir)]
     found += [log_dir / name for name in (BEST_NAME,) + OTHER_TRAINERS if (log_dir / name).is_file()]
     found += [p for p in sorted(log_dir.glob("*.bin")) if p.is_file() and converters.is_llmc_model(p)]
@@ -128,9 +126,9 @@ def _verified(path):
     return ckpt
 
 
-def _resume(path, ckpt):
+def _resume(path, ckpt, moves):
     run_config = {**(ckpt.get("run_config") or {}), "model_config": ckpt["model_config"]}
-    return Resume(str(path), ckpt["train_state"]["step"], run_config, ckpt)
+    return Resume(str(path), ckpt["train_state"]["step"], run_config, ckpt, moves)
 
 
 def _step_of(path):
@@ -177,12 +175,10 @@ def find_resume(log_dir, auto=False, path=None, reset_optimizer=False):
         ckpt = _verified(diverged)  # the healthy checkpoint the stop named: it must be whole
         _check_optimizer(ckpt, diverged, reset_optimizer)
         log(f"auto-resume: {diverged}, the newest healthy checkpoint before the run diverged")
-        return replace(_resume(diverged, ckpt), moves=_rewind(log_dir, diverged, "diverged",
-                                                               f"the run diverged after {diverged.name}"))
-    candidates = []
-    latest = read_latest(log_dir)
-    if latest is not None:
-        candidates.append(latest)  # first: after a resume from an older file, latest is the live timeline
+        return _resume(diverged, ckpt, _rewind(log_dir, diverged, "diverged",
+                                               f"the run diverged after {diverged.name}"))
+    latest = read_latest(log_dir)  # first: after a resume from an older file, latest is the live timeline
+    candidates = [latest] if latest is not None else []
     candidates += [p.resolve() for _, p in reversed(list_checkpoints(log_dir)) if p.resolve() not in candidates]
     skipped, weights_only = [], None
     for candidate in candidates:
@@ -198,7 +194,7 @@ def find_resume(log_dir, auto=False, path=None, reset_optimizer=False):
         log(f"auto-resume: {candidate}")
         newest = f"{candidate.name} is the newest whole checkpoint" + (" with an optimizer" if weights_only else "")
         moves = _rewind(log_dir, candidate, "rewound", newest) if weights_only is not None or skipped else ()
-        return replace(_resume(candidate, ckpt), moves=moves)
+        return _resume(candidate, ckpt, moves)
     if weights_only is not None:
         raise CheckpointError(f"{weights_only} is the newest whole checkpoint in {log_dir}, and it holds weights only "
                               f"({'the newer ones are damaged: ' + '; '.join(skipped) if skipped else 'no file has an optimizer'}); "
@@ -232,7 +228,7 @@ def _resume_from(log_dir, path, reset_optimizer):
     else:
         _refuse_another_run(log_dir, path)
     log(f"resume: {path}")
-    return replace(_resume(path, ckpt), moves=moves)
+    return _resume(path, ckpt, moves)
 
 
 def _refuse_another_run(log_dir, path):

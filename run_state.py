@@ -39,8 +39,7 @@ class TrainState:
             return False
         self.history["val"].append([step, val_loss])
         improved = val_loss < self.best_val_loss
-        if improved:
-            self.best_val_loss = val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)  # min(best, NaN) is best: NaN never wins
         return improved
 
     def healthy(self):
@@ -50,7 +49,7 @@ class TrainState:
         climbs by orders of magnitude before it reaches NaN."""
         losses = [loss for _, loss in self.history["train"][-HEALTHY_WINDOW - 1:]]
         if not losses or not math.isfinite(losses[-1]):
-            return bool(losses) is False
+            return not losses
         earlier = [loss for loss in losses[:-1] if math.isfinite(loss)]
         return not earlier or losses[-1] <= min(earlier) + HEALTHY_MARGIN
 
