@@ -56,10 +56,6 @@ class HellaSwagError(cli.UserError):
 # Data
 
 
-def cache_path(cache_dir=None):
-    return Path(cache_dir or os.environ.get("HELLASWAG_CACHE_DIR") or DEFAULT_CACHE_DIR) / VAL_NAME
-
-
 def parse_examples(text, source):
     """Examples from JSON lines in the official schema; an error names the line and what is wrong."""
     examples = []
@@ -102,7 +98,7 @@ def load_examples(data_file=None, cache_dir=None, limit=None):
     if data_file is not None:
         path = Path(data_file)
     else:
-        path = cache_path(cache_dir)
+        path = Path(cache_dir or os.environ.get("HELLASWAG_CACHE_DIR") or DEFAULT_CACHE_DIR) / VAL_NAME
         if not path.is_file():
             print(f"hellaswag: downloading {VAL_URL} to {path}", file=sys.stderr)
             download(path)
@@ -227,27 +223,24 @@ def score(model, examples, device, dtype="fp32", batch_examples=16, block_size=N
     return sum_losses, mean_losses
 
 
-def count_correct(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1,
-                  block_size=None, model_config=None, pad_multiple=8, progress=None, min_batches=0):
-    """This rank's share (examples i with i % world_size == rank): {"correct", "correct_norm", "n"}."""
+def count_correct(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1, **options):
+    """This rank's share (examples i with i % world_size == rank): {"correct", "correct_norm", "n"}.
+    options: score's (block_size, model_config, pad_multiple, progress, min_batches)."""
     shard = examples[rank::world_size]
-    sum_losses, mean_losses = score(model, shard, device, dtype, batch_examples, block_size, model_config,
-                                    pad_multiple, progress, min_batches)
+    sum_losses, mean_losses = score(model, shard, device, dtype, batch_examples, **options)
     labels = torch.tensor([example.label if isinstance(example, RenderedExample) else int(example["label"])
                            for example in shard])
     return {"correct": int((sum_losses.argmin(1) == labels).sum()),
             "correct_norm": int((mean_losses.argmin(1) == labels).sum()), "n": len(shard)}
 
 
-def evaluate(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1,
-             block_size=None, model_config=None, pad_multiple=8, progress=None, min_batches=0):
+def evaluate(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1, **options):
     """HellaSwag accuracy over all ranks: {"acc", "acc_norm", "n"}, the same on every rank.
 
     Call it on every rank with the same examples (ideally pre-rendered with render_examples);
     each scores its share and the counts are summed when torch.distributed is initialised.
     model may be compiled; pass the raw model's config (or block_size) to truncate long rows."""
-    counts = count_correct(model, examples, device, dtype, batch_examples, rank, world_size,
-                           block_size, model_config, pad_multiple, progress, min_batches)
+    counts = count_correct(model, examples, device, dtype, batch_examples, rank, world_size, **options)
     if world_size > 1:
         totals = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long,
                               device=device)
