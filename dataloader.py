@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from cli import log
-from shards import VOCAB_SIZE, DataError, check_token_ids, find_token_files, fingerprint, recorded_data_change
+from shards import (VOCAB_SIZE, DataError, check_token_ids, find_token_files, fingerprint, listed,
+                    recorded_data_change)
 
 
 def _tokens_if_they_fit(token_file, min_tokens, step_desc):
@@ -243,13 +244,10 @@ class ShardedDataLoader:
         names = [p.name for p in self.shards]
         if list(state["shards"]) != names:
             saved = state["shards"]
-            raise DataError(
-                f"the checkpoint's data loader state was made on other data: {len(saved)} shards "
-                f"({', '.join(saved[:2])}{', ...' if len(saved) > 2 else ''}) from "
-                f"{state.get('data_root', 'an unknown --data_root')}, but {self.data_root} has "
-                f"{len(names)} {self.split} shards ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''}); "
-                f"resume with --data_root {state.get('data_root', '<the data it was trained on>')}"
-            )
+            raise DataError(f"the checkpoint's data loader state was made on other data: {len(saved)} shards "
+                            f"({listed(saved)}) from {state.get('data_root', 'an unknown --data_root')}, but "
+                            f"{self.data_root} has {len(names)} {self.split} shards ({listed(names)}); resume with "
+                            f"--data_root {state.get('data_root', '<the data it was trained on>')}")
         if bool(state.get("shuffle", False)) != self.shuffle:
             how = "in a shuffled order" if state.get("shuffle") else "in order"
             raise DataError(f"the checkpoint read {self.data_root}'s {self.split} windows {how}; resume "
