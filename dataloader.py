@@ -139,11 +139,9 @@ class ShardedDataLoader:
     def _skip_exhausted_shard(self):
         """Move to the next shard (or wrap) if the next step's windows do not fit in this one."""
         if self.position + self.tokens_per_step + 1 > self.shard_lengths[self.shard_index]:
-            next_index = self.shard_index + 1
-            if next_index == len(self.shards):
-                next_index = 0
+            if self.shard_index + 1 == len(self.shards):  # past the last shard: wrap to the first
                 self.epoch += 1
-            self._open_shard(next_index)
+            self._open_shard((self.shard_index + 1) % len(self.shards))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         ahead, self._ahead = self._ahead, None
