@@ -66,11 +66,10 @@ def parse_examples(text, source):
             example = json.loads(line)
         except json.JSONDecodeError as exc:
             raise HellaSwagError(f"{source}:{lineno}: not JSON ({exc})") from None
-        endings = example.get("endings") if isinstance(example, dict) else None
-        label = example.get("label") if isinstance(example, dict) else None
-        if not (isinstance(example, dict) and isinstance(example.get("ctx"), str) and isinstance(endings, list)
-                and len(endings) == 4 and all(isinstance(e, str) for e in endings)
-                and isinstance(label, int) and 0 <= label < 4):
+        fields = example if isinstance(example, dict) else {}  # a JSON list or number fails every check
+        endings, label = fields.get("endings"), fields.get("label")
+        if not (isinstance(fields.get("ctx"), str) and isinstance(endings, list) and len(endings) == 4
+                and all(isinstance(e, str) for e in endings) and isinstance(label, int) and 0 <= label < 4):
             raise HellaSwagError(f"{source}:{lineno}: not a HellaSwag example (needs \"ctx\": str, "
                                  f"\"endings\": 4 strings, \"label\": 0-3); is this the official hellaswag_val.jsonl?")
         examples.append(example)
