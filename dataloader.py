@@ -244,8 +244,8 @@ class ShardedDataLoader:
             saved = state["shards"]
             raise DataError(f"the checkpoint's data loader state was made on other data: {len(saved)} shards "
                             f"({listed(saved)}) from {state.get('data_root', 'an unknown --data_root')}, but "
-                            f"{self.data_root} has {len(names)} {self.split} shards ({listed(names)}); resume with "
-                            f"--data_root {state.get('data_root', '<the data it was trained on>')}")
+                            f"{self.data_root} has {len(names)} {self.split} shards ({listed(names)}); "
+                            f"resume with --data_root {state.get('data_root', '<the data it was trained on>')}")
         if bool(state.get("shuffle", False)) != self.shuffle:
             how = "in a shuffled order" if state.get("shuffle") else "in order"
             raise DataError(f"the checkpoint read {self.data_root}'s {self.split} windows {how}; resume "

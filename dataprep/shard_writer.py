@@ -243,7 +243,8 @@ class ShardFolder:
         """Record paths (in order) as the finished folder's shards."""
         self.manifest["stream_done"] = True
         self.manifest["shards"] = [{"file": p.name, "split": p.stem.rsplit("_", 2)[-2],
-                                    "tokens": len(np.load(p, mmap_mode="r")), "bytes": p.stat().st_size} for p in paths]
+                                    "tokens": len(np.load(p, mmap_mode="r")), "bytes": p.stat().st_size}
+                                   for p in paths]
         self.save()
 
 
