@@ -188,8 +188,7 @@ class ShardedDataLoader:
         return x, y
 
     def _read(self, tokens, position):
-        """This rank's (x, y) for the step starting at position in tokens. It touches no loader
-        state, so the read-ahead thread can run it while the loop moves on."""
+        """This rank's (x, y) for the step starting at position in tokens (no loader state: see _next_read)."""
         B, T = self.batch_size, self.seq_len
         start = position + self.rank * B * T
         # astype copies the window out of the memory map; build-nanogpt reads uint16 -> int64 too

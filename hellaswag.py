@@ -241,9 +241,8 @@ def evaluate(model, examples, device, dtype="fp32", batch_examples=16, rank=0, w
     model may be compiled; pass the raw model's config (or block_size) to truncate long rows."""
     counts = count_correct(model, examples, device, dtype, batch_examples, rank, world_size, **options)
     if world_size > 1:
-        totals = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long,
-                              device=device)
-        counts = dict(zip(("correct", "correct_norm", "n"), distributed.sum_over_ranks(totals).tolist()))
+        totals = distributed.sum_over_ranks(torch.tensor(list(counts.values()), dtype=torch.long, device=device))
+        counts = dict(zip(counts, totals.tolist()))
     if counts["n"] == 0:
         raise HellaSwagError("no HellaSwag examples to evaluate (empty data file or --limit 0)")
     return {"acc": counts["correct"] / counts["n"], "acc_norm": counts["correct_norm"] / counts["n"], "n": counts["n"]}
