@@ -172,7 +172,7 @@ def read_token_file(path, fmt="npy") -> TokenFile:
     try:
         size = path.stat().st_size
         if fmt == "npy":
-            offset, n_tokens = npy_header(path, remake)
+            offset, n_tokens = npy_header(path, size, remake)
         elif fmt == "llm.c":
             offset, n_tokens = llmc_header(path, size, remake)
         else:
@@ -192,7 +192,7 @@ def read_token_file(path, fmt="npy") -> TokenFile:
     return TokenFile(path, fmt, offset, n_tokens)
 
 
-def npy_header(path, remake):
+def npy_header(path, size, remake):
     """(data offset, tokens) of a .npy shard: uint16, 1-D, and a file exactly as long as its header says."""
     try:
         with open(path, "rb") as f:
@@ -203,7 +203,6 @@ def npy_header(path, remake):
                 raise ValueError(f"unsupported .npy format version {version}")
             shape, fortran_order, dtype = read_header(f)
             data_offset = f.tell()
-        size = path.stat().st_size
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"shard {path} is not a readable .npy file ({e}); {remake}") from None
     if dtype != np.uint16:
