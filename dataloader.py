@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from cli import log
-from shards import VOCAB_SIZE, DataError, check_token_ids, find_token_files, fingerprint, recorded_data_change
+from shards import (VOCAB_SIZE, DataError, check_token_ids, find_token_files, fingerprint, listed,
+                    recorded_data_change)
 
 
 def _tokens_if_they_fit(token_file, min_tokens, step_desc):
@@ -138,11 +139,9 @@ class ShardedDataLoader:
     def _skip_exhausted_shard(self):
         """Move to the next shard (or wrap) if the next step's windows do not fit in this one."""
         if self.position + self.tokens_per_step + 1 > self.shard_lengths[self.shard_index]:
-            next_index = self.shard_index + 1
-            if next_index == len(self.shards):
-                next_index = 0
+            if self.shard_index + 1 == len(self.shards):  # past the last shard: wrap to the first
                 self.epoch += 1
-            self._open_shard(next_index)
+            self._open_shard((self.shard_index + 1) % len(self.shards))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         ahead, self._ahead = self._ahead, None
@@ -189,8 +188,7 @@ class ShardedDataLoader:
         return x, y
 
     def _read(self, tokens, position):
-        """This rank's (x, y) for the step starting at position in tokens. It touches no loader
-        state, so the read-ahead thread can run it while the loop moves on."""
+        """This rank's (x, y) for the step starting at position in tokens (no loader state: see _next_read)."""
         B, T = self.batch_size, self.seq_len
         start = position + self.rank * B * T
         # astype copies the window out of the memory map; build-nanogpt reads uint16 -> int64 too
@@ -243,13 +241,10 @@ class ShardedDataLoader:
         names = [p.name for p in self.shards]
         if list(state["shards"]) != names:
             saved = state["shards"]
-            raise DataError(
-                f"the checkpoint's data loader state was made on other data: {len(saved)} shards "
-                f"({', '.join(saved[:2])}{', ...' if len(saved) > 2 else ''}) from "
-                f"{state.get('data_root', 'an unknown --data_root')}, but {self.data_root} has "
-                f"{len(names)} {self.split} shards ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''}); "
-                f"resume with --data_root {state.get('data_root', '<the data it was trained on>')}"
-            )
+            raise DataError(f"the checkpoint's data loader state was made on other data: {len(saved)} shards "
+                            f"({listed(saved)}) from {state.get('data_root', 'an unknown --data_root')}, but "
+                            f"{self.data_root} has {len(names)} {self.split} shards ({listed(names)}); "
+                            f"resume with --data_root {state.get('data_root', '<the data it was trained on>')}")
         if bool(state.get("shuffle", False)) != self.shuffle:
             how = "in a shuffled order" if state.get("shuffle") else "in order"
             raise DataError(f"the checkpoint read {self.data_root}'s {self.split} windows {how}; resume "

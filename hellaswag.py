@@ -56,10 +56,6 @@ class HellaSwagError(cli.UserError):
 # Data
 
 
-def cache_path(cache_dir=None):
-    return Path(cache_dir or os.environ.get("HELLASWAG_CACHE_DIR") or DEFAULT_CACHE_DIR) / VAL_NAME
-
-
 def parse_examples(text, source):
     """Examples from JSON lines in the official schema; an error names the line and what is wrong."""
     examples = []
@@ -70,11 +66,10 @@ def parse_examples(text, source):
             example = json.loads(line)
         except json.JSONDecodeError as exc:
             raise HellaSwagError(f"{source}:{lineno}: not JSON ({exc})") from None
-        endings = example.get("endings") if isinstance(example, dict) else None
-        label = example.get("label") if isinstance(example, dict) else None
-        if not (isinstance(example, dict) and isinstance(example.get("ctx"), str) and isinstance(endings, list)
-                and len(endings) == 4 and all(isinstance(e, str) for e in endings)
-                and isinstance(label, int) and 0 <= label < 4):
+        fields = example if isinstance(example, dict) else {}  # a JSON list or number fails every check
+        endings, label = fields.get("endings"), fields.get("label")
+        if not (isinstance(fields.get("ctx"), str) and isinstance(endings, list) and len(endings) == 4
+                and all(isinstance(e, str) for e in endings) and isinstance(label, int) and 0 <= label < 4):
             raise HellaSwagError(f"{source}:{lineno}: not a HellaSwag example (needs \"ctx\": str, "
                                  f"\"endings\": 4 strings, \"label\": 0-3); is this the official hellaswag_val.jsonl?")
         examples.append(example)
@@ -102,7 +97,7 @@ def load_examples(data_file=None, cache_dir=None, limit=None):
     if data_file is not None:
         path = Path(data_file)
     else:
-        path = cache_path(cache_dir)
+        path = Path(cache_dir or os.environ.get("HELLASWAG_CACHE_DIR") or DEFAULT_CACHE_DIR) / VAL_NAME
         if not path.is_file():
             print(f"hellaswag: downloading {VAL_URL} to {path}", file=sys.stderr)
             download(path)
@@ -227,31 +222,27 @@ def score(model, examples, device, dtype="fp32", batch_examples=16, block_size=N
     return sum_losses, mean_losses
 
 
-def count_correct(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1,
-                  block_size=None, model_config=None, pad_multiple=8, progress=None, min_batches=0):
-    """This rank's share (examples i with i % world_size == rank): {"correct", "correct_norm", "n"}."""
+def count_correct(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1, **options):
+    """This rank's share (examples i with i % world_size == rank): {"correct", "correct_norm", "n"}.
+    options: score's (block_size, model_config, pad_multiple, progress, min_batches)."""
     shard = examples[rank::world_size]
-    sum_losses, mean_losses = score(model, shard, device, dtype, batch_examples, block_size, model_config,
-                                    pad_multiple, progress, min_batches)
+    sum_losses, mean_losses = score(model, shard, device, dtype, batch_examples, **options)
     labels = torch.tensor([example.label if isinstance(example, RenderedExample) else int(example["label"])
                            for example in shard])
     return {"correct": int((sum_losses.argmin(1) == labels).sum()),
             "correct_norm": int((mean_losses.argmin(1) == labels).sum()), "n": len(shard)}
 
 
-def evaluate(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1,
-             block_size=None, model_config=None, pad_multiple=8, progress=None, min_batches=0):
+def evaluate(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1, **options):
     """HellaSwag accuracy over all ranks: {"acc", "acc_norm", "n"}, the same on every rank.
 
     Call it on every rank with the same examples (ideally pre-rendered with render_examples);
     each scores its share and the counts are summed when torch.distributed is initialised.
     model may be compiled; pass the raw model's config (or block_size) to truncate long rows."""
-    counts = count_correct(model, examples, device, dtype, batch_examples, rank, world_size,
-                           block_size, model_config, pad_multiple, progress, min_batches)
+    counts = count_correct(model, examples, device, dtype, batch_examples, rank, world_size, **options)
     if world_size > 1:
-        totals = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long,
-                              device=device)
-        counts = dict(zip(("correct", "correct_norm", "n"), distributed.sum_over_ranks(totals).tolist()))
+        totals = distributed.sum_over_ranks(torch.tensor(list(counts.values()), dtype=torch.long, device=device))
+        counts = dict(zip(counts, totals.tolist()))
     if counts["n"] == 0:
         raise HellaSwagError("no HellaSwag examples to evaluate (empty data file or --limit 0)")
     return {"acc": counts["correct"] / counts["n"], "acc_norm": counts["correct_norm"] / counts["n"], "n": counts["n"]}

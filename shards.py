@@ -135,15 +135,6 @@ LLMC_HEADER_INTS = 256  # llm.c's token files: 256 int32, then the uint16 tokens
 LLMC_MAGIC, LLMC_VERSION = 20240520, 1  # header[0], header[1]; header[2] is the token count
 
 
-def token_files_by_format(data_root, split):
-    """{format: the paths of split's files in that format in data_root, in order}."""
-    root = Path(data_root)
-    llmc_name = re.compile(rf"_{re.escape(split)}(_\d+)?\.bin$")  # fineweb_val_000000.bin, tiny_shakespeare_val.bin
-    return {"npy": shard_files(root, split),
-            "nanogpt": [root / f"{split}.bin"] if (root / f"{split}.bin").is_file() else [],
-            "llm.c": sorted(p for p in root.glob(f"*_{split}*.bin") if llmc_name.search(p.name))}
-
-
 def find_token_files(data_root, split) -> list[TokenFile]:
     """The checked token files of split in data_root, in order (see FORMATS), or a DataError naming the
     command that makes them."""
@@ -153,7 +144,11 @@ def find_token_files(data_root, split) -> list[TokenFile]:
             f"data directory {data_root} does not exist; create shards there, e.g. run: "
             f"{PREPARE_HINT.format(data_root)}"
         )
-    found = {fmt: paths for fmt, paths in token_files_by_format(data_root, split).items() if paths}
+    llmc_name = re.compile(rf"_{re.escape(split)}(_\d+)?\.bin$")  # fineweb_val_000000.bin, tiny_shakespeare_val.bin
+    nanogpt = data_root / f"{split}.bin"
+    by_format = {"npy": shard_files(data_root, split), "nanogpt": [nanogpt] if nanogpt.is_file() else [],
+                 "llm.c": sorted(p for p in data_root.glob(f"*_{split}*.bin") if llmc_name.search(p.name))}
+    found = {fmt: paths for fmt, paths in by_format.items() if paths}
     if not found:
         looked = ", ".join(FORMATS[fmt]["what"].format(split=split) for fmt in FORMATS)
         raise DataError(
@@ -177,7 +172,7 @@ def read_token_file(path, fmt="npy") -> TokenFile:
     try:
         size = path.stat().st_size
         if fmt == "npy":
-            offset, n_tokens = npy_header(path, remake)
+            offset, n_tokens = npy_header(path, size, remake)
         elif fmt == "llm.c":
             offset, n_tokens = llmc_header(path, size, remake)
         else:
@@ -197,7 +192,7 @@ def read_token_file(path, fmt="npy") -> TokenFile:
     return TokenFile(path, fmt, offset, n_tokens)
 
 
-def npy_header(path, remake):
+def npy_header(path, size, remake):
     """(data offset, tokens) of a .npy shard: uint16, 1-D, and a file exactly as long as its header says."""
     try:
         with open(path, "rb") as f:
@@ -208,7 +203,6 @@ def npy_header(path, remake):
                 raise ValueError(f"unsupported .npy format version {version}")
             shape, fortran_order, dtype = read_header(f)
             data_offset = f.tell()
-        size = path.stat().st_size
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"shard {path} is not a readable .npy file ({e}); {remake}") from None
     if dtype != np.uint16:

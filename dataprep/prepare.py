@@ -17,15 +17,6 @@ SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB as uint16, build-nanogpt's 
 VAL_FRACTION = 0.1  # --val_split last_fraction: the share of the tokens, at the end, that is val
 
 
-def command_of(source, name, val_split, shard_size, val_fraction):
-    """What must be the same for a run to continue the folder's shards (not num_proc, max_shards)."""
-    command = {"source": source.key, "name": name, "val_split": val_split, "shard_size": shard_size}
-    if val_split == "last_fraction":
-        command["val_fraction"] = val_fraction
-    command.update(source.identity())
-    return command
-
-
 def summary(shards):
     """Lines per split: shard count and tokens, from [{"file", "tokens"}]."""
     lines = []
@@ -57,7 +48,11 @@ def prepare(source, out_dir, *, name, val_split, command_line, val_fraction=VAL_
     Returns the finished folder's shards ([{"file", "split", "tokens", "bytes"}]), or None when
     max_shards stopped it first."""
     load_tokenizer()  # a missing BPE file or an old tiktoken is reported before the folder is touched
-    command = command_of(source, name, val_split, shard_size, val_fraction)
+    # What must be the same for a run to continue the folder's shards (not num_proc, max_shards).
+    command = {"source": source.key, "name": name, "val_split": val_split, "shard_size": shard_size}
+    if val_split == "last_fraction":
+        command["val_fraction"] = val_fraction
+    command.update(source.identity())
     with ShardFolder.open(out_dir, command, command_line, overwrite) as folder:
         if folder.finished:
             if verbose:

@@ -105,35 +105,29 @@ class ShardFolder:
             refuse_other_work(out_dir, command)  # before the lock: a refused command creates no lock file
         lock = files.RunLock(out_dir, name=LOCK, holder="prepare_data.py", other="another --out_dir").acquire()
         try:
-            return cls._open_locked(out_dir, command, command_line, overwrite, lock)
+            old = read_manifest(out_dir / MANIFEST)
+            if overwrite:
+                clear_folder(out_dir, old)
+            elif old is not None:
+                folder = cls(out_dir, old, lock)
+                folder.check_same_command(command)
+                folder.check_files()
+                return folder
+            else:
+                refuse_other_work(out_dir, command)
+            folder = cls(out_dir, {"format": FORMAT, "command": command, "command_line": command_line,
+                                   "chunks": [], "stream_done": False, "shards": None}, lock)
+            folder.save()
+            return folder
         except BaseException:
             lock.release()
             raise
-
-    @classmethod
-    def _open_locked(cls, out_dir, command, command_line, overwrite, lock):
-        old = read_manifest(out_dir / MANIFEST)
-        if overwrite:
-            clear_folder(out_dir, old)
-        elif old is not None:
-            folder = cls(out_dir, old, lock)
-            folder.check_same_command(command)
-            folder.check_files()
-            return folder
-        else:
-            refuse_other_work(out_dir, command)
-        folder = cls(out_dir, {"format": FORMAT, "command": command, "command_line": command_line,
-                               "chunks": [], "stream_done": False, "shards": None}, lock)
-        folder.save()
-        return folder
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self._lock.release()  # a no-op when released already
 
     def check_same_command(self, command):
         if self.manifest.get("format") != FORMAT:
@@ -225,11 +219,6 @@ class ShardFolder:
         total = sum(chunk["tokens"] for chunk in self.chunks)
         return int(total * (1 - self.command["val_fraction"])), total
 
-    def chunk_path(self, index):
-        if self.command["val_split"] == "first_shard":
-            return shard_path(self.out_dir, self.command["name"], "val" if index == 0 else "train", index)
-        return shard_path(self.out_dir, self.command["name"], PENDING, index)
-
     def save(self):
         entries = [f" {json.dumps(key)}: "
                    + (json_list(self._chunk_json, " ") if key == "chunks" else readable_json(value, " "))
@@ -238,8 +227,14 @@ class ShardFolder:
         files.atomic_write(self.out_dir / MANIFEST, lambda f: f.write(text.encode("utf-8")),
                            full_hint="Free some space, or write the shards to another folder (--out_dir)")
 
-    def record_chunk(self, path, n_tokens, documents_done, next_document_tokens_done):
-        self.chunks.append({"file": path.name, "tokens": n_tokens, "bytes": path.stat().st_size,
+    def write_chunk(self, tokens, documents_done, next_document_tokens_done):
+        """Write the stream's next chunk and record it, with where the stream stands after it."""
+        index = len(self.chunks)
+        first_shard = self.command["val_split"] == "first_shard"
+        split = ("val" if index == 0 else "train") if first_shard else PENDING
+        path = shard_path(self.out_dir, self.command["name"], split, index)
+        write_shard(path, tokens)
+        self.chunks.append({"file": path.name, "tokens": len(tokens), "bytes": path.stat().st_size,
                             "documents_done": documents_done, "next_document_tokens_done": next_document_tokens_done})
         self._chunk_json.append(json.dumps(self.chunks[-1]))
         self.save()
@@ -247,8 +242,9 @@ class ShardFolder:
     def finish_with(self, paths):
         """Record paths (in order) as the finished folder's shards."""
         self.manifest["stream_done"] = True
-        self.manifest["shards"] = [{"file": p.name, "split": split_of(p), "tokens": shard_tokens(p),
-                                    "bytes": p.stat().st_size} for p in paths]
+        self.manifest["shards"] = [{"file": p.name, "split": p.stem.rsplit("_", 2)[-2],
+                                    "tokens": len(np.load(p, mmap_mode="r")), "bytes": p.stat().st_size}
+                                   for p in paths]
         self.save()
 
 
@@ -271,14 +267,6 @@ def json_list(items_json, indent):
     return "[\n" + ",\n".join(inner + item for item in items_json) + f"\n{indent}]"
 
 
-def split_of(path):
-    return path.stem.rsplit("_", 2)[-2]
-
-
-def shard_tokens(path):
-    return len(np.load(path, mmap_mode="r"))
-
-
 def read_manifest(path):
     if not path.exists():
         return None
@@ -298,8 +286,7 @@ def refuse_other_work(out_dir, command):
     old = read_manifest(out_dir / MANIFEST)
     if old is not None:
         ShardFolder(out_dir, old, None).check_same_command(command)
-    elif all_shards(out_dir):
-        shards = all_shards(out_dir)
+    elif shards := all_shards(out_dir):
         raise DataError(f"{out_dir} already holds {len(shards)} shards ({shards[0].name}, ...) that no {MANIFEST} "
                         f"describes; pass --overwrite to replace them, or choose another --out_dir")
 
@@ -362,9 +349,7 @@ def write_stream(folder, source, num_proc, max_shards=None, progress=True):
                 whole = int(np.searchsorted(ends, used, side="right"))
                 start_of_next = int(ends[whole - 1]) if whole else 0
                 next_done = 0 if whole == len(lengths) else used - start_of_next + (already if whole == 0 else 0)
-                path = folder.chunk_path(len(folder.chunks))
-                write_shard(path, buffer)
-                folder.record_chunk(path, shard_size, first_item + whole, next_done)
+                folder.write_chunk(buffer, first_item + whole, next_done)
                 progress.set_postfix_str(f"{len(folder.chunks)} shards")
                 filled = 0
                 if max_shards is not None and len(folder.chunks) >= max_shards:
@@ -372,9 +357,7 @@ def write_stream(folder, source, num_proc, max_shards=None, progress=True):
             first_item += len(lengths)
             already = 0
         if filled:
-            path = folder.chunk_path(len(folder.chunks))
-            write_shard(path, buffer[:filled])
-            folder.record_chunk(path, filled, first_item, 0)
+            folder.write_chunk(buffer[:filled], first_item, 0)
         if not folder.chunks:
             raise DataError("the input holds no documents (no tokens to write); check --input and --text_field")
         folder.manifest["stream_done"] = True

@@ -84,11 +84,6 @@ def describe_inputs(paths):
     return described
 
 
-def bytes_bar(paths, desc):
-    total = sum(p.stat().st_size for p in paths)
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc)
-
-
 class Source:
     """What the preparation asks of a source. A subclass sets the class attributes where its
     differ and implements __init__ (taking the keywords in `options`), identity, describe,
@@ -122,7 +117,7 @@ class FileSource(Source):
         return plural(len(self.paths), "file")
 
     def progress_bar(self):
-        return bytes_bar(self.paths, "read")
+        return tqdm(total=sum(p.stat().st_size for p in self.paths), unit="B", unit_scale=True, desc="read")
 
 
 class TextFiles(FileSource):
@@ -161,31 +156,23 @@ class TextFiles(FileSource):
 def paragraph_pieces(read, max_chars):
     """Cut the text that read(n) returns into the pieces split_paragraphs cuts the whole of it into,
     reading about max_chars characters at a time."""
-    buffer = ""
-    at_end = False
+    buffer, at_end, searched_from = "", False, max_chars
     while True:
-        while not at_end and len(buffer) <= max_chars:
+        cut = PARAGRAPH_CUT.search(buffer, searched_from) if len(buffer) > max_chars else None
+        if cut is not None:
+            yield buffer[: cut.start()]
+            buffer, searched_from = buffer[cut.start():], max_chars
+        elif at_end:
+            # The last piece: no blank line in the rest of the file ("" for an empty file, still one document).
+            yield buffer
+            return
+        else:
+            # No cut yet: read on. A cut needs one character before it and two after, so only
+            # the last character searched may turn into a cut once more text is there.
+            searched_from = max(max_chars, len(buffer) - 1)
             block = read(max_chars)
             at_end = not block
             buffer += block
-        if len(buffer) <= max_chars:
-            yield buffer  # the last piece ("" for an empty file, which is still one document)
-            return
-        searched_from = max_chars
-        cut = PARAGRAPH_CUT.search(buffer, searched_from)
-        while cut is None and not at_end:
-            # No blank line yet: read on. A cut needs one character before it and two after,
-            # so only the last character searched may turn into a cut once more text is there.
-            searched_from = max(searched_from, len(buffer) - 1)
-            block = read(max_chars)
-            at_end = not block
-            buffer += block
-            cut = PARAGRAPH_CUT.search(buffer, searched_from)
-        if cut is None:
-            yield buffer  # no blank line in the rest of the file: it stays one piece
-            return
-        yield buffer[: cut.start()]
-        buffer = buffer[cut.start():]
 
 
 def split_paragraphs(text, max_chars=None):
@@ -263,14 +250,6 @@ class JsonLine:
         return text
 
 
-def import_pyarrow_parquet():
-    try:
-        import pyarrow.parquet  # optional: only --source parquet needs it
-    except ImportError:
-        raise DataError("--source parquet needs the pyarrow package: pip install pyarrow") from None
-    return pyarrow.parquet
-
-
 class ParquetFiles(FileSource):
     """Parquet files with a string column `text_field`, e.g. FineWeb-Edu's files as its download leaves
     them; one row is one document. Read a batch of rows at a time."""
@@ -279,7 +258,11 @@ class ParquetFiles(FileSource):
     BATCH_ROWS = 1024
 
     def __init__(self, input, text_field):
-        self.parquet = import_pyarrow_parquet()
+        try:
+            import pyarrow.parquet  # optional: only --source parquet needs it
+        except ImportError:
+            raise DataError("--source parquet needs the pyarrow package: pip install pyarrow") from None
+        self.parquet = pyarrow.parquet
         self.paths = find_inputs(input)
         self.field = text_field
         self.rows = [self.check(path) for path in self.paths]
@@ -383,7 +366,6 @@ class FineWebEdu(Source):
             read += 1
             progress.update(1)
             yield document["text"], True
-
 
 
 class TinyShakespeare(Source):

@@ -88,9 +88,9 @@ def batches(items, max_chars):
         yield batch
 
 
-def tokenize(items, num_proc, batch_chars=None):
+def tokenize(items, num_proc):
     """Yield (tokens, lengths) per batch of items, in order, from num_proc processes (1: this one)."""
-    item_batches = batches(items, batch_chars or BATCH_CHARS)
+    item_batches = batches(items, BATCH_CHARS)
     load_tokenizer()  # once, here: forked workers inherit the loaded BPE ranks instead of each loading them
     if num_proc == 1:
         yield from map(encode_batch, item_batches)

@@ -180,10 +180,8 @@ def run(argv=None):
                 # Each run is paired with tiktoken in one process just before it: what the machine
                 # gives one process at that moment.
                 baselines.append(time_tiktoken(documents, args.copies, 1))
-                if form == "tiktoken":
-                    run_ = time_tiktoken(documents, args.copies, num_proc)
-                else:
-                    run_ = time_prepare(folder, form, num_proc, args.shard_size)
+                run_ = (time_tiktoken(documents, args.copies, num_proc) if form == "tiktoken"
+                        else time_prepare(folder, form, num_proc, args.shard_size))
                 pairs[form, num_proc].append((run_, baselines[-1]))
     finally:
         shutil.rmtree(folder)

@@ -129,8 +129,7 @@ def run(argv=None):
     random.Random(args.seed).shuffle(documents)
     opener = gzip.open if args.out.endswith(".gz") else open
     with opener(args.out, "wt", encoding="utf-8") as f:
-        for document in documents:
-            f.write(json.dumps(document, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(document, ensure_ascii=False) + "\n" for document in documents)
     total = sum(len(d["text"]) for d in documents)
     print(f"wrote {args.out}: {len(documents)} documents, {total / 1e6:.1f}M characters, "
           f"{os.path.getsize(args.out) / 1e6:.1f} MB")
