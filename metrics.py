@@ -154,19 +154,14 @@ class StepTimer:
         self._steps = 0
 
     def _now(self):
-        if self.device_type == "cuda":
-            import torch
+        if self.device_type not in ("cuda", "mps"):
+            return time.perf_counter()
+        import torch
 
-            event = self._free_events.pop() if self._free_events else torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        if self.device_type == "mps":
-            import torch.mps.event
-
-            event = self._free_events.pop() if self._free_events else torch.mps.event.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+        event_class = torch.cuda.Event if self.device_type == "cuda" else torch.mps.event.Event
+        event = self._free_events.pop() if self._free_events else event_class(enable_timing=True)
+        event.record()
+        return event
 
     def start(self):
         if self.enabled:
@@ -420,17 +415,10 @@ class Metrics:
             self.wandb_run.log({tensorboard_tag(key): value for key, value in scalars.items()}, step=record["step"])
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
         if self._stdout is not None:
             sys.stdout, self._stdout = self._stdout, None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for name, end in (("bar", "close"), ("writer", "close"), ("wandb_run", "finish"), ("file", "close")):
+            part = getattr(self, name)
+            if part is not None:
+                getattr(part, end)()
+                setattr(self, name, None)
