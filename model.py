@@ -110,10 +110,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash / cuDNN kernels where available
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
