@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from pathlib import Path
 
 import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
@@ -45,14 +46,8 @@ class PeerLost(cli.UserError):
     """A collective failed because another rank died, hung up, or cannot be reached."""
 
 
-class _Marks:
-    """Where this rank is: the step, the phase in it, and when it last made progress."""
-
-    def __init__(self):
-        self.step, self.phase, self.since = None, "start-up", time.monotonic()
-
-
-_marks = _Marks()
+# Where this rank is: the step, the phase in it, and when it last made progress.
+_marks = types.SimpleNamespace(step=None, phase="start-up", since=time.monotonic())
 
 
 def progress(phase, step=None):
