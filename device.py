@@ -334,19 +334,13 @@ def find_micro_batch_size(try_batch, candidates, start):
     bisect between the largest size that fitted and the smallest that did not. Assumes a size
     fits whenever a larger one does; each size is tried at most once."""
     candidates = sorted(candidates)
-    n, tried = len(candidates), {}
-
-    def ok(i):
-        if i not in tried:
-            tried[i] = bool(try_batch(candidates[i]))
-        return tried[i]
-
+    n = len(candidates)
     i = max(bisect.bisect_right(candidates, start) - 1, 0)  # the largest candidate <= start
-    if ok(i):
+    if try_batch(candidates[i]):
         fit, fail = i, n  # fail == n: no size known to fail yet
         while fit < n - 1:
             j = min(bisect.bisect_left(candidates, 2 * candidates[fit]), n - 1)  # the first >= twice fit's size
-            if not ok(j):
+            if not try_batch(candidates[j]):
                 fail = j
                 break
             fit = j
@@ -356,12 +350,12 @@ def find_micro_batch_size(try_batch, candidates, start):
             fit = bisect.bisect_right(candidates, candidates[fail] // 2) - 1  # -1: every candidate is larger
             if fit < 0:
                 return None
-            if ok(fit):
+            if try_batch(candidates[fit]):
                 break
             fail = fit
     while fail - fit > 1:
         mid = (fit + fail) // 2
-        if ok(mid):
+        if try_batch(candidates[mid]):
             fit = mid
         else:
             fail = mid

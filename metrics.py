@@ -274,8 +274,7 @@ class Metrics:
         self.throughput = throughput or Throughput(0)
         self.timer = StepTimer(device_type, enabled=enabled)
         self.stream = stream or sys.stdout
-        self.file = self.writer = self.bar = self.wandb_run = None
-        self._stdout = None
+        self.file = self.writer = self.bar = self.wandb_run = self._stdout = None
         self._dt_sum, self._dt_count = 0.0, 0  # the steps since the last report: what the timer's means cover
         if wandb is not None:
             wandb_module = import_wandb()  # every rank: all stop together if it is missing
@@ -338,8 +337,7 @@ class Metrics:
         report = step % self.log_interval == 0 or step == (self.total_steps or 0) - 1
         if report:
             record.update(self._split())
-        record.update(process_memory())
-        record.update(extra)
+        record.update(process_memory(), **extra)
         if not self.enabled:
             return record
         self._write(record)
