@@ -45,6 +45,7 @@ subtracted (the PaLM convention). Recomputation (activation checkpointing) is no
 the model's FLOPs, not the hardware's. peak_flops is the datasheet dense peak for the precision
 (PEAK_FLOPS, below); on an unknown GPU, MPS or CPU there is no mfu rather than a wrong one.
 """
+import importlib
 import json
 import os
 import sys
@@ -216,13 +217,13 @@ class WandbRun:
         self.project, self.name, self.config, self.tracked = project, name, config, tracked
 
 
-def import_wandb():
+def import_for(flag, module):
+    """The module that --flag needs, or MetricsError naming the package to install (the flag's name)."""
     try:
-        import wandb
+        return importlib.import_module(module)
     except ImportError:
-        raise MetricsError("--wandb needs the wandb package, which is not installed: pip install wandb "
-                           "(or run without --wandb)") from None
-    return wandb
+        raise MetricsError(f"--{flag} needs the {flag} package, which is not installed: pip install {flag} "
+                           f"(or run without --{flag})") from None
 
 
 def tensorboard_tag(key):
@@ -233,16 +234,6 @@ def tensorboard_tag(key):
     if key in ("dt_ms", "tok_per_sec", "mfu") or key in SPLIT_KEYS:
         return f"perf/{key}"
     return f"train/{key}"
-
-
-def summary_writer_class():
-    """torch's TensorBoard SummaryWriter, or MetricsError naming the package to install."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise MetricsError("--tensorboard needs the tensorboard package, which is not installed: "
-                           "pip install tensorboard (or run without --tensorboard)") from None
-    return SummaryWriter
 
 
 def is_terminal(stream):
@@ -276,12 +267,13 @@ class Metrics:
         self.stream = stream or sys.stdout
         self.file = self.writer = self.bar = self.wandb_run = self._stdout = None
         self._dt_sum, self._dt_count = 0.0, 0  # the steps since the last report: what the timer's means cover
+        # The optional packages are imported on every rank: all stop together if one is missing.
         if wandb is not None:
-            wandb_module = import_wandb()  # every rank: all stop together if it is missing
+            wandb_module = import_for("wandb", "wandb")
             if enabled:
                 self.wandb_run = self._start_wandb(wandb_module, wandb, log_dir)
         if tensorboard:
-            summary_writer = summary_writer_class()  # every rank: all stop together if it is missing
+            summary_writer = import_for("tensorboard", "torch.utils.tensorboard").SummaryWriter
             if enabled:
                 tensorboard_dir = os.path.join(log_dir, "tensorboard")
                 self.writer = summary_writer(log_dir=tensorboard_dir)
