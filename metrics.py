@@ -178,21 +178,20 @@ class StepTimer:
     def report(self):
         """{"data_ms", "fwd_ms", "bwd_ms", "optim_ms"}: mean per step since the last report, then reset.
         Empty when nothing was marked."""
-        if not self._marks or not any(phase for phase, _ in self._marks):
-            self._marks, self._steps = [], 0
+        marks, steps = self._marks, max(self._steps, 1)
+        self._marks, self._steps = [], 0
+        if not any(phase for phase, _ in marks):
             return {}
         totals = dict.fromkeys(PHASES, 0.0)
         timed = self.device_type in ("cuda", "mps")
         if timed:
-            self._marks[-1][1].synchronize()  # already complete after loss.item(); free otherwise
-        for (_, before), (phase, after) in zip(self._marks, self._marks[1:]):
+            marks[-1][1].synchronize()  # already complete after loss.item(); free otherwise
+        for (_, before), (phase, after) in zip(marks, marks[1:]):
             if phase is None:
                 continue  # from the end of one step to the start of the next: not the step's time
             totals[phase] = totals.get(phase, 0.0) + (before.elapsed_time(after) if timed else (after - before) * 1000)
         if timed:
-            self._free_events.extend(event for _, event in self._marks)
-        steps = max(self._steps, 1)
-        self._marks, self._steps = [], 0
+            self._free_events.extend(event for _, event in marks)
         return {f"{phase}_ms": total / steps for phase, total in totals.items()}
 
 

@@ -209,10 +209,9 @@ def _end_stopped_peers(rank):
 
 def _process_state(pid):
     """'gone', 'stopped' (SIGSTOP, a debugger) or None (running) for a process of this machine."""
-    proc = Path(f"/proc/{pid}/stat")
     if Path("/proc/self/stat").exists():  # Linux: a zombie is dead but still answers kill(pid, 0)
         try:
-            code = proc.read_text().rsplit(")", 1)[1].split()[0]
+            code = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             return "gone"
         return {"Z": "gone", "X": "gone", "T": "stopped", "t": "stopped"}.get(code)
