@@ -20,13 +20,13 @@ Triton ships with PyTorch's CUDA builds; on other machines this module is import
 With TRITON_INTERPRET=1 set before triton is imported, the kernels run, slowly, on CPU tensors
 (the tests do that; available() still says no for the CPU, so training never picks it there).
 """
-import functools
-
 import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
 import torch
 
 BLOCK_COLS = 4096  # columns one program reads at a time: 13 blocks per 50304-wide row
 NUM_WARPS = 8
+
+_kernels = None  # (forward, backward) once built: importing triton costs ~1 s, so only on first use
 
 
 def available(device):
@@ -43,7 +43,6 @@ def available(device):
     return True, ""
 
 
-@functools.cache  # (forward, backward) once built: importing triton costs ~1 s, so only on first use
 def _build():
     import triton
     import triton.language as tl
@@ -94,7 +93,10 @@ def _build():
 class _CrossEntropyInPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, n_valid_cols):
-        forward_kernel, _ = _build()
+        global _kernels
+        if _kernels is None:
+            _kernels = _build()
+        forward_kernel, _ = _kernels
         rows = logits.view(-1, logits.size(-1))
         targets = targets.reshape(-1)
         lse = torch.empty(rows.size(0), dtype=torch.float32, device=rows.device)
@@ -110,7 +112,7 @@ class _CrossEntropyInPlace(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         rows, targets, lse = ctx.saved_tensors
-        _, backward_kernel = _build()
+        _, backward_kernel = _kernels
         scale = (grad_loss.float() / rows.size(0)).reshape(1)
         backward_kernel[(rows.size(0),)](rows, rows.stride(0), targets, lse, scale, ctx.n_valid_cols,
                                          rows.size(1), BLOCK=BLOCK_COLS, num_warps=NUM_WARPS)
