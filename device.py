@@ -336,24 +336,22 @@ def find_micro_batch_size(try_batch, candidates, start):
     candidates = sorted(candidates)
     n = len(candidates)
     i = max(bisect.bisect_right(candidates, start) - 1, 0)  # the largest candidate <= start
-    if try_batch(candidates[i]):
-        fit, fail = i, n  # fail == n: no size known to fail yet
-        while fit < n - 1:
-            j = min(bisect.bisect_left(candidates, 2 * candidates[fit]), n - 1)  # the first >= twice fit's size
-            if not try_batch(candidates[j]):
-                fail = j
-                break
+    fit, fail = (i, n) if try_batch(candidates[i]) else (-1, i)  # -1 and n: no size known to fit, to fail
+    while fail == n and fit < n - 1:  # double while it fits
+        j = min(bisect.bisect_left(candidates, 2 * candidates[fit]), n - 1)  # the first >= twice fit's size
+        if try_batch(candidates[j]):
             fit = j
-    else:
-        fail = i
-        while True:
-            fit = bisect.bisect_right(candidates, candidates[fail] // 2) - 1  # -1: every candidate is larger
-            if fit < 0:
-                return None
-            if try_batch(candidates[fit]):
-                break
-            fail = fit
-    while fail - fit > 1:
+        else:
+            fail = j
+    while fit < 0:  # halve while it does not
+        j = bisect.bisect_right(candidates, candidates[fail] // 2) - 1  # -1: every candidate is larger
+        if j < 0:
+            return None
+        if try_batch(candidates[j]):
+            fit = j
+        else:
+            fail = j
+    while fail - fit > 1:  # then bisect
         mid = (fit + fail) // 2
         if try_batch(candidates[mid]):
             fit = mid
