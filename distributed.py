@@ -220,8 +220,8 @@ def agree(value, op):
     if not active():
         return value
     # Collective tensors live on the rank's GPU under NCCL, on the CPU under gloo.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([int(value)], device=device)
+    nccl = dist.get_backend() == "nccl"
+    t = torch.tensor([int(value)], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
     return int(t.item())
 
