@@ -18,6 +18,7 @@ Public API:
 
 `python device.py` prints a report of what this machine has and what training would use.
 """
+import bisect
 import contextlib
 import gc
 import os
@@ -53,18 +54,8 @@ class DeviceError(cli.UserError):
     """The asked-for device or setting cannot be used here; the message names the fix."""
 
 
-def mps_available():
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def mps_built():
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_built()
-
-
 DEVICE_CHOICES = ["auto", "cuda", "mps", "cpu"]
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
-
-
 DEVICE_HELP = "auto picks CUDA > MPS > CPU"
 DTYPE_HELP = "autocast precision (auto: bf16 on CUDA/MPS, fp32 on CPU)"
 
@@ -82,7 +73,7 @@ def select_device(requested="auto"):
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if mps_available():
+        if torch.backends.mps.is_available():
             return "mps"
         return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
@@ -94,8 +85,9 @@ def select_device(requested="auto"):
                       "(https://pytorch.org/get-started/locally/), then check with `nvidia-smi`")
         raise DeviceError(f"--device cuda was asked for but no CUDA GPU is visible to torch {torch.__version__}; "
                           f"{checks}; or use --device auto")
-    if requested == "mps" and not mps_available():
-        why = ("torch was built with MPS, so this is not an Apple-silicon Mac on macOS 12.3+" if mps_built()
+    if requested == "mps" and not torch.backends.mps.is_available():
+        why = ("torch was built with MPS, so this is not an Apple-silicon Mac on macOS 12.3+"
+               if torch.backends.mps.is_built()
                else "this torch was built without MPS (MPS needs the macOS arm64 build of torch)")
         raise DeviceError(f"--device mps was asked for but Apple MPS is not available: {why}. Check with "
                           "`python -c \"import torch; print(torch.backends.mps.is_built(), torch.backends.mps.is_available())\"`"
@@ -220,7 +212,6 @@ def choose_loss(requested, loss_chunk_rows, device):
     return "torch", f"loss: PyTorch cross-entropy ({why})"
 
 
-
 # -----------------------------------------------------------------------------
 # torch.compile with a fallback chain.
 
@@ -343,37 +334,26 @@ def find_micro_batch_size(try_batch, candidates, start):
     bisect between the largest size that fitted and the smallest that did not. Assumes a size
     fits whenever a larger one does; each size is tried at most once."""
     candidates = sorted(candidates)
-    n, tried = len(candidates), {}
-
-    def ok(i):
-        if i not in tried:
-            tried[i] = bool(try_batch(candidates[i]))
-        return tried[i]
-
-    def index_at_most(b):  # -1 when every candidate is larger than b
-        return max((i for i, c in enumerate(candidates) if c <= b), default=-1)
-
-    i = max(index_at_most(start), 0)
-    if ok(i):
-        fit, fail = i, n  # fail == n: no size known to fail yet
-        while fit < n - 1:
-            j = next((k for k in range(fit + 1, n) if candidates[k] >= 2 * candidates[fit]), n - 1)
-            if not ok(j):
-                fail = j
-                break
+    n = len(candidates)
+    i = max(bisect.bisect_right(candidates, start) - 1, 0)  # the largest candidate <= start
+    fit, fail = (i, n) if try_batch(candidates[i]) else (-1, i)  # -1 and n: no size known to fit, to fail
+    while fail == n and fit < n - 1:  # double while it fits
+        j = min(bisect.bisect_left(candidates, 2 * candidates[fit]), n - 1)  # the first >= twice fit's size
+        if try_batch(candidates[j]):
             fit = j
-    else:
-        fail = i
-        while True:
-            fit = index_at_most(candidates[fail] // 2)
-            if fit < 0:
-                return None
-            if ok(fit):
-                break
-            fail = fit
-    while fail - fit > 1:
+        else:
+            fail = j
+    while fit < 0:  # halve while it does not
+        j = bisect.bisect_right(candidates, candidates[fail] // 2) - 1  # -1: every candidate is larger
+        if j < 0:
+            return None
+        if try_batch(candidates[j]):
+            fit = j
+        else:
+            fail = j
+    while fail - fit > 1:  # then bisect
         mid = (fit + fail) // 2
-        if ok(mid):
+        if try_batch(candidates[mid]):
             fit = mid
         else:
             fail = mid
@@ -468,8 +448,9 @@ def report(requested="auto"):
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             lines.append(f"  GPU {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}")
-    lines.append(f"MPS: built {mps_built()}, available {mps_available()}"
-                 + (f", recommended working set {torch.mps.recommended_max_memory() / 2**30:.1f} GiB" if mps_available() else ""))
+    mps = torch.backends.mps.is_available()
+    lines.append(f"MPS: built {torch.backends.mps.is_built()}, available {mps}"
+                 + (f", recommended working set {torch.mps.recommended_max_memory() / 2**30:.1f} GiB" if mps else ""))
     lines.append(f"CPU: {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads")
     chosen = select_device(requested)
     preset = ", ".join(f"{k} {v}" for k, v in PRESETS[chosen].items())

@@ -79,9 +79,8 @@ def setup(device_type, one_rank_group=False, timeout=None):
         torch.cuda.set_device(ctx.local_rank)
         # Bound to its GPU: NCCL then neither guesses the device from the rank nor waits for the
         # first collective to set up.
-        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", ctx.local_rank), timeout=timeout, **where)
-    else:
-        dist.init_process_group(backend="gloo", timeout=timeout, **where)
+        where["device_id"] = torch.device("cuda", ctx.local_rank)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout, **where)
     _peers[:] = all_values((socket.gethostname(), os.getpid()))  # for naming a rank that died (watchdog.py)
     return ctx
 
@@ -165,13 +164,6 @@ def close():
     dist.destroy_process_group()
 
 
-def _device():
-    """Where collective tensors live: the rank's GPU under NCCL, the CPU under gloo."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def from_rank0(value):
     """Rank 0's value on every rank: its choice of file, its error message, its state."""
     if not active():
@@ -227,7 +219,9 @@ def agree(value, op):
     """The min ("min") or max ("max") of an int over all ranks; with booleans, "max" is any and "min" is all."""
     if not active():
         return value
-    t = torch.tensor([int(value)], device=_device())
+    # Collective tensors live on the rank's GPU under NCCL, on the CPU under gloo.
+    nccl = dist.get_backend() == "nccl"
+    t = torch.tensor([int(value)], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -293,9 +287,7 @@ def shard_fsdp(model, blocks, dtype):
 
 
 def is_sharded(module):
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(hasattr(p, "to_local") for p in module.parameters())  # a DTensor, as local() and clip_grad_norm tell
 
 
 def local(tensor):

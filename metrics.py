@@ -45,6 +45,7 @@ subtracted (the PaLM convention). Recomputation (activation checkpointing) is no
 the model's FLOPs, not the hardware's. peak_flops is the datasheet dense peak for the precision
 (PEAK_FLOPS, below); on an unknown GPU, MPS or CPU there is no mfu rather than a wrong one.
 """
+import importlib
 import json
 import os
 import sys
@@ -154,19 +155,14 @@ class StepTimer:
         self._steps = 0
 
     def _now(self):
-        if self.device_type == "cuda":
-            import torch
+        if self.device_type not in ("cuda", "mps"):
+            return time.perf_counter()
+        import torch
 
-            event = self._free_events.pop() if self._free_events else torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        if self.device_type == "mps":
-            import torch.mps.event
-
-            event = self._free_events.pop() if self._free_events else torch.mps.event.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+        event_class = torch.cuda.Event if self.device_type == "cuda" else torch.mps.event.Event
+        event = self._free_events.pop() if self._free_events else event_class(enable_timing=True)
+        event.record()
+        return event
 
     def start(self):
         if self.enabled:
@@ -182,21 +178,20 @@ class StepTimer:
     def report(self):
         """{"data_ms", "fwd_ms", "bwd_ms", "optim_ms"}: mean per step since the last report, then reset.
         Empty when nothing was marked."""
-        if not self._marks or not any(phase for phase, _ in self._marks):
-            self._marks, self._steps = [], 0
+        marks, steps = self._marks, max(self._steps, 1)
+        self._marks, self._steps = [], 0
+        if not any(phase for phase, _ in marks):
             return {}
         totals = dict.fromkeys(PHASES, 0.0)
         timed = self.device_type in ("cuda", "mps")
         if timed:
-            self._marks[-1][1].synchronize()  # already complete after loss.item(); free otherwise
-        for (_, before), (phase, after) in zip(self._marks, self._marks[1:]):
+            marks[-1][1].synchronize()  # already complete after loss.item(); free otherwise
+        for (_, before), (phase, after) in zip(marks, marks[1:]):
             if phase is None:
                 continue  # from the end of one step to the start of the next: not the step's time
             totals[phase] = totals.get(phase, 0.0) + (before.elapsed_time(after) if timed else (after - before) * 1000)
         if timed:
-            self._free_events.extend(event for _, event in self._marks)
-        steps = max(self._steps, 1)
-        self._marks, self._steps = [], 0
+            self._free_events.extend(event for _, event in marks)
         return {f"{phase}_ms": total / steps for phase, total in totals.items()}
 
 
@@ -221,13 +216,13 @@ class WandbRun:
         self.project, self.name, self.config, self.tracked = project, name, config, tracked
 
 
-def import_wandb():
+def import_for(flag, module):
+    """The module that --flag needs, or MetricsError naming the package to install (the flag's name)."""
     try:
-        import wandb
+        return importlib.import_module(module)
     except ImportError:
-        raise MetricsError("--wandb needs the wandb package, which is not installed: pip install wandb "
-                           "(or run without --wandb)") from None
-    return wandb
+        raise MetricsError(f"--{flag} needs the {flag} package, which is not installed: pip install {flag} "
+                           f"(or run without --{flag})") from None
 
 
 def tensorboard_tag(key):
@@ -238,16 +233,6 @@ def tensorboard_tag(key):
     if key in ("dt_ms", "tok_per_sec", "mfu") or key in SPLIT_KEYS:
         return f"perf/{key}"
     return f"train/{key}"
-
-
-def summary_writer_class():
-    """torch's TensorBoard SummaryWriter, or MetricsError naming the package to install."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise MetricsError("--tensorboard needs the tensorboard package, which is not installed: "
-                           "pip install tensorboard (or run without --tensorboard)") from None
-    return SummaryWriter
 
 
 def is_terminal(stream):
@@ -279,15 +264,15 @@ class Metrics:
         self.throughput = throughput or Throughput(0)
         self.timer = StepTimer(device_type, enabled=enabled)
         self.stream = stream or sys.stdout
-        self.file = self.writer = self.bar = self.wandb_run = None
-        self._stdout = None
+        self.file = self.writer = self.bar = self.wandb_run = self._stdout = None
         self._dt_sum, self._dt_count = 0.0, 0  # the steps since the last report: what the timer's means cover
+        # The optional packages are imported on every rank: all stop together if one is missing.
         if wandb is not None:
-            wandb_module = import_wandb()  # every rank: all stop together if it is missing
+            wandb_module = import_for("wandb", "wandb")
             if enabled:
                 self.wandb_run = self._start_wandb(wandb_module, wandb, log_dir)
         if tensorboard:
-            summary_writer = summary_writer_class()  # every rank: all stop together if it is missing
+            summary_writer = import_for("tensorboard", "torch.utils.tensorboard").SummaryWriter
             if enabled:
                 tensorboard_dir = os.path.join(log_dir, "tensorboard")
                 self.writer = summary_writer(log_dir=tensorboard_dir)
@@ -343,8 +328,7 @@ class Metrics:
         report = step % self.log_interval == 0 or step == (self.total_steps or 0) - 1
         if report:
             record.update(self._split())
-        record.update(process_memory())
-        record.update(extra)
+        record.update(process_memory(), **extra)
         if not self.enabled:
             return record
         self._write(record)
@@ -420,17 +404,10 @@ class Metrics:
             self.wandb_run.log({tensorboard_tag(key): value for key, value in scalars.items()}, step=record["step"])
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
         if self._stdout is not None:
             sys.stdout, self._stdout = self._stdout, None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for name, end in (("bar", "close"), ("writer", "close"), ("wandb_run", "finish"), ("file", "close")):
+            part = getattr(self, name)
+            if part is not None:
+                getattr(part, end)()
+                setattr(self, name, None)

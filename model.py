@@ -68,8 +68,7 @@ MODEL_PRESETS = {
 def config_from_dict(d):
     """The GPTConfig of a stored config dict. Fields a file lacks (it predates them) get their
     defaults, which are what the model computed before the field existed."""
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(d) - known)
+    unknown = sorted(set(d) - {f.name for f in fields(GPTConfig)})
     if unknown:
         raise ModelConfigError(f"model config {dict(d)} has fields this model does not know: {', '.join(unknown)} "
                                "(written by a newer version of this code? git pull)")
@@ -93,9 +92,8 @@ def check_config(config):
 
 def model_from_config(d, device=None):
     """A freshly initialised GPT of a stored config dict, built on device (default CPU; "meta" for shapes only)."""
-    config = config_from_dict(d)
     with torch.device(device or "cpu"):
-        return GPT(config)
+        return GPT(config_from_dict(d))
 
 
 class CausalSelfAttention(nn.Module):
@@ -110,10 +108,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash / cuDNN kernels where available
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from pathlib import Path
 
 import environment  # noqa: F401  before torch: it sets variables torch reads when it loads
@@ -45,14 +46,8 @@ class PeerLost(cli.UserError):
     """A collective failed because another rank died, hung up, or cannot be reached."""
 
 
-class _Marks:
-    """Where this rank is: the step, the phase in it, and when it last made progress."""
-
-    def __init__(self):
-        self.step, self.phase, self.since = None, "start-up", time.monotonic()
-
-
-_marks = _Marks()
+# Where this rank is: the step, the phase in it, and when it last made progress.
+_marks = types.SimpleNamespace(step=None, phase="start-up", since=time.monotonic())
 
 
 def progress(phase, step=None):
@@ -214,10 +209,9 @@ def _end_stopped_peers(rank):
 
 def _process_state(pid):
     """'gone', 'stopped' (SIGSTOP, a debugger) or None (running) for a process of this machine."""
-    proc = Path(f"/proc/{pid}/stat")
     if Path("/proc/self/stat").exists():  # Linux: a zombie is dead but still answers kill(pid, 0)
         try:
-            code = proc.read_text().rsplit(")", 1)[1].split()[0]
+            code = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             return "gone"
         return {"Z": "gone", "X": "gone", "T": "stopped", "t": "stopped"}.get(code)

@@ -96,7 +96,7 @@ def test_wandbs_own_environment_variables_win(tmp_path, monkeypatch):
             calls.append(kwargs)
             return type("Run", (), {"id": kwargs["id"], "log": lambda self, *a, **k: None, "finish": lambda self: None})()
 
-    monkeypatch.setattr(metrics, "import_wandb", lambda: FakeWandb)
+    monkeypatch.setattr(metrics, "import_for", lambda flag, module: FakeWandb)
     for key, value in (("WANDB_PROJECT", "theirs"), ("WANDB_NAME", "their-run"), ("WANDB_RUN_ID", "abc123xy"),
                        ("WANDB_DIR", str(tmp_path / "wandb-files"))):
         monkeypatch.setenv(key, value)
