@@ -45,6 +45,7 @@ import dataprep  # noqa: E402
 import run_config  # noqa: E402
 import run_state  # noqa: E402
 from model import GPT, GPTConfig, MODEL_PRESETS  # noqa: E402
+from scripts.checkpoint_tool import cast_weights  # noqa: E402  the weights as `checkpoint_tool export` writes them
 from train_gpt2 import StepSpec, train_step  # noqa: E402
 
 PLANES = 4  # fp32: the model and AdamW's moments are all fp32 here
@@ -209,17 +210,8 @@ def measure(args, work):
         rows.append((name, len(blob), min(write_s), min(read_s), base))
         del blob
     extra = [("weights only (--save_optimizer latest)", len(torch_bytes({**state, "optimizer": None}))),
-             ("bf16 export (weights only)", len(torch_bytes(bf16_weights(state["model"]))))]
+             ("bf16 export (weights only)", len(torch_bytes(cast_weights(state["model"], torch.bfloat16))))]
     return rows, extra, parts_table(state, args), n_params
-
-
-def bf16_weights(model_state):
-    """The weights as `checkpoint_tool export --dtype bf16` writes them: a tied tensor cast once, so it stays one."""
-    cast = {}
-    for t in model_state.values():
-        if t.untyped_storage().data_ptr() not in cast:
-            cast[t.untyped_storage().data_ptr()] = t.to(torch.bfloat16) if t.is_floating_point() else t
-    return {name: cast[t.untyped_storage().data_ptr()] for name, t in model_state.items()}
 
 
 def parts_table(state, args):
@@ -233,12 +225,8 @@ def parts_table(state, args):
               "AdamW exp_avg_sq": [s["exp_avg_sq"] for s in opt.values()]}
     rows = []
     for name, tensors in groups.items():
-        seen, raw = set(), []
-        for t in tensors:  # the tied embedding once
-            if t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                raw.append(t.contiguous().view(torch.uint8).numpy().tobytes())
-        data = b"".join(raw)
+        distinct = {t.untyped_storage().data_ptr(): t for t in tensors}  # the tied embedding once
+        data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in distinct.values())
         compressor = zstandard.ZstdCompressor(level=3)
         rows.append((name, len(data), len(compressor.compress(data)), len(compressor.compress(to_planes(data)))))
     return rows
