@@ -84,17 +84,14 @@ def deflated_zip(blob, level):
     return out.getvalue()
 
 
-def to_planes(data):
+def to_planes(data, shape=(-1, PLANES)):
     """A permutation of the bytes: byte k of every 4-byte word, for k = 0..3, then the tail."""
     body = len(data) - len(data) % PLANES
-    words = np.frombuffer(data, dtype=np.uint8, count=body).reshape(-1, PLANES)
-    return words.T.tobytes() + data[body:]
+    return np.frombuffer(data, dtype=np.uint8, count=body).reshape(shape).T.tobytes() + data[body:]
 
 
 def from_planes(data):
-    body = len(data) - len(data) % PLANES
-    planes = np.frombuffer(data, dtype=np.uint8, count=body).reshape(PLANES, -1)
-    return planes.T.tobytes() + data[body:]
+    return to_planes(data, shape=(PLANES, -1))  # the planes as rows: their transpose is the words again
 
 
 def zstd_planes(blob, level, zstandard):
@@ -195,7 +192,7 @@ def measure(args, work):
     path, n_params = trained_checkpoint(args, work)
     state = checkpoint.load_file(path)  # memory-mapped; the first write below reads it in
     torch_bytes(state)
-    rows, base = [], None
+    rows = []
     for name, (write, read) in methods(args.methods).items():
         write_s, read_s = [], []
         for _ in range(args.repeats):  # the fastest of the repeats: other processes only ever slow one down
@@ -206,8 +203,7 @@ def measure(args, work):
             if not same_tensors(state, back):
                 raise cli.UserError(f"{name} did not give back the checkpoint bit for bit")
             del back
-        base = base or len(blob)
-        rows.append((name, len(blob), min(write_s), min(read_s), base))
+        rows.append((name, len(blob), min(write_s), min(read_s)))
         del blob
     extra = [("weights only (--save_optimizer latest)", len(torch_bytes({**state, "optimizer": None}))),
              ("bf16 export (weights only)", len(torch_bytes(cast_weights(state["model"], torch.bfloat16))))]
@@ -238,8 +234,8 @@ def report(args, rows, extra, parts, n_params):
           f"step(s) of {args.micro_batch_size} x {args.seq_len} tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads, in memory, fastest of {args.repeats}; every method checked bit for bit")
     print(f"  {'method':<16} {'size':>12} {'saved':>7} {'write':>9} {'read':>9}")
-    for name, size, write_s, read_s, base in rows:
-        print(f"  {name:<16} {mb(size):>12} {1 - size / base:>7.1%} {write_s:>8.2f}s {read_s:>8.2f}s")
+    for name, size, write_s, read_s in rows:
+        print(f"  {name:<16} {mb(size):>12} {1 - size / rows[0][1]:>7.1%} {write_s:>8.2f}s {read_s:>8.2f}s")
     for name, size in extra:
         print(f"  {name}: {mb(size)} ({size / rows[0][1]:.1%} of the checkpoint)")
     for name, raw, packed, planes in parts:
