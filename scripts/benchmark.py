@@ -66,9 +66,8 @@ def loss_name(loss, loss_chunk_rows):
 def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_chunk_rows, layout, dev, dtype, ddp):
     """layout: ("ddp", bucket MB, bucket view) or ("fsdp", None, None); plain one process when not distributed."""
     parallel, bucket_mb, bucket_view = layout if ddp.enabled else ("none", None, None)
-    shape = MODEL_PRESETS[model_name]
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=max(1024, args.seq_len), **shape)).to(dev)
+    model = GPT(GPTConfig(block_size=max(1024, args.seq_len), **MODEL_PRESETS[model_name])).to(dev)
     model.set_run_options(loss=loss, loss_chunk_rows=loss_chunk_rows, activation_checkpointing=args.activation_checkpointing)
     if parallel == "fsdp":
         distributed.shard_fsdp(model, model.transformer.h, dtype)
@@ -87,7 +86,6 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-
     spec = StepSpec(args.grad_accum_steps, 1.0, dev, "fp32" if parallel == "fsdp" else dtype, parallel)
 
     def step():
@@ -103,7 +101,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         if args.profile:
-            profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}", show=ddp.master)
+            profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}")
     dt = statistics.median(times)
     peak = metrics.peak_flops(dev, dtype)
     mfu = metrics.mfu(model.flops_per_token(args.seq_len), tokens_per_step, dt, peak)
@@ -140,8 +138,9 @@ def set_inductor_config(setting):
     setattr(target, name, value)
 
 
-def profile_steps(step, dev, title, n_steps=3, top=40, show=True):
-    """Where a step's device time goes: the top kernels by total time over n_steps."""
+def profile_steps(step, dev, title, n_steps=3, top=40):
+    """Where a step's device time goes: the top kernels by total time over n_steps (every rank profiles, as
+    every rank steps; the table goes to stdout, which is rank 0's alone)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -149,8 +148,6 @@ def profile_steps(step, dev, title, n_steps=3, top=40, show=True):
         for _ in range(n_steps):
             step()
         device_mod.synchronize(dev)
-    if not show:
-        return
     sort_key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
     print(f"profile of {n_steps} steps, {title}:")
     print(prof.key_averages().table(sort_by=sort_key, row_limit=top, max_name_column_width=70))
