@@ -53,14 +53,6 @@ def tensor_stats(obj):
     return len({storage_key(t) for t in iter_tensors(obj)}), tensor_bytes(obj)
 
 
-def last_val(ckpt):
-    state = ckpt.get("train_state") or {}
-    if state.get("val_loss") is not None:
-        return state["val_loss"]
-    val = (state.get("history") or {}).get("val") or [[None, None]]
-    return val[-1][1]
-
-
 def existing(path):
     path = Path(path)
     if not path.exists():
@@ -379,7 +371,7 @@ def cmd_export(args):
         return exported(source, ckpt, args.dtype, out, "an llm.c model file")
     weights = cast_weights(ckpt["model"], device.DTYPES[args.dtype])
     meta = {"format_version": FORMAT_VERSION, "kind": "export", "torch_version": str(torch.__version__),
-            "train_state": {"step": ckpt["train_state"].get("step"), "val_loss": last_val(ckpt)},
+            "train_state": {"step": ckpt["train_state"].get("step"), "val_loss": losses(ckpt)["val"][1]},
             "model_config": stored_config(ckpt, source),
             "dtype": args.dtype, "source": source.name}
     if out.suffix == ".pt":
