@@ -16,6 +16,7 @@ With several intervals it also prints the interval Young and Daly's sqrt(2 x sav
 predicts from the measured save cost and this run's fault rate. Linux (finds the ranks in /proc).
 Extra train_gpt2.py flags follow `--`.
 """
+import contextlib
 import json
 import math
 import os
@@ -243,10 +244,8 @@ def run(args, name, cmd, log_dir, faults=(), timeout=600):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         for pid in stopped:  # torchrun SIGKILLs them; this is for a run that failed first
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     wall = time.monotonic() - t0
     for path in Path(log_dir).glob("*.pt"):  # only the losses are compared: free the disk for the next run
         path.unlink()
