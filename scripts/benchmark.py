@@ -63,6 +63,15 @@ def loss_name(loss, loss_chunk_rows):
     return f"chunk{loss_chunk_rows}" if loss == "chunked" else loss
 
 
+def seconds(dev, fn, *args, **kwargs):
+    """The wall time of fn(*args, **kwargs), from an idle device to an idle device."""
+    device_mod.synchronize(dev)
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    device_mod.synchronize(dev)
+    return time.perf_counter() - t0
+
+
 def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_chunk_rows, layout, dev, dtype, ddp):
     """layout: ("ddp", bucket MB, bucket view) or ("fsdp", None, None); plain one process when not distributed."""
     parallel, bucket_mb, bucket_view = layout if ddp.enabled else ("none", None, None)
@@ -85,7 +94,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
     tokens_per_step = micro_batch_size * args.seq_len * args.grad_accum_steps
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    losses = []
     spec = StepSpec(args.grad_accum_steps, 1.0, dev, "fp32" if parallel == "fsdp" else dtype, parallel)
 
     def step():
@@ -93,13 +102,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
         losses.append(loss.item())  # one host sync per step, as the trainer's (loss and norm in one read)
 
     with attention_backend(args.sdpa_backend):
-        for i in range(args.warmup + args.steps):
-            device_mod.synchronize(dev)
-            t0 = time.perf_counter()
-            step()
-            device_mod.synchronize(dev)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
+        times = [seconds(dev, step) for _ in range(args.warmup + args.steps)][args.warmup:]
         if args.profile:
             profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}")
     dt = statistics.median(times)
@@ -181,13 +184,8 @@ def bench_hellaswag(args, dev, dtype):
     results = []
     for mode, batch_examples in itertools.product(args.compile, args.hellaswag_batch):
         scored, used_mode = device_mod.compile_model(model, dev.type, mode)
-        runs = []
-        for _ in range(2):  # the first pass includes compilation (one graph per padded length)
-            device_mod.synchronize(dev)
-            t0 = time.perf_counter()
-            hellaswag.evaluate(scored, examples, dev, dtype, batch_examples=batch_examples)
-            device_mod.synchronize(dev)
-            runs.append(time.perf_counter() - t0)
+        runs = [seconds(dev, hellaswag.evaluate, scored, examples, dev, dtype, batch_examples=batch_examples)
+                for _ in range(2)]  # the first pass includes compilation (one graph per padded length)
         results.append((used_mode, batch_examples, runs))
     print(f"HellaSwag, {args.hellaswag} synthetic examples, {args.model[0]}, {dtype}:")
     for used_mode, batch_examples, (first, second) in results:
