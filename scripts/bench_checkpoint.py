@@ -46,8 +46,7 @@ def host_memory():
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None, None
-    kib = {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-    return kib["VmRSS"], kib["VmHWM"]
+    return tuple(int(re.search(rf"{k}:\s+(\d+)", status).group(1)) * 1024 for k in ("VmRSS", "VmHWM"))  # kB there
 
 
 def reset_host_peak():
