@@ -14,17 +14,14 @@ import sys
 from pathlib import Path
 
 
-def module_command(script_file, argv):
-    """The command to use instead: python -m scripts.NAME ARGS (torchrun ... -m under torchrun)."""
-    module = f"scripts.{Path(script_file).stem}"
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun started it: torchrun takes -m too
-        return f"torchrun [your torchrun flags] -m {shlex.join([module, *argv])}"
-    return shlex.join(["python", "-m", module, *argv])
-
-
 def exit_with_module_command(script_file):
+    """Name the command to use instead, python -m scripts.NAME ARGS (torchrun ... -m under torchrun), and exit 2."""
+    module_and_args = [f"scripts.{Path(script_file).stem}", *sys.argv[1:]]
+    command = shlex.join(["python", "-m", *module_and_args])
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun started it: torchrun takes -m too
+        command = f"torchrun [your torchrun flags] -m {shlex.join(module_and_args)}"
     root = Path(script_file).resolve().parent.parent
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one line, not one per torchrun rank
         print(f"error: {Path(script_file).name} is part of the scripts package; run it from the repository root "
-              f"({root}) as: {module_command(script_file, sys.argv[1:])}", file=sys.stderr)
+              f"({root}) as: {command}", file=sys.stderr)
     sys.exit(2)

@@ -91,8 +91,7 @@ def run(argv=None):
             attend = flex(T, dev) if family == "flex" else sdpa(family)
             with torch.no_grad():
                 out = attend(*views()).float()
-            reference = out if reference is None else reference
-            with torch.no_grad():
+                reference = out if reference is None else reference
                 forward = timed(lambda: attend(*views()), dev, args.repeats)
 
             def forward_backward():

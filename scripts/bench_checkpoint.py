@@ -46,8 +46,7 @@ def host_memory():
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None, None
-    kib = {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-    return kib["VmRSS"], kib["VmHWM"]
+    return tuple(int(re.search(rf"{k}:\s+(\d+)", status).group(1)) * 1024 for k in ("VmRSS", "VmHWM"))  # kB there
 
 
 def reset_host_peak():
@@ -59,11 +58,11 @@ def reset_host_peak():
         return False
 
 
-def build(args, device, device_type):
+def build(args, device, dtype):
+    """A fresh model, its AdamW without state yet, and a grad scaler (on for fp16 only)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODEL_PRESETS[args.model])).to(device)
-    optimizer = model.configure_optimizer(0.1, 6e-4)
-    return model, optimizer
+    return model, model.configure_optimizer(0.1, 6e-4), torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
 
 
 def run(argv=None):
@@ -121,8 +120,7 @@ def measure(args, work):
     shards.write_shard(shards.shard_path(work / "data", "random", "train", 0),
                            np.random.default_rng(0).integers(0, shards.EOT_TOKEN, max(tokens_needed, 10_000)))
     loader = dataloader.ShardedDataLoader(work / "data", "train", args.micro_batch_size, args.seq_len, pin_memory=cuda)
-    model, optimizer = build(args, device, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "fp16")
+    model, optimizer, scaler = build(args, device, dtype)
     spec = StepSpec(1, 1.0, device, dtype)
 
     def step():
@@ -138,8 +136,7 @@ def measure(args, work):
         parts = {"model": model, "optimizer": optimizer, "scaler": scaler if scaler.is_enabled() else None,
                  "dataloader": loader, "rng": run_state.RandomState(), "train_state": run_state.TrainState()}
         return checkpoint_manager.CheckpointManager(work / name, parts, meta={"model_config": vars(model.config)},
-                                                    checkpoint_interval=1,
-                                            **kwargs)
+                                                    checkpoint_interval=1, **kwargs)
 
     for _ in range(3):
         step()  # allocator growth, lazy optimizer state, kernel selection
@@ -176,8 +173,7 @@ def measure(args, work):
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    model, optimizer = build(args, device, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "fp16")
+    model, optimizer, scaler = build(args, device, dtype)
     fresh = manager("resume")
     if cuda:
         torch.cuda.synchronize()

@@ -45,6 +45,7 @@ import dataprep  # noqa: E402
 import run_config  # noqa: E402
 import run_state  # noqa: E402
 from model import GPT, GPTConfig, MODEL_PRESETS  # noqa: E402
+from scripts.checkpoint_tool import cast_weights  # noqa: E402  the weights as `checkpoint_tool export` writes them
 from train_gpt2 import StepSpec, train_step  # noqa: E402
 
 PLANES = 4  # fp32: the model and AdamW's moments are all fp32 here
@@ -83,17 +84,14 @@ def deflated_zip(blob, level):
     return out.getvalue()
 
 
-def to_planes(data):
+def to_planes(data, shape=(-1, PLANES)):
     """A permutation of the bytes: byte k of every 4-byte word, for k = 0..3, then the tail."""
     body = len(data) - len(data) % PLANES
-    words = np.frombuffer(data, dtype=np.uint8, count=body).reshape(-1, PLANES)
-    return words.T.tobytes() + data[body:]
+    return np.frombuffer(data, dtype=np.uint8, count=body).reshape(shape).T.tobytes() + data[body:]
 
 
 def from_planes(data):
-    body = len(data) - len(data) % PLANES
-    planes = np.frombuffer(data, dtype=np.uint8, count=body).reshape(PLANES, -1)
-    return planes.T.tobytes() + data[body:]
+    return to_planes(data, shape=(PLANES, -1))  # the planes as rows: their transpose is the words again
 
 
 def zstd_planes(blob, level, zstandard):
@@ -194,7 +192,7 @@ def measure(args, work):
     path, n_params = trained_checkpoint(args, work)
     state = checkpoint.load_file(path)  # memory-mapped; the first write below reads it in
     torch_bytes(state)
-    rows, base = [], None
+    rows = []
     for name, (write, read) in methods(args.methods).items():
         write_s, read_s = [], []
         for _ in range(args.repeats):  # the fastest of the repeats: other processes only ever slow one down
@@ -205,21 +203,11 @@ def measure(args, work):
             if not same_tensors(state, back):
                 raise cli.UserError(f"{name} did not give back the checkpoint bit for bit")
             del back
-        base = base or len(blob)
-        rows.append((name, len(blob), min(write_s), min(read_s), base))
+        rows.append((name, len(blob), min(write_s), min(read_s)))
         del blob
     extra = [("weights only (--save_optimizer latest)", len(torch_bytes({**state, "optimizer": None}))),
-             ("bf16 export (weights only)", len(torch_bytes(bf16_weights(state["model"]))))]
+             ("bf16 export (weights only)", len(torch_bytes(cast_weights(state["model"], torch.bfloat16))))]
     return rows, extra, parts_table(state, args), n_params
-
-
-def bf16_weights(model_state):
-    """The weights as `checkpoint_tool export --dtype bf16` writes them: a tied tensor cast once, so it stays one."""
-    cast = {}
-    for t in model_state.values():
-        if t.untyped_storage().data_ptr() not in cast:
-            cast[t.untyped_storage().data_ptr()] = t.to(torch.bfloat16) if t.is_floating_point() else t
-    return {name: cast[t.untyped_storage().data_ptr()] for name, t in model_state.items()}
 
 
 def parts_table(state, args):
@@ -233,12 +221,8 @@ def parts_table(state, args):
               "AdamW exp_avg_sq": [s["exp_avg_sq"] for s in opt.values()]}
     rows = []
     for name, tensors in groups.items():
-        seen, raw = set(), []
-        for t in tensors:  # the tied embedding once
-            if t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                raw.append(t.contiguous().view(torch.uint8).numpy().tobytes())
-        data = b"".join(raw)
+        distinct = {t.untyped_storage().data_ptr(): t for t in tensors}  # the tied embedding once
+        data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in distinct.values())
         compressor = zstandard.ZstdCompressor(level=3)
         rows.append((name, len(data), len(compressor.compress(data)), len(compressor.compress(to_planes(data)))))
     return rows
@@ -250,8 +234,8 @@ def report(args, rows, extra, parts, n_params):
           f"step(s) of {args.micro_batch_size} x {args.seq_len} tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads, in memory, fastest of {args.repeats}; every method checked bit for bit")
     print(f"  {'method':<16} {'size':>12} {'saved':>7} {'write':>9} {'read':>9}")
-    for name, size, write_s, read_s, base in rows:
-        print(f"  {name:<16} {mb(size):>12} {1 - size / base:>7.1%} {write_s:>8.2f}s {read_s:>8.2f}s")
+    for name, size, write_s, read_s in rows:
+        print(f"  {name:<16} {mb(size):>12} {1 - size / rows[0][1]:>7.1%} {write_s:>8.2f}s {read_s:>8.2f}s")
     for name, size in extra:
         print(f"  {name}: {mb(size)} ({size / rows[0][1]:.1%} of the checkpoint)")
     for name, raw, packed, planes in parts:

@@ -16,6 +16,7 @@ With several intervals it also prints the interval Young and Daly's sqrt(2 x sav
 predicts from the measured save cost and this run's fault rate. Linux (finds the ranks in /proc).
 Extra train_gpt2.py flags follow `--`.
 """
+import contextlib
 import json
 import math
 import os
@@ -86,13 +87,13 @@ def parse_args(argv=None):
 # Runs
 
 
-def random_shards(folder, tokens, seed=0):
+def random_shards(folder, tokens):
     """Train/val shards of random token ids: the mechanics are what is measured, not the loss."""
     import numpy as np
 
     import shards
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     shards.write_shard(shards.shard_path(folder, "bench", "train", 0), rng.integers(0, 50257, tokens))
     shards.write_shard(shards.shard_path(folder, "bench", "val", 0), rng.integers(0, 50257, 20_000))
     return folder
@@ -164,7 +165,6 @@ class Run:
     steps: dict  # step -> (loss, step seconds) of its last run
     seen: list  # (seconds since start, step) of every finished step, in order
     faults: list = field(default_factory=list)
-    output: Path = None
 
     @property
     def useful_s(self):
@@ -244,17 +244,15 @@ def run(args, name, cmd, log_dir, faults=(), timeout=600):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         for pid in stopped:  # torchrun SIGKILLs them; this is for a run that failed first
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     wall = time.monotonic() - t0
     for path in Path(log_dir).glob("*.pt"):  # only the losses are compared: free the disk for the next run
         path.unlink()
     if proc.returncode != 0:
         raise BenchError(f"{name} exited with {proc.returncode}; the last lines of {output}:\n"
                          + "\n".join(output.read_text().splitlines()[-15:]))
-    return Run(name, wall, steps, seen, list(faults), output)
+    return Run(name, wall, steps, seen, list(faults))
 
 
 def save_cost(reference, interval, max_steps):
@@ -339,12 +337,11 @@ def faults_for(args):
 def bench(args):
     if not Path("/proc/self/task").exists():
         raise BenchError("bench_faults.py finds torchrun's ranks through /proc: it runs on Linux")
-    if args.work_dir:
-        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-        return measure(args, Path(args.work_dir))
-    work = Path(tempfile.mkdtemp(prefix="bench_faults_"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_faults_"))
+    work.mkdir(parents=True, exist_ok=True)
     status = measure(args, work)  # a failed run raises, and its output stays there to be read
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
     return status
 
 

@@ -78,33 +78,30 @@ def main(argv=None):
     t = torch.randint(0, args.valid_cols, (args.rows,), device=dev)
     gigabytes = 3 * x.numel() * x.element_size() / 1e9  # the least the loss can move: read, read, write
 
-    def ours():
+    def forward_backward(loss_fn):
         logits = x.detach().requires_grad_()  # a leaf: its .grad is the logits' own memory
-        triton_loss.cross_entropy(logits, t, args.valid_cols).backward()
-
-    def theirs(fn):
-        logits = x.detach().requires_grad_()
-        fn(logits, t, args.valid_cols).backward()
+        loss_fn(logits, t, args.valid_cols).backward()
 
     print(f"forward + backward, {args.rows} x {args.cols} bf16 on {dev}:")
     default = triton_loss.BLOCK_COLS, triton_loss.NUM_WARPS
     for block in args.blocks:
         triton_loss.BLOCK_COLS, triton_loss.NUM_WARPS = (int(v) for v in block.split(":"))
         triton_loss._kernels = None
-        s = median_seconds(ours, dev, args.repeats)
+        s = median_seconds(lambda: forward_backward(triton_loss.cross_entropy), dev, args.repeats)
         print(f"  Triton, {triton_loss.BLOCK_COLS} columns per block, {triton_loss.NUM_WARPS} warps: {s * 1e3:8.2f} ms "
               f"({gigabytes / s:,.0f} GB/s over the {gigabytes:.1f} GB it must move)")
     triton_loss.BLOCK_COLS, triton_loss.NUM_WARPS = default
     triton_loss._kernels = None
     compiled = torch.compile(torch_loss)
     triton_name = f"Triton ({default[0]}:{default[1]}, the default)"
-    for name, fn in (("PyTorch eager", torch_loss), ("PyTorch compiled", compiled), (triton_name, None)):
+    clone = " (includes a clone of the logits for the mask)"
+    for name, fn, note in (("PyTorch eager", torch_loss, clone), ("PyTorch compiled", compiled, clone),
+                           (triton_name, triton_loss.cross_entropy, "")):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        s = median_seconds(ours if fn is None else (lambda: theirs(fn)), dev, args.repeats)
+        s = median_seconds(lambda: forward_backward(fn), dev, args.repeats)
         extra = f", +{(torch.cuda.max_memory_allocated() - base) / 2**30:.2f} GiB over the logits" if dev.type == "cuda" else ""
-        note = "" if fn is None else " (includes a clone of the logits for the mask)"
         print(f"  {name}: {s * 1e3:8.2f} ms{extra}{note}")
 
 

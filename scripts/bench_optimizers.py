@@ -80,8 +80,7 @@ def read_run(log_dir):
             steps[record["step"]] = record
         elif "val_loss" in record:
             vals[record["step"]] = record["val_loss"]
-    latest = read_latest(log_dir)
-    ckpt = load_checkpoint(latest)
+    ckpt = load_checkpoint(read_latest(log_dir))
     config = run_config_of(ckpt)
     seconds, elapsed = {}, 0.0
     for step in sorted(steps):

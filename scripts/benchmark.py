@@ -63,12 +63,20 @@ def loss_name(loss, loss_chunk_rows):
     return f"chunk{loss_chunk_rows}" if loss == "chunked" else loss
 
 
+def seconds(dev, fn, *args, **kwargs):
+    """The wall time of fn(*args, **kwargs), from an idle device to an idle device."""
+    device_mod.synchronize(dev)
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    device_mod.synchronize(dev)
+    return time.perf_counter() - t0
+
+
 def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_chunk_rows, layout, dev, dtype, ddp):
     """layout: ("ddp", bucket MB, bucket view) or ("fsdp", None, None); plain one process when not distributed."""
     parallel, bucket_mb, bucket_view = layout if ddp.enabled else ("none", None, None)
-    shape = MODEL_PRESETS[model_name]
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=max(1024, args.seq_len), **shape)).to(dev)
+    model = GPT(GPTConfig(block_size=max(1024, args.seq_len), **MODEL_PRESETS[model_name])).to(dev)
     model.set_run_options(loss=loss, loss_chunk_rows=loss_chunk_rows, activation_checkpointing=args.activation_checkpointing)
     if parallel == "fsdp":
         distributed.shard_fsdp(model, model.transformer.h, dtype)
@@ -86,8 +94,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
     tokens_per_step = micro_batch_size * args.seq_len * args.grad_accum_steps
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-
+    losses = []
     spec = StepSpec(args.grad_accum_steps, 1.0, dev, "fp32" if parallel == "fsdp" else dtype, parallel)
 
     def step():
@@ -95,15 +102,9 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
         losses.append(loss.item())  # one host sync per step, as the trainer's (loss and norm in one read)
 
     with attention_backend(args.sdpa_backend):
-        for i in range(args.warmup + args.steps):
-            device_mod.synchronize(dev)
-            t0 = time.perf_counter()
-            step()
-            device_mod.synchronize(dev)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
+        times = [seconds(dev, step) for _ in range(args.warmup + args.steps)][args.warmup:]
         if args.profile:
-            profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}", show=ddp.master)
+            profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}")
     dt = statistics.median(times)
     peak = metrics.peak_flops(dev, dtype)
     mfu = metrics.mfu(model.flops_per_token(args.seq_len), tokens_per_step, dt, peak)
@@ -140,8 +141,9 @@ def set_inductor_config(setting):
     setattr(target, name, value)
 
 
-def profile_steps(step, dev, title, n_steps=3, top=40, show=True):
-    """Where a step's device time goes: the top kernels by total time over n_steps."""
+def profile_steps(step, dev, title, n_steps=3, top=40):
+    """Where a step's device time goes: the top kernels by total time over n_steps (every rank profiles, as
+    every rank steps; the table goes to stdout, which is rank 0's alone)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -149,8 +151,6 @@ def profile_steps(step, dev, title, n_steps=3, top=40, show=True):
         for _ in range(n_steps):
             step()
         device_mod.synchronize(dev)
-    if not show:
-        return
     sort_key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
     print(f"profile of {n_steps} steps, {title}:")
     print(prof.key_averages().table(sort_by=sort_key, row_limit=top, max_name_column_width=70))
@@ -184,13 +184,8 @@ def bench_hellaswag(args, dev, dtype):
     results = []
     for mode, batch_examples in itertools.product(args.compile, args.hellaswag_batch):
         scored, used_mode = device_mod.compile_model(model, dev.type, mode)
-        runs = []
-        for _ in range(2):  # the first pass includes compilation (one graph per padded length)
-            device_mod.synchronize(dev)
-            t0 = time.perf_counter()
-            hellaswag.evaluate(scored, examples, dev, dtype, batch_examples=batch_examples)
-            device_mod.synchronize(dev)
-            runs.append(time.perf_counter() - t0)
+        runs = [seconds(dev, hellaswag.evaluate, scored, examples, dev, dtype, batch_examples=batch_examples)
+                for _ in range(2)]  # the first pass includes compilation (one graph per padded length)
         results.append((used_mode, batch_examples, runs))
     print(f"HellaSwag, {args.hellaswag} synthetic examples, {args.model[0]}, {dtype}:")
     for used_mode, batch_examples, (first, second) in results:

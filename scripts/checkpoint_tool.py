@@ -14,6 +14,7 @@ Other trainers' files work too: nanoGPT's out/ckpt.pt, build-nanogpt's log/model
 `python checkpoint.py ...` runs this too. Exit status: 0 ok, 1 a file is corrupt or invalid,
 2 usage (bad arguments, a missing path, a missing package, a folder a trainer holds).
 """
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,20 +43,14 @@ NANOGPT_NAME = "ckpt.pt"  # nanoGPT's one checkpoint in its out_dir
 OURS_ONLY = ("format version", "torch version", "world size", "dataloader", "history", "grad scaler")
 
 
+def storage_key(t):
+    """What tensors sharing memory (tied weights) have in common: the same storage, offset and shape."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+
+
 def tensor_stats(obj):
     """(distinct tensors, their bytes) in a nested dict/list."""
-    seen = set()
-    for t in iter_tensors(obj):
-        seen.add((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)))
-    return len(seen), tensor_bytes(obj)
-
-
-def last_val(ckpt):
-    state = ckpt.get("train_state") or {}
-    if state.get("val_loss") is not None:
-        return state["val_loss"]
-    val = (state.get("history") or {}).get("val") or [[None, None]]
-    return val[-1][1]
+    return len({storage_key(t) for t in iter_tensors(obj)}), tensor_bytes(obj)
 
 
 def existing(path):
@@ -105,14 +100,9 @@ def dash(value):
     return "-" if value is None else str(value)
 
 
-def checkpoints_of(paths):
-    """The checkpoint files of files and folders given on the command line, in that order."""
-    return [p for path in paths for p in (checkpoint_files(path) if path.is_dir() else [path])]
-
-
 def cmd_list(args):
     paths = [existing(p) for p in args.paths]
-    found = checkpoints_of(paths)
+    found = [p for path in paths for p in (checkpoint_files(path) if path.is_dir() else [path])]  # in that order
     folders = [p for p in paths if p.is_dir()]
     for folder in folders:
         if not checkpoint_files(folder):
@@ -228,16 +218,11 @@ def cmd_prune(args):
         print(f"{folder} is in use by a trainer ({holder}): without --dry_run prune refuses until it stops")
     elif holder:
         raise busy(folder, holder)
-    lock = None
     try:
-        if not args.dry_run:
-            lock = files.RunLock(folder, holder="checkpoint prune").acquire()
-        return prune(folder, args.keep, args.dry_run)
+        with contextlib.nullcontext() if args.dry_run else files.RunLock(folder, holder="checkpoint prune"):
+            return prune(folder, args.keep, args.dry_run)
     except files.RunLockError:  # a trainer started between the look and the lock
         raise busy(folder, trainer_holding(folder) or "another process") from None
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def busy(folder, holder):
@@ -317,15 +302,12 @@ def cmd_inspect(args):
 
 def cmd_verify(args):
     path = existing(args.path)
-    if path.is_dir():
-        files = checkpoint_files(path)
-        if not files:
-            print(f"BAD  {path}: no checkpoints to verify")
-            return 1
-    else:
-        files = [path]
+    found = checkpoint_files(path) if path.is_dir() else [path]
+    if not found:
+        print(f"BAD  {path}: no checkpoints to verify")
+        return 1
     status = 0
-    for file in files:
+    for file in found:
         try:
             ckpt = verify_file(file)
             count, nbytes = tensor_stats(ckpt)
@@ -366,6 +348,15 @@ def cmd_config(args):
     return 0
 
 
+def cast_weights(model_state, dtype):
+    """The weights, floating-point ones cast to dtype; a shared tensor is cast once, so tied weights stay one."""
+    cast = {}
+    for t in model_state.values():
+        if storage_key(t) not in cast:
+            cast[storage_key(t)] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return {name: cast[storage_key(t)] for name, t in model_state.items()}
+
+
 def cmd_export(args):
     out = Path(args.out)
     if out.suffix not in (".pt", ".safetensors", ".bin"):
@@ -378,15 +369,9 @@ def cmd_export(args):
     if out.suffix == ".bin":  # for llm.c's C/CUDA trainer; it computes the tanh GELU, so write_llmc refuses the exact
         converters.write_llmc(ckpt["model"], stored_config(ckpt, source), out, dtype=args.dtype)
         return exported(source, ckpt, args.dtype, out, "an llm.c model file")
-    dtype, cast = device.DTYPES[args.dtype], {}
-    weights = {}
-    for name, t in ckpt["model"].items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in cast:  # cast a shared tensor once, so tied weights stay one tensor in a .pt
-            cast[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-        weights[name] = cast[key]
+    weights = cast_weights(ckpt["model"], device.DTYPES[args.dtype])
     meta = {"format_version": FORMAT_VERSION, "kind": "export", "torch_version": str(torch.__version__),
-            "train_state": {"step": ckpt["train_state"].get("step"), "val_loss": last_val(ckpt)},
+            "train_state": {"step": ckpt["train_state"].get("step"), "val_loss": losses(ckpt)["val"][1]},
             "model_config": stored_config(ckpt, source),
             "dtype": args.dtype, "source": source.name}
     if out.suffix == ".pt":

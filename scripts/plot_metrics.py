@@ -9,6 +9,7 @@ Needs matplotlib (pip install matplotlib), which training itself does not. A res
 logged a step twice; the later record wins, as it is the one the run continued from.
 """
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -51,9 +52,7 @@ def smooth(values, window):
     """Centred moving average over `window` points (fewer at the ends): unlike an exponential average
     it does not lag behind a fast-falling loss."""
     half = max(window, 1) // 2
-    prefix = [0.0]
-    for value in values:
-        prefix.append(prefix[-1] + value)
+    prefix = list(itertools.accumulate(values, initial=0.0))
     out = []
     for i in range(len(values)):
         lo, hi = max(0, i - half), min(len(values), i + half + 1)
