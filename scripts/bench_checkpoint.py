@@ -34,6 +34,7 @@ import cli  # noqa: E402
 import dataloader  # noqa: E402
 import device as device_mod  # noqa: E402
 import files  # noqa: E402
+import run_folder  # noqa: E402
 import run_state  # noqa: E402
 import shards  # noqa: E402
 from model import GPT, GPTConfig, MODEL_PRESETS  # noqa: E402
@@ -182,7 +183,7 @@ def measure(args, work):
     host_before, _ = host_memory()
     host_peak_ok = reset_host_peak()
     t0 = time.perf_counter()
-    fresh.resume(path=full_file)
+    fresh.load(run_folder.find_resume(full_file.parent, path=full_file))
     if cuda:
         torch.cuda.synchronize()
     resume_s = time.perf_counter() - t0

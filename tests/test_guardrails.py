@@ -130,6 +130,13 @@ def test_a_full_disk_stops_the_run_with_one_line_and_older_checkpoints_verify(da
     assert checkpoint.read_latest(log_dir) == saved[-1][1].resolve()
 
 
+def test_bench_checkpoint_runs_through_to_its_table(tmp_path, capsys):
+    bench = load_script("bench_checkpoint.py")
+    assert run_main(bench.main, ["--model", "d2", "--device", "cpu", "--saves", "1", "--dir", tmp_path / "ckpt"]) == 0
+    out = capsys.readouterr().out
+    assert "resume (CRC check + load + copy)" in out and "checkpoint size (weights + optimizer)" in out
+
+
 def test_bench_checkpoint_checks_the_space_first_and_leaves_nothing_behind(tiny_disk, monkeypatch, capsys):
     monkeypatch.setenv("TMPDIR", str(tiny_disk))
     import tempfile
