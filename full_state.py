@@ -42,7 +42,7 @@ def init_shape(path, block_size, with_optimizer=False, optimizer="adamw"):
 def init_from_file(path, model, optimizer, load_optimizer=False):
     """Start a new run (step 0) from the weights of any checkpoint file, copied into model; a model with a
     shorter position table keeps the first positions. With load_optimizer, the file's AdamW state as well
-    (load_adamw_state). One line each: the conversion's notes, what the file is, what the optimizer does.
+    (load_full_optimizer_state). One line each: the conversion's notes, what the file is, what the optimizer does.
     Every rank calls it; rank 0 reads the file and sends the others their part (DDP, FSDP)."""
     tensors = state = None
     if distributed.is_master():
@@ -69,20 +69,7 @@ def init_from_file(path, model, optimizer, load_optimizer=False):
             log(f"optimizer: {fresh} ({path} holds weights only)")
     load_full_model_state(model, tensors)  # into the existing parameters, on their device
     if distributed.from_rank0(state is not None) and load_optimizer:
-        load_adamw_state(optimizer, state)
-
-
-def load_adamw_state(optimizer, state):
-    """An AdamW state dict's moments and step counts (this trainer's, or nanoGPT's, which maps onto the same
-    groups; or this trainer's Muon and AdamW state, group for group) with this optimizer's hyperparameters: the
-    run's flags win over the file's weight decay and betas, and the fused / capturable settings decide where torch
-    puts the step counts. state: on rank 0 (None on the other ranks, which get their part from it)."""
-    if state is not None:
-        ours = optimizer.state_dict()["param_groups"]
-        groups = [{**theirs, **{k: v for k, v in mine.items() if k != "params"}}
-                  for theirs, mine in zip(state["param_groups"], ours)]
-        state = {**state, "param_groups": groups}
-    load_full_optimizer_state(optimizer, state)
+        load_full_optimizer_state(optimizer, state)
 
 
 def full_model_state(model):
@@ -155,8 +142,15 @@ def load_full_model_state(model, state):
 
 
 def load_full_optimizer_state(optimizer, state):
-    """Every rank calls it; state is the file's optimizer state on rank 0, None elsewhere. Each
-    rank gets its part: FSDP ranks the shards of their parameters, DDP ranks a whole copy."""
+    """Every rank calls it; state is the file's optimizer state on rank 0, None elsewhere. Each rank gets its
+    part: FSDP ranks the shards of their parameters, DDP ranks a whole copy. The file gives the moments and
+    step counts; each group's settings stay this optimizer's: the run's flags win over the file's weight decay,
+    betas and momentum (a resume may change them, and says so), and the fused / capturable settings decide
+    where torch puts the step counts."""
+    if state is not None:
+        ours = optimizer.state_dict()["param_groups"]
+        state = {**state, "param_groups": [{**theirs, **{k: v for k, v in mine.items() if k != "params"}}
+                                           for theirs, mine in zip(state["param_groups"], ours)]}
     if not distributed.active():
         optimizer.load_state_dict(state)
         return

@@ -124,6 +124,23 @@ def test_a_bare_auto_resume_continues_the_same_run_bit_identically(data, tmp_pat
     assert [cut[step] for step in range(6, 10)] == [whole[step] for step in range(6, 10)]
 
 
+@pytest.mark.parametrize("optimizer, change, key, value", [
+    ("adamw", ["--weight_decay", "0.3"], "weight_decay", 0.3),
+    ("muon", ["--muon_momentum", "0.8"], "momentum", 0.8),
+    ("muon", ["--muon_weight_decay", "0.01"], "weight_decay", 0.01),
+])
+def test_a_changed_optimizer_setting_on_resume_is_the_one_the_optimizer_steps_with(data, tmp_path, capsys, optimizer,
+                                                                                   change, key, value):
+    log_dir = tmp_path / "log"
+    assert train(data, log_dir, "--max_steps", 3, "--checkpoint_interval", 2, "--optimizer", optimizer) == 0
+    assert train(data, log_dir, "--auto_resume", "--max_steps", 4, *change) == 0
+    assert f"resume: {change[0]} {change[1]}, where the checkpoint's run had" in capsys.readouterr().out
+    saved = torch.load(log_dir / "model_00003.pt", map_location="cpu", weights_only=False)
+    groups = saved["optimizer"]["param_groups"]
+    assert any(group.get(key) == value for group in groups), groups  # not the file's, which load_state_dict restores
+    assert saved["run_config"][change[0][2:]] == value
+
+
 def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(data, run_dir, tmp_path, capsys):
     log_dir = copy_run(run_dir, tmp_path)
     before = contents(log_dir)
