@@ -10,7 +10,6 @@ CheckpointManager, writing to --dir (default: a temp dir, deleted after). The re
 file written seconds before, so the page cache is warm: a cold read adds size / disk speed.
 """
 import contextlib
-import gc
 import io
 import re
 import shutil
@@ -67,7 +66,14 @@ def build(args, device, dtype):
 
 
 def run(argv=None):
-    args = parse_args(argv)  # outside the redirect, or --help would print nothing
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="d2", choices=sorted(MODEL_PRESETS), help="model preset")
+    device_mod.add_device_arguments(p)
+    p.add_argument("--micro_batch_size", type=int, default=2, help="sequences per training step")
+    p.add_argument("--seq_len", type=int, default=32, help="tokens per sequence")
+    p.add_argument("--saves", type=int, default=3, help="saves timed in each mode; the median is reported")
+    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir, deleted after)")
+    args = p.parse_args(argv)  # outside the redirect, or --help would print nothing
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))
     try:
         check_space(args, work)
@@ -94,21 +100,6 @@ def check_space(args, work):
         raise cli.UserError(f"{args.model} needs about {files.gib(needed)} for {args.saves} saves in each mode "
                             f"({files.gib(per_file)} per checkpoint) but {work} has {files.gib(free)} free; "
                             f"use --saves 1, a smaller --model, or --dir on a larger disk")
-
-
-def main(argv=None):
-    return cli.main(run, argv)
-
-
-def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="d2", choices=sorted(MODEL_PRESETS), help="model preset")
-    device_mod.add_device_arguments(p)
-    p.add_argument("--micro_batch_size", type=int, default=2, help="sequences per training step")
-    p.add_argument("--seq_len", type=int, default=32, help="tokens per sequence")
-    p.add_argument("--saves", type=int, default=3, help="saves timed in each mode; the median is reported")
-    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir, deleted after)")
-    return p.parse_args(argv)
 
 
 def measure(args, work):
@@ -171,9 +162,7 @@ def measure(args, work):
 
     # Resume as train_gpt2 does: a fresh model and an optimizer without state, then load into them.
     del model, optimizer, sync, background
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    device_mod.free_memory(device)
     model, optimizer, scaler = build(args, device, dtype)
     fresh = manager("resume")
     if cuda:
@@ -184,8 +173,7 @@ def measure(args, work):
     host_peak_ok = reset_host_peak()
     t0 = time.perf_counter()
     fresh.load(run_folder.find_resume(full_file.parent, path=full_file))
-    if cuda:
-        torch.cuda.synchronize()
+    device_mod.synchronize(device)
     resume_s = time.perf_counter() - t0
     _, host_peak = host_memory()
     gpu_peak = torch.cuda.max_memory_allocated() if cuda else None
@@ -221,6 +209,10 @@ def measure(args, work):
               f"micro batch {args.micro_batch_size} x {args.seq_len}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} CPU threads; median of {args.saves} saves")
     return rows, header
+
+
+def main(argv=None):
+    return cli.main(run, argv)
 
 
 if __name__ == "__main__":
