@@ -16,7 +16,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
@@ -37,6 +36,7 @@ import run_folder  # noqa: E402
 import run_state  # noqa: E402
 import shards  # noqa: E402
 from model import GPT, GPTConfig, MODEL_PRESETS  # noqa: E402
+from scripts.benchmark import seconds  # noqa: E402
 from train_gpt2 import StepSpec, train_step  # noqa: E402
 
 
@@ -119,11 +119,6 @@ def measure(args, work):
         loss, _ = train_step(model, optimizer, scaler, loader, 6e-4, spec)
         return loss.item()  # waits for the device
 
-    def timed_step():
-        t0 = time.perf_counter()
-        step()
-        return time.perf_counter() - t0
-
     def manager(name, **kwargs):
         parts = {"model": model, "optimizer": optimizer, "scaler": scaler if scaler.is_enabled() else None,
                  "dataloader": loader, "rng": run_state.RandomState(), "train_state": run_state.TrainState()}
@@ -132,7 +127,7 @@ def measure(args, work):
 
     for _ in range(3):
         step()  # allocator growth, lazy optimizer state, kernel selection
-    step_times = [timed_step() for _ in range(5)]
+    step_times = [seconds(device, step) for _ in range(5)]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         step()
@@ -155,7 +150,7 @@ def measure(args, work):
         background.save(i + 1)
         async_stalls.append(background.last_save_stall_s)
         while background.writing:  # train on while the writer thread works, as the loop does
-            overlapped.append(timed_step())
+            overlapped.append(seconds(device, step))
         background.wait()
         async_writes.append(background.last_write_s)
     background.close()
@@ -171,16 +166,11 @@ def measure(args, work):
         torch.cuda.reset_peak_memory_stats()
     host_before, _ = host_memory()
     host_peak_ok = reset_host_peak()
-    t0 = time.perf_counter()
-    fresh.load(run_folder.find_resume(full_file.parent, path=full_file))
-    device_mod.synchronize(device)
-    resume_s = time.perf_counter() - t0
+    resume_s = seconds(device, lambda: fresh.load(run_folder.find_resume(full_file.parent, path=full_file)))
     _, host_peak = host_memory()
     gpu_peak = torch.cuda.max_memory_allocated() if cuda else None
     step()  # the resumed state trains
-    crc_t0 = time.perf_counter()
-    checkpoint.check_zip_crc(full_file)  # the part of a resume that reads every byte
-    crc_s = time.perf_counter() - crc_t0
+    crc_s = seconds(device, checkpoint.check_zip_crc, full_file)  # the part of a resume that reads every byte
 
     mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
     med = statistics.median

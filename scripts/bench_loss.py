@@ -10,7 +10,6 @@ and for PyTorch's loss eager and compiled, with the memory each takes beyond the
 """
 import statistics
 import sys
-import time
 
 if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
     from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
@@ -21,9 +20,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import cli  # noqa: E402
-import device as device_mod  # noqa: E402
 import triton_loss  # noqa: E402
 from model import GPTConfig  # noqa: E402
+from scripts.benchmark import seconds  # noqa: E402
 
 
 def torch_loss(logits, targets, n_valid):
@@ -34,14 +33,7 @@ def torch_loss(logits, targets, n_valid):
 
 def median_seconds(fn, dev, repeats):
     fn()  # warm-up: compilation, autotuning
-    times = []
-    for _ in range(repeats):
-        device_mod.synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        device_mod.synchronize(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(seconds(dev, fn) for _ in range(repeats))
 
 
 def main(argv=None):
