@@ -237,7 +237,7 @@ def run(argv=None):
     for line in device_mod.apply_device_settings(dev.type, deterministic="on" in args.deterministic):
         print(line)
     # The loss kinds the --fused_loss x --loss_chunk_rows grid asks for, resolved as train_gpt2.py resolves them.
-    losses = list(dict.fromkeys(device_mod.choose_loss(fused, chunk, dev)[0:1] + (chunk,)
+    losses = list(dict.fromkeys((device_mod.choose_loss(fused, chunk, dev)[0], chunk)
                                 for fused in args.fused_loss for chunk in args.loss_chunk_rows
                                 if not (fused == "on" and chunk)))
     for setting in args.inductor:
