@@ -10,14 +10,12 @@ CheckpointManager, writing to --dir (default: a temp dir, deleted after). The re
 file written seconds before, so the page cache is warm: a cold read adds size / disk speed.
 """
 import contextlib
-import gc
 import io
 import re
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
@@ -38,6 +36,7 @@ import run_folder  # noqa: E402
 import run_state  # noqa: E402
 import shards  # noqa: E402
 from model import GPT, GPTConfig, MODEL_PRESETS  # noqa: E402
+from scripts.benchmark import seconds  # noqa: E402
 from train_gpt2 import StepSpec, train_step  # noqa: E402
 
 
@@ -67,7 +66,14 @@ def build(args, device, dtype):
 
 
 def run(argv=None):
-    args = parse_args(argv)  # outside the redirect, or --help would print nothing
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="d2", choices=sorted(MODEL_PRESETS), help="model preset")
+    device_mod.add_device_arguments(p)
+    p.add_argument("--micro_batch_size", type=int, default=2, help="sequences per training step")
+    p.add_argument("--seq_len", type=int, default=32, help="tokens per sequence")
+    p.add_argument("--saves", type=int, default=3, help="saves timed in each mode; the median is reported")
+    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir, deleted after)")
+    args = p.parse_args(argv)  # outside the redirect, or --help would print nothing
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))
     try:
         check_space(args, work)
@@ -96,21 +102,6 @@ def check_space(args, work):
                             f"use --saves 1, a smaller --model, or --dir on a larger disk")
 
 
-def main(argv=None):
-    return cli.main(run, argv)
-
-
-def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="d2", choices=sorted(MODEL_PRESETS), help="model preset")
-    device_mod.add_device_arguments(p)
-    p.add_argument("--micro_batch_size", type=int, default=2, help="sequences per training step")
-    p.add_argument("--seq_len", type=int, default=32, help="tokens per sequence")
-    p.add_argument("--saves", type=int, default=3, help="saves timed in each mode; the median is reported")
-    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir, deleted after)")
-    return p.parse_args(argv)
-
-
 def measure(args, work):
     device_type = device_mod.select_device(args.device)
     device = device_mod.torch_device(device_type)
@@ -128,11 +119,6 @@ def measure(args, work):
         loss, _ = train_step(model, optimizer, scaler, loader, 6e-4, spec)
         return loss.item()  # waits for the device
 
-    def timed_step():
-        t0 = time.perf_counter()
-        step()
-        return time.perf_counter() - t0
-
     def manager(name, **kwargs):
         parts = {"model": model, "optimizer": optimizer, "scaler": scaler if scaler.is_enabled() else None,
                  "dataloader": loader, "rng": run_state.RandomState(), "train_state": run_state.TrainState()}
@@ -141,7 +127,7 @@ def measure(args, work):
 
     for _ in range(3):
         step()  # allocator growth, lazy optimizer state, kernel selection
-    step_times = [timed_step() for _ in range(5)]
+    step_times = [seconds(device, step) for _ in range(5)]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         step()
@@ -164,16 +150,14 @@ def measure(args, work):
         background.save(i + 1)
         async_stalls.append(background.last_save_stall_s)
         while background.writing:  # train on while the writer thread works, as the loop does
-            overlapped.append(timed_step())
+            overlapped.append(seconds(device, step))
         background.wait()
         async_writes.append(background.last_write_s)
     background.close()
 
     # Resume as train_gpt2 does: a fresh model and an optimizer without state, then load into them.
     del model, optimizer, sync, background
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    device_mod.free_memory(device)
     model, optimizer, scaler = build(args, device, dtype)
     fresh = manager("resume")
     if cuda:
@@ -182,17 +166,11 @@ def measure(args, work):
         torch.cuda.reset_peak_memory_stats()
     host_before, _ = host_memory()
     host_peak_ok = reset_host_peak()
-    t0 = time.perf_counter()
-    fresh.load(run_folder.find_resume(full_file.parent, path=full_file))
-    if cuda:
-        torch.cuda.synchronize()
-    resume_s = time.perf_counter() - t0
+    resume_s = seconds(device, lambda: fresh.load(run_folder.find_resume(full_file.parent, path=full_file)))
     _, host_peak = host_memory()
     gpu_peak = torch.cuda.max_memory_allocated() if cuda else None
     step()  # the resumed state trains
-    crc_t0 = time.perf_counter()
-    checkpoint.check_zip_crc(full_file)  # the part of a resume that reads every byte
-    crc_s = time.perf_counter() - crc_t0
+    crc_s = seconds(device, checkpoint.check_zip_crc, full_file)  # the part of a resume that reads every byte
 
     mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
     med = statistics.median
@@ -221,6 +199,10 @@ def measure(args, work):
               f"micro batch {args.micro_batch_size} x {args.seq_len}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} CPU threads; median of {args.saves} saves")
     return rows, header
+
+
+def main(argv=None):
+    return cli.main(run, argv)
 
 
 if __name__ == "__main__":

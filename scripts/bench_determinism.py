@@ -24,22 +24,6 @@ import cli  # noqa: E402
 TRAINER = Path(__file__).resolve().parent.parent / "train_gpt2.py"
 
 
-def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--data_root", required=True, help="shards to train on (python -m scripts.prepare_data --source tinyshakespeare)")
-    p.add_argument("--compile", nargs="+", default=["none", "default"], help="compile modes to check")
-    p.add_argument("--deterministic", nargs="+", default=["off", "on"], choices=["off", "on"], help="train_gpt2.py --deterministic")
-    p.add_argument("--steps", type=cli.positive_int, default=20, help="steps per run")
-    p.add_argument("--resume_at", type=cli.positive_int, default=10, help="the checkpoint run C resumes from")
-    p.add_argument("--dir", default=None, help="where the runs are written (default: a temp dir)")
-    p.add_argument("extra", nargs="*", help="train_gpt2.py flags after --, e.g. -- --model d2 --device cpu "
-                   "(default: --model gpt2 --seq_len 1024 --micro_batch_size 16 --total_batch_size 32768)")
-    args = p.parse_args(argv)
-    if args.resume_at >= args.steps - 1:
-        p.error(f"--resume_at {args.resume_at} leaves no step to compare before --steps {args.steps}")
-    return args
-
-
 def losses(log_dir):
     records = [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}, [r["tok_per_sec"] for r in records if "loss" in r]
@@ -64,7 +48,18 @@ def train(args, log_dir, compile_mode, deterministic, *extra):
 
 
 def run(argv=None):
-    args = parse_args(argv)
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--data_root", required=True, help="shards to train on (python -m scripts.prepare_data --source tinyshakespeare)")
+    p.add_argument("--compile", nargs="+", default=["none", "default"], help="compile modes to check")
+    p.add_argument("--deterministic", nargs="+", default=["off", "on"], choices=["off", "on"], help="train_gpt2.py --deterministic")
+    p.add_argument("--steps", type=cli.positive_int, default=20, help="steps per run")
+    p.add_argument("--resume_at", type=cli.positive_int, default=10, help="the checkpoint run C resumes from")
+    p.add_argument("--dir", default=None, help="where the runs are written (default: a temp dir)")
+    p.add_argument("extra", nargs="*", help="train_gpt2.py flags after --, e.g. -- --model d2 --device cpu "
+                   "(default: --model gpt2 --seq_len 1024 --micro_batch_size 16 --total_batch_size 32768)")
+    args = p.parse_args(argv)
+    if args.resume_at >= args.steps - 1:
+        p.error(f"--resume_at {args.resume_at} leaves no step to compare before --steps {args.steps}")
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench_determinism_"))
     print(f"{'compile':<9}{'determ.':<9}{f'2 runs: equal of {args.steps}':>22}{'max diff':>11}"
           f"{f'resume: equal of {args.steps - args.resume_at - 1}':>20}{'max diff':>11}{'tok/s (median)':>16}", flush=True)

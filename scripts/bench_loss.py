@@ -10,7 +10,6 @@ and for PyTorch's loss eager and compiled, with the memory each takes beyond the
 """
 import statistics
 import sys
-import time
 
 if __name__ == "__main__" and not __package__:  # started as a path: say the command that works, exit 2
     from _as_module import exit_with_module_command  # scripts/ is sys.path[0] here; it imports nothing of ours
@@ -21,9 +20,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import cli  # noqa: E402
-import device as device_mod  # noqa: E402
 import triton_loss  # noqa: E402
 from model import GPTConfig  # noqa: E402
+from scripts.benchmark import seconds  # noqa: E402
 
 
 def torch_loss(logits, targets, n_valid):
@@ -34,14 +33,7 @@ def torch_loss(logits, targets, n_valid):
 
 def median_seconds(fn, dev, repeats):
     fn()  # warm-up: compilation, autotuning
-    times = []
-    for _ in range(repeats):
-        device_mod.synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        device_mod.synchronize(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(seconds(dev, fn) for _ in range(repeats))
 
 
 def main(argv=None):
@@ -92,11 +84,10 @@ def main(argv=None):
               f"({gigabytes / s:,.0f} GB/s over the {gigabytes:.1f} GB it must move)")
     triton_loss.BLOCK_COLS, triton_loss.NUM_WARPS = default
     triton_loss._kernels = None
-    compiled = torch.compile(torch_loss)
-    triton_name = f"Triton ({default[0]}:{default[1]}, the default)"
     clone = " (includes a clone of the logits for the mask)"
-    for name, fn, note in (("PyTorch eager", torch_loss, clone), ("PyTorch compiled", compiled, clone),
-                           (triton_name, triton_loss.cross_entropy, "")):
+    for name, fn, note in (("PyTorch eager", torch_loss, clone),
+                           ("PyTorch compiled", torch.compile(torch_loss), clone),
+                           (f"Triton ({default[0]}:{default[1]}, the default)", triton_loss.cross_entropy, "")):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

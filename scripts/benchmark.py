@@ -115,8 +115,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
                parallel=f"ddp {bucket_mb:g} MB{'' if bucket_view else ', copies'}" if parallel == "ddp" else
                "fsdp" if parallel == "fsdp" else "-")
     del compiled, model, optimizer
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    device_mod.free_memory(dev)
     return row
 
 
@@ -238,7 +237,7 @@ def run(argv=None):
     for line in device_mod.apply_device_settings(dev.type, deterministic="on" in args.deterministic):
         print(line)
     # The loss kinds the --fused_loss x --loss_chunk_rows grid asks for, resolved as train_gpt2.py resolves them.
-    losses = list(dict.fromkeys(device_mod.choose_loss(fused, chunk, dev)[0:1] + (chunk,)
+    losses = list(dict.fromkeys((device_mod.choose_loss(fused, chunk, dev)[0], chunk)
                                 for fused in args.fused_loss for chunk in args.loss_chunk_rows
                                 if not (fused == "on" and chunk)))
     for setting in args.inductor:
@@ -266,8 +265,7 @@ def run(argv=None):
         device_mod.set_deterministic(dev.type, deterministic == "on")
         torch.backends.cudnn.benchmark = deterministic == "off"
         try:
-            rows.append(bench_config(args, model_name, B, mode, loss, chunk, layout, dev, dtype, ddp))
-            rows[-1]["deterministic"] = deterministic
+            r = bench_config(args, model_name, B, mode, loss, chunk, layout, dev, dtype, ddp)
         except torch.OutOfMemoryError:
             print(f"{model_name} B={B} {mode}: out of memory")
             torch.cuda.empty_cache()
@@ -276,14 +274,14 @@ def run(argv=None):
             print(f"{model_name} B={B} {mode} loss={loss_name(loss, chunk)}: failed: {type(exc).__name__}: {str(exc)[:300]}")
             traceback.print_exc(limit=-8)
             continue
-        r = rows[-1]
+        rows.append(r)
         if len(rows) == 1:
             print(header)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         mem = f"{r['mem']:.1f}" if r["mem"] else "-"
         print(f"{r['model']:<12}{r['B']:>4}{r['T']:>6}{r['accum']:>6}  {r['compile']:<17}{r['loss_kind']:<10}{r['dtype']:<6}{r['ms']:>9.1f}"
               f"{r['steps_s']:>9.2f}{r['tok_s']:>11,.0f}{mfu:>7}{mem:>9}{r['spread']:>8.1%}{r['loss']:>8.3f}"
-              f"{r['deterministic']:>8}"
+              f"{deterministic:>8}"
               + (f"{r['tok_s'] * ddp.world_size:>12,.0f}  {r['parallel']}" if ddp.enabled else ""), flush=True)
     rate = bench_loader(args, args.micro_batch_size[0])
     if rate:

@@ -33,7 +33,7 @@ def read_metrics(log_dir):
     if not path.is_file():
         raise PlotError(f"{path} does not exist; give the --log_dir of a training run (it writes metrics.jsonl there)")
     series = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -71,7 +71,8 @@ def summary(label, series):
     return f"{label}: " + ", ".join(parts)
 
 
-def import_pyplot():
+def plot(runs, out):
+    """runs: {label: series from read_metrics}. Writes a PNG with one panel per PANELS entry."""
     try:
         import matplotlib
     except ImportError:
@@ -79,12 +80,6 @@ def import_pyplot():
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    return plt
-
-
-def plot(runs, out):
-    """runs: {label: series from read_metrics}. Writes a PNG with one panel per PANELS entry."""
-    plt = import_pyplot()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 4.6), constrained_layout=True)
     ax_loss, ax_hellaswag, ax_speed = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -99,8 +99,7 @@ def parse_args(argv):
         parser.error("--val_fraction is for --val_split last_fraction; with first_shard the first shard is val")
     if args.val_split == "last_fraction" and args.max_shards is not None:
         parser.error("--max_shards is for --val_split first_shard: last_fraction needs every token to cut off val")
-    if args.val_fraction is None:
-        args.val_fraction = dataprep.VAL_FRACTION
+    args.val_fraction = dataprep.VAL_FRACTION if args.val_fraction is None else args.val_fraction
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.out_dir is None:

@@ -24,7 +24,7 @@ import shards  # noqa: E402
 from model import sample_texts  # noqa: E402
 
 
-def parse_args(argv=None):
+def run(argv=None):
     p = cli.ArgumentParser(description="Sample text from a checkpoint of train_gpt2.py.")
     p.add_argument("--checkpoint", required=True, help=checkpoint.ANY_FILE)
     p.add_argument("--prompt", default="\n", help="text the samples continue (default: a newline, the start of a document)")
@@ -39,11 +39,6 @@ def parse_args(argv=None):
         p.error(f"--temperature must be above 0, got {args.temperature}; use a small value such as 0.1 for near-greedy text")
     if args.top_k < 0:
         p.error(f"--top_k must be 0 (no limit) or more, got {args.top_k}")
-    return args
-
-
-def run(argv=None):
-    args = parse_args(argv)
     device_type = device_mod.select_device(args.device)
     dtype = device_mod.resolve_dtype(device_type, args.dtype)
     model, _ = checkpoint.load_model(args.checkpoint, device_type)
