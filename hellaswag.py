@@ -110,22 +110,17 @@ def load_examples(data_file=None, cache_dir=None, limit=None):
     return examples[:limit] if limit is not None else examples
 
 
-def render_example(example, enc):
-    """build-nanogpt's render_example: ending tokens are encoded with their leading space,
-    as they follow the context in running text."""
-    context = enc.encode_ordinary(example["ctx"])
-    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
-    return RenderedExample(context, endings, int(example["label"]))
-
-
 def render_examples(examples):
-    """Tokenize raw examples; already rendered ones pass through. Do it once, outside the eval loop."""
+    """Tokenize raw examples; already rendered ones pass through. Do it once, outside the eval loop.
+    As build-nanogpt's render_example, ending tokens are encoded with their leading space, as they follow
+    the context in running text."""
     enc = None
     rendered = []
     for example in examples:
         if not isinstance(example, RenderedExample):
             enc = enc or shards.get_tokenizer()
-            example = render_example(example, enc)
+            endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+            example = RenderedExample(enc.encode_ordinary(example["ctx"]), endings, int(example["label"]))
         rendered.append(example)
     return rendered
 
