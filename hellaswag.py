@@ -161,8 +161,7 @@ def make_batch(rendered, block_size, pad_multiple, min_rows):
         if block_size is not None:
             length = min(length, block_size)
     n_rows = max(len(rows), min_rows)  # extra all-padding rows keep the batch shape fixed
-    inputs = np.zeros((n_rows, length), dtype=np.int64)
-    targets = np.zeros((n_rows, length), dtype=np.int64)
+    inputs, targets = np.zeros((2, n_rows, length), dtype=np.int64)
     mask = np.zeros((n_rows, length), dtype=bool)
     for r, (row, n_ending) in enumerate(zip(rows, ending_lens)):
         n = len(row) - 1
@@ -183,8 +182,7 @@ def score(model, examples, device, dtype="fp32", batch_examples=16, block_size=N
     rendered = render_examples(examples)
     block_size = resolve_block_size(model, block_size, model_config)
     device = torch.device(device)
-    sum_losses = torch.zeros(len(rendered), 4)
-    mean_losses = torch.zeros(len(rendered), 4)
+    sum_losses, mean_losses = torch.zeros(2, len(rendered), 4)
     order = sorted(range(len(rendered)), key=lambda i: -max(len(rendered[i].context) + len(e)
                                                             for e in rendered[i].endings))
     # Several batches: pad the last to the full row count, so every batch has the same shape.
