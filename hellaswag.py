@@ -218,10 +218,9 @@ def score(model, examples, device, dtype="fp32", batch_examples=16, block_size=N
 def count_correct(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1, **options):
     """This rank's share (examples i with i % world_size == rank): {"correct", "correct_norm", "n"}.
     options: score's (block_size, model_config, pad_multiple, progress, min_batches)."""
-    shard = examples[rank::world_size]
+    shard = render_examples(examples[rank::world_size])
     sum_losses, mean_losses = score(model, shard, device, dtype, batch_examples, **options)
-    labels = torch.tensor([example.label if isinstance(example, RenderedExample) else int(example["label"])
-                           for example in shard])
+    labels = torch.tensor([example.label for example in shard])
     return {"correct": int((sum_losses.argmin(1) == labels).sum()),
             "correct_norm": int((mean_losses.argmin(1) == labels).sum()), "n": len(shard)}
 
