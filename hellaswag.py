@@ -110,22 +110,17 @@ def load_examples(data_file=None, cache_dir=None, limit=None):
     return examples[:limit] if limit is not None else examples
 
 
-def render_example(example, enc):
-    """build-nanogpt's render_example: ending tokens are encoded with their leading space,
-    as they follow the context in running text."""
-    context = enc.encode_ordinary(example["ctx"])
-    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
-    return RenderedExample(context, endings, int(example["label"]))
-
-
 def render_examples(examples):
-    """Tokenize raw examples; already rendered ones pass through. Do it once, outside the eval loop."""
+    """Tokenize raw examples; already rendered ones pass through. Do it once, outside the eval loop.
+    As build-nanogpt's render_example, ending tokens are encoded with their leading space, as they follow
+    the context in running text."""
     enc = None
     rendered = []
     for example in examples:
         if not isinstance(example, RenderedExample):
             enc = enc or shards.get_tokenizer()
-            example = render_example(example, enc)
+            endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+            example = RenderedExample(enc.encode_ordinary(example["ctx"]), endings, int(example["label"]))
         rendered.append(example)
     return rendered
 
@@ -166,8 +161,7 @@ def make_batch(rendered, block_size, pad_multiple, min_rows):
         if block_size is not None:
             length = min(length, block_size)
     n_rows = max(len(rows), min_rows)  # extra all-padding rows keep the batch shape fixed
-    inputs = np.zeros((n_rows, length), dtype=np.int64)
-    targets = np.zeros((n_rows, length), dtype=np.int64)
+    inputs, targets = np.zeros((2, n_rows, length), dtype=np.int64)
     mask = np.zeros((n_rows, length), dtype=bool)
     for r, (row, n_ending) in enumerate(zip(rows, ending_lens)):
         n = len(row) - 1
@@ -188,8 +182,7 @@ def score(model, examples, device, dtype="fp32", batch_examples=16, block_size=N
     rendered = render_examples(examples)
     block_size = resolve_block_size(model, block_size, model_config)
     device = torch.device(device)
-    sum_losses = torch.zeros(len(rendered), 4)
-    mean_losses = torch.zeros(len(rendered), 4)
+    sum_losses, mean_losses = torch.zeros(2, len(rendered), 4)
     order = sorted(range(len(rendered)), key=lambda i: -max(len(rendered[i].context) + len(e)
                                                             for e in rendered[i].endings))
     # Several batches: pad the last to the full row count, so every batch has the same shape.
@@ -225,10 +218,9 @@ def score(model, examples, device, dtype="fp32", batch_examples=16, block_size=N
 def count_correct(model, examples, device, dtype="fp32", batch_examples=16, rank=0, world_size=1, **options):
     """This rank's share (examples i with i % world_size == rank): {"correct", "correct_norm", "n"}.
     options: score's (block_size, model_config, pad_multiple, progress, min_batches)."""
-    shard = examples[rank::world_size]
+    shard = render_examples(examples[rank::world_size])
     sum_losses, mean_losses = score(model, shard, device, dtype, batch_examples, **options)
-    labels = torch.tensor([example.label if isinstance(example, RenderedExample) else int(example["label"])
-                           for example in shard])
+    labels = torch.tensor([example.label for example in shard])
     return {"correct": int((sum_losses.argmin(1) == labels).sum()),
             "correct_norm": int((mean_losses.argmin(1) == labels).sum()), "n": len(shard)}
 

@@ -6,10 +6,9 @@ over in a folder that holds a run.
                                                          that the command would start over
     resume = find_resume(log_dir, auto, path, reset_optimizer)   rank 0: the chosen file read and verified once;
                                                          None only where the folder holds no checkpoint at all
-    make_room(log_dir, resume)                           rank 0, once every check has passed: the newer files
-                                                         the resume leaves behind moved aside
+    make_room(log_dir, resume, start_over)               rank 0, once every check has passed: the run --start_over
+                                                         replaces, or the newer files a resume leaves, moved aside
     check_other_machines(log_dir, resume)                every rank: no machine holds a newer run than rank 0's
-    move_run_aside(log_dir) -> folder                    --start_over
     record_divergence(log_dir, step, healthy)            a NaN stop: the next --auto_resume rewinds to `healthy`
 
 The rules (docs/FAILURES.md shows each message):
@@ -98,12 +97,6 @@ def move_aside(log_dir, names, prefix):
     return aside
 
 
-def move_run_aside(log_dir):
-    """--start_over: the run in log_dir (its checkpoints, latest, metrics, TensorBoard, W&B) into
-    log_dir/replaced_<time>/; returns that folder."""
-    return move_aside(log_dir, [p.name for p in checkpoint_like_files(log_dir)] + list(RUN_FILES), "replaced")
-
-
 def record_divergence(log_dir, step, healthy):
     """A NaN / inf stop at step: the next --auto_resume goes back to `healthy` (a checkpoint path, or None)."""
     if healthy is not None:
@@ -145,8 +138,15 @@ def _rewind(log_dir, chosen, prefix, why):
     return ((tuple(newer + extra), prefix, why),) if newer or extra else ()
 
 
-def make_room(log_dir, resume):
-    """Rank 0, after every check: move aside what the resume leaves behind, and point latest at its file."""
+def make_room(log_dir, resume, start_over=False):
+    """Rank 0, after every check, deleting nothing: --start_over moves the run in log_dir (its checkpoints, latest,
+    metrics, TensorBoard, W&B) into log_dir/replaced_<time>/; a resume moves aside what it leaves behind and
+    points latest at its file."""
+    if start_over and checkpoint_like_files(log_dir):
+        aside = move_aside(log_dir, [p.name for p in checkpoint_like_files(log_dir)] + list(RUN_FILES), "replaced")
+        log(f"--start_over: the run that was in {log_dir} is now in {aside}")
+    if resume is None:
+        return
     for names, prefix, why in resume.moves:
         aside = move_aside(log_dir, names, prefix)
         shown = [name for name in names if name != DIVERGED_NAME]

@@ -208,16 +208,8 @@ def setup(args):
         log(line)
     config = run_config.resolve(args, device_type, ctx.world_size, stored=stored, found=found)
     lock = distributed.on_rank0(files.RunLock(config.log_dir).acquire, share=lambda lock: None)  # one per folder
-    distributed.on_rank0(make_room, config, resume)
+    distributed.on_rank0(run_folder.make_room, config.log_dir, resume, config.start_over)
     return config, dev, ctx, lock, resume
-
-
-def make_room(config, resume):
-    """Rank 0, once every check has passed: what --start_over or a resume moves aside, nothing deleted."""
-    if config.start_over and run_folder.checkpoint_like_files(config.log_dir):
-        log(f"--start_over: the run that was in {config.log_dir} is now in {run_folder.move_run_aside(config.log_dir)}")
-    if resume is not None:
-        run_folder.make_room(config.log_dir, resume)
 
 
 def init_shape(config):

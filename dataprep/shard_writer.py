@@ -173,22 +173,17 @@ class ShardFolder:
         """(path, bytes) of the files the manifest says are there now."""
         if self.finished:
             return [(self.out_dir / s["file"], s["bytes"]) for s in self.manifest["shards"]]
+        # last_fraction: an interrupted finish may have renamed the chunks that are all train to their shards.
+        renamable = 0
+        if self.stream_done and self.command["val_split"] == "last_fraction":
+            renamable = self.train_tokens()[0] // self.command["shard_size"]
         recorded = []
-        renamed = self.renamed_chunks()
         for index, chunk in enumerate(self.chunks):
             path = self.out_dir / chunk["file"]
-            if index in renamed:  # finish_last_fraction had renamed it to its train shard
+            if index < renamable and not path.exists():  # finish_last_fraction had renamed it to its train shard
                 path = shard_path(self.out_dir, self.command["name"], "train", index)
             recorded.append((path, chunk["bytes"]))
         return recorded
-
-    def renamed_chunks(self):
-        """The last_fraction chunks already renamed to train shards by an interrupted finish."""
-        if not (self.stream_done and self.command["val_split"] == "last_fraction"):
-            return set()
-        n_train, _ = self.train_tokens()
-        return {k for k in range(n_train // self.command["shard_size"])
-                if not (self.out_dir / self.chunks[k]["file"]).exists()}
 
     # -- state ---------------------------------------------------------------------------------
 

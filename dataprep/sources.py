@@ -111,7 +111,17 @@ class Source:
 
 
 class FileSource(Source):
-    """Files named by --input globs."""
+    """Files named by --input globs, each document's text in the field --text_field names (a subclass whose
+    files are plain text sets its own options, __init__ and identity)."""
+
+    options = ("input", "text_field")
+
+    def __init__(self, input, text_field):
+        self.paths = find_inputs(input)
+        self.field = text_field
+
+    def identity(self):
+        return {"input": describe_inputs(self.paths), "text_field": self.field}
 
     def describe(self):
         return plural(len(self.paths), "file")
@@ -185,15 +195,6 @@ class JsonLines(FileSource):
     are passed over. The lines are parsed where they are tokenized (JsonLine): the main process only reads
     and splits the files, so it keeps up with many tokenizer processes."""
 
-    options = ("input", "text_field")
-
-    def __init__(self, input, text_field):
-        self.paths = find_inputs(input)
-        self.field = text_field
-
-    def identity(self):
-        return {"input": describe_inputs(self.paths), "text_field": self.field}
-
     def items(self, skip, progress):
         for path in self.paths:
             with open(path, "rb") as raw:
@@ -254,7 +255,6 @@ class ParquetFiles(FileSource):
     """Parquet files with a string column `text_field`, e.g. FineWeb-Edu's files as its download leaves
     them; one row is one document. Read a batch of rows at a time."""
 
-    options = ("input", "text_field")
     BATCH_ROWS = 1024
 
     def __init__(self, input, text_field):
@@ -263,8 +263,7 @@ class ParquetFiles(FileSource):
         except ImportError:
             raise DataError("--source parquet needs the pyarrow package: pip install pyarrow") from None
         self.parquet = pyarrow.parquet
-        self.paths = find_inputs(input)
-        self.field = text_field
+        super().__init__(input, text_field)
         self.rows = [self.check(path) for path in self.paths]
 
     def check(self, path):
@@ -285,9 +284,6 @@ class ParquetFiles(FileSource):
         if not (pyarrow.types.is_string(column_type) or pyarrow.types.is_large_string(column_type)):
             raise DataError(f"{path}: column {self.field!r} holds {column_type}, expected strings (UTF-8 text)")
         return metadata.num_rows
-
-    def identity(self):
-        return {"input": describe_inputs(self.paths), "text_field": self.field}
 
     def progress_bar(self):
         return tqdm(total=sum(self.rows), unit="docs", unit_scale=True, desc="read")
