@@ -277,8 +277,7 @@ def compile_model(model, device_type, mode="default", trial=None, wrap=None, par
 
 
 def _first_line(exc, limit=200):
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
+    line = (str(exc).strip().splitlines() or [""])[0]
     return line if len(line) <= limit else line[:limit] + "..."
 
 
