@@ -59,6 +59,9 @@ SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # bu
 LLMC_MAGIC = 20240326
 LLMC_DTYPES = {3: "fp32", 5: "bf16"}  # llm.c's versions with the padded vocabulary size in header[7]
 LLMC_HEADER_BYTES = 256 * 4
+# How each precision is stored: its torch dtype, then the torch and numpy types its bits are moved as (numpy
+# has no bf16, so bf16's bits are read and written as int16).
+LLMC_NUMBERS = {"fp32": (torch.float32, torch.float32, "<f4"), "bf16": (torch.bfloat16, torch.int16, "<i2")}
 # Other llm.c files people pass by mistake: their first int32 says what they are.
 LLMC_OTHER_MAGICS = {20240327: "llm.c's debug state (train_gpt2.py's write_state)", 20240328: "llm.c's tokenizer",
                      20240520: "an llm.c token shard (training data)"}
@@ -346,6 +349,7 @@ def read_llmc(path):
         raise ConverterError(f"{path} is an llm.c model file of version {version}; this reader knows versions 3 (fp32) "
                              "and 5 (bf16), which current llm.c writes: write it again with llm.c's train_gpt2.py")
     dtype = LLMC_DTYPES[version]
+    torch_dtype, _, bits = LLMC_NUMBERS[dtype]
     if min(block_size, vocab, n_layer, n_head, n_embd) < 1 or padded_vocab < vocab:
         raise ConverterError(f"{path}: llm.c header gives maxT {block_size}, V {vocab}, L {n_layer}, NH {n_head}, "
                              f"C {n_embd}, Vp {padded_vocab}: not a model shape (a damaged file?)")
@@ -353,15 +357,13 @@ def read_llmc(path):
                                  n_layer=n_layer, n_head=n_head, n_embd=n_embd), gelu="tanh", real_vocab_size=vocab)
     layout = llmc_layout(n_layer, n_embd, block_size, padded_vocab)
     numel = sum(math.prod(shape) for _, shape in layout)
-    expected = LLMC_HEADER_BYTES + numel * (4 if dtype == "fp32" else 2)
+    expected = LLMC_HEADER_BYTES + numel * np.dtype(bits).itemsize
     if size != expected:
         cause = "truncated (an interrupted write or copy?)" if size < expected else "longer than its header says"
         raise ConverterError(f"{path} has {size} bytes, but its llm.c header (L {n_layer}, C {n_embd}, "
                              f"maxT {block_size}, Vp {padded_vocab}, {dtype}) needs {expected}: {cause}")
-    flat = torch.from_numpy(np.memmap(path, dtype="<f4" if dtype == "fp32" else "<i2", mode="c",
-                                      offset=LLMC_HEADER_BYTES, shape=(numel,)))
-    if dtype == "bf16":
-        flat = flat.view(torch.bfloat16)  # numpy has no bf16: the bits were read as int16
+    flat = torch.from_numpy(np.memmap(path, dtype=bits, mode="c", offset=LLMC_HEADER_BYTES, shape=(numel,)))
+    flat = flat.view(torch_dtype)  # bf16's bits were read as int16
     chunks = flat.split([math.prod(shape) for _, shape in layout])  # views: the pages stay on disk until copied
     tensors = {name: chunk.view(shape) for (name, shape), chunk in zip(layout, chunks)}
     for tied, source in TIED_WEIGHTS.items():  # llm.c ties them: one matrix in the file
@@ -375,7 +377,7 @@ def read_llmc(path):
 def write_llmc(model_or_state, model_config, path, dtype="fp32"):
     """Write a GPT (or its state dict) of model_config as an llm.c model file, version 3 (fp32) or 5 (bf16),
     through files.atomic_write. llm.c computes GPT-2's tanh GELU, so a model with the exact one is refused."""
-    if dtype not in ("fp32", "bf16"):
+    if dtype not in LLMC_NUMBERS:
         raise ValueError(f"write_llmc: dtype {dtype!r} is neither 'fp32' nor 'bf16'")
     path = Path(path)
     try:
@@ -402,17 +404,16 @@ def write_llmc(model_or_state, model_config, path, dtype="fp32"):
     header[:8] = [LLMC_MAGIC, version, config.block_size, config.real_vocab_size, config.n_layer, config.n_head,
                   config.n_embd, config.vocab_size]
 
+    torch_dtype, bits_dtype, bits = LLMC_NUMBERS[dtype]
+
     def write(f):
         f.write(header.tobytes())
         for name, _ in layout:
-            tensor = state[name].detach().to("cpu").contiguous()
-            if dtype == "fp32":
-                f.write(tensor.float().numpy().astype("<f4", copy=False).tobytes())
-            else:  # numpy has no bf16: write the bits as int16
-                f.write(tensor.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2", copy=False).tobytes())
+            tensor = state[name].detach().to("cpu").contiguous().to(torch_dtype)
+            f.write(tensor.view(bits_dtype).numpy().astype(bits, copy=False).tobytes())
 
     numel = sum(math.prod(shape) for _, shape in layout)
-    files.atomic_write(path, write, expected_bytes=LLMC_HEADER_BYTES + numel * (4 if dtype == "fp32" else 2))
+    files.atomic_write(path, write, expected_bytes=LLMC_HEADER_BYTES + numel * np.dtype(bits).itemsize)
 
 
 # -----------------------------------------------------------------------------

@@ -277,8 +277,7 @@ def compile_model(model, device_type, mode="default", trial=None, wrap=None, par
 
 
 def _first_line(exc, limit=200):
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
+    line = (str(exc).strip().splitlines() or [""])[0]
     return line if len(line) <= limit else line[:limit] + "..."
 
 
@@ -339,24 +338,15 @@ def find_micro_batch_size(try_batch, candidates, start):
     fit, fail = (i, n) if try_batch(candidates[i]) else (-1, i)  # -1 and n: no size known to fit, to fail
     while fail == n and fit < n - 1:  # double while it fits
         j = min(bisect.bisect_left(candidates, 2 * candidates[fit]), n - 1)  # the first >= twice fit's size
-        if try_batch(candidates[j]):
-            fit = j
-        else:
-            fail = j
+        fit, fail = (j, fail) if try_batch(candidates[j]) else (fit, j)
     while fit < 0:  # halve while it does not
         j = bisect.bisect_right(candidates, candidates[fail] // 2) - 1  # -1: every candidate is larger
         if j < 0:
             return None
-        if try_batch(candidates[j]):
-            fit = j
-        else:
-            fail = j
+        fit, fail = (j, fail) if try_batch(candidates[j]) else (fit, j)
     while fail - fit > 1:  # then bisect
         mid = (fit + fail) // 2
-        if try_batch(candidates[mid]):
-            fit = mid
-        else:
-            fail = mid
+        fit, fail = (mid, fail) if try_batch(candidates[mid]) else (fit, mid)
     return candidates[fit]
 
 

@@ -96,13 +96,11 @@ def from_planes(data):
 
 def zstd_planes(blob, level, zstandard):
     """Each zip entry in byte planes, then zstd; a small index of names and lengths in front."""
-    compressor, names, parts = zstandard.ZstdCompressor(level=level), [], []
-    with zipfile.ZipFile(io.BytesIO(blob)) as src:
-        for info in src.infolist():
-            names.append(info.filename)
-            parts.append(compressor.compress(to_planes(src.read(info.filename))))
-    index = "\n".join(f"{name}\t{len(part)}" for name, part in zip(names, parts)).encode()
-    return len(index).to_bytes(8, "little") + index + b"".join(parts)
+    compressor = zstandard.ZstdCompressor(level=level)
+    with zipfile.ZipFile(io.BytesIO(blob)) as src:  # torch's zip names each entry once
+        parts = {name: compressor.compress(to_planes(src.read(name))) for name in src.namelist()}
+    index = "\n".join(f"{name}\t{len(part)}" for name, part in parts.items()).encode()
+    return len(index).to_bytes(8, "little") + index + b"".join(parts.values())
 
 
 def from_zstd_planes(blob, zstandard):

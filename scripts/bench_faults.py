@@ -197,21 +197,21 @@ class MetricsTail:
         return records
 
 
-def run(args, name, cmd, log_dir, faults=(), timeout=600):
-    """Run cmd (torchrun); inject the faults; return what was seen. torchrun's output goes to a file."""
+def run(args, name, cmd, log_dir, faults=()):
+    """Run cmd (torchrun) for up to --timeout s; inject the faults; return what was seen. Its output goes to a file."""
     output = Path(log_dir).with_suffix(".out")  # torchrun's output, next to the run's folder
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
     tail, steps, seen, pending, stopped = MetricsTail(Path(log_dir) / "metrics.jsonl"), {}, [], list(faults), []
-    newest, step_times, current, waiting = -1, [], set(), None  # waiting: the fault whose recovery is not seen yet
+    step_times, current, waiting = [], set(), None  # waiting: the fault whose recovery is not seen yet
     t0 = time.monotonic()
     with open(output, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
     try:
         while proc.poll() is None:
             now = time.monotonic() - t0
-            if now > timeout:
-                raise BenchError(f"{name}: not finished after {timeout:.0f} s (see {output})")
+            if now > args.timeout:
+                raise BenchError(f"{name}: not finished after {args.timeout:.0f} s (see {output})")
             running = workers(proc.pid)
             whole = len(running) == args.nproc
             if whole and not set(running.values()) & current:  # a new attempt: none of its pids is an old one
@@ -222,15 +222,14 @@ def run(args, name, cmd, log_dir, faults=(), timeout=600):
                 steps[step] = (loss, dt)
                 seen.append((now, step))
                 step_times.append(dt)
-                newest = max(newest, step)
                 if waiting is not None and waiting.restarted is not None:  # the new attempt's first step
                     waiting.resumed_at, waiting.recovered, waiting = step, now, None
-            if pending and waiting is None and whole and newest >= pending[0].target:
+            if pending and waiting is None and whole and max(steps, default=-1) >= pending[0].target:
                 fault = pending.pop(0)
                 time.sleep(fault.fraction * (statistics.median(step_times[-10:]) if step_times else 0))
                 ranks = sorted(running)
                 fault.rank = ranks[int(fault.victim_pick * len(ranks))]
-                fault.at, fault.last_step = time.monotonic() - t0, newest
+                fault.at, fault.last_step = time.monotonic() - t0, max(steps)
                 os.kill(running[fault.rank], signal.SIGKILL if fault.kind == "kill" else signal.SIGSTOP)
                 if fault.kind == "stop":
                     stopped.append(running[fault.rank])
@@ -354,15 +353,14 @@ def measure(args, work):
     print(f"bench_faults: {args.nproc} rank(s) on {args.device}, --model {args.model}, {args.max_steps} steps, "
           f"{args.kills} kill -9 and {args.stops} SIGSTOP at steps {[f.target for f in make_faults()]}, "
           f"--max-restarts={restarts}; runs in {work}")
-    reference = run(args, f"uninterrupted, every {intervals[0]}", torchrun(args, train_flags(args, data_root, work / "reference", intervals[0]), 0),
-                    work / "reference", timeout=args.timeout)
+    flags = train_flags(args, data_root, work / "reference", intervals[0])
+    reference = run(args, f"uninterrupted, every {intervals[0]}", torchrun(args, flags, 0), work / "reference")
     rows, runs = [row(reference, reference)], []
     cost = save_cost(reference, intervals[0], args.max_steps)
     for interval in intervals:
         log_dir = work / f"faults_{interval}"
         flags = train_flags(args, data_root, log_dir, interval) + ["--auto_resume"] + hang
-        runs.append(run(args, f"faults, every {interval}", torchrun(args, flags, restarts), log_dir,
-                        faults=make_faults(), timeout=args.timeout))
+        runs.append(run(args, f"faults, every {interval}", torchrun(args, flags, restarts), log_dir, make_faults()))
         rows.append(row(runs[-1], reference))
     print_table(rows)
     for faulty in runs:
