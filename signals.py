@@ -34,7 +34,10 @@ class GracefulStop:
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # a handler set since stays: watchdog.peer_lost ignores torchrun's SIGTERM while this rank says its
+            # one line, and the error that follows it passes through here first
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, handler)
         self._previous.clear()
         return False
 

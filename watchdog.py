@@ -84,22 +84,28 @@ def restart_hint():
 
 @contextlib.contextmanager
 def watching(hang_timeout, log_dir, rank):
-    """Run the hang watchdog inside the block (no thread when hang_timeout is 0 or None)."""
+    """Run the hang watchdog inside the block (no thread when hang_timeout is 0 or None). A lost peer's error
+    leaves the block as PeerLost, which ignores torchrun's SIGTERM from then on: made here, inside the loop's
+    GracefulStop (which leaves a handler set since in place), so a SIGTERM while the error unwinds the trainer
+    cannot end the rank before it has said its one line."""
     progress("train_step")
-    if not hang_timeout or hang_timeout <= 0:
-        yield
-        return
-    stop = threading.Event()
-    faulthandler.dump_traceback_later(hang_timeout + BACKSTOP_S, exit=True)  # the thread re-arms it as it runs
-    thread = threading.Thread(target=_watch, args=(hang_timeout, log_dir, rank, stop), name="hang-watchdog",
-                              daemon=True)
-    thread.start()
+    stop, thread = threading.Event(), None
+    if hang_timeout and hang_timeout > 0:
+        faulthandler.dump_traceback_later(hang_timeout + BACKSTOP_S, exit=True)  # the thread re-arms it as it runs
+        thread = threading.Thread(target=_watch, args=(hang_timeout, log_dir, rank, stop), name="hang-watchdog",
+                                  daemon=True)
+        thread.start()
     try:
         yield
+    except RuntimeError as exc:
+        if "out of memory" in str(exc) or not is_peer_failure(exc):
+            raise
+        raise peer_lost(exc, log_dir, rank) from None
     finally:
-        stop.set()
-        thread.join()
-        faulthandler.cancel_dump_traceback_later()
+        if thread is not None:
+            stop.set()
+            thread.join()
+            faulthandler.cancel_dump_traceback_later()
 
 
 def _watch(hang_timeout, log_dir, rank, stop):

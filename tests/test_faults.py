@@ -2,6 +2,7 @@
 diverging update, and a torchrun DDP run resumed in one process. Resumed runs must log exactly
 the losses of an uninterrupted run: on CPU a resume is bit-identical."""
 import json
+import os
 import random
 import re
 import signal
@@ -216,6 +217,29 @@ def test_training_gives_the_signal_handlers_back(tmp_path, tiny_data, monkeypatc
         train_gpt2.main(TINY_RUN + ["--data_root", str(tiny_data), "--log_dir", str(tmp_path / "nan"),
                                     "--total_batch_size", "128", "--max_steps", "3", "--max_lr", "1e30"])
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_lost_peer_ignores_torchruns_sigterm_from_inside_the_loop_on(tmp_path, monkeypatch):
+    """torchrun SIGTERMs the survivors as soon as one rank dies. The survivor's error leaves the loop as PeerLost,
+    already ignoring SIGTERM, and the loop's GracefulStop does not put the default (death) back as the error
+    passes: else a SIGTERM during the unwinding ended the rank without its one line (seen under load)."""
+    import watchdog
+
+    monkeypatch.setattr(watchdog, "is_peer_failure", lambda exc: True)
+    monkeypatch.setattr(watchdog.distributed, "peer_processes", lambda: [])
+    monkeypatch.setattr(watchdog, "_tell_torchrun", lambda line: None)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(watchdog.PeerLost, match="Connection reset by peer"):
+            with signals.GracefulStop(), watchdog.watching(0, tmp_path, 0):
+                raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Read error: Connection reset by peer")
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, before)
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: the test goes on
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    with signals.GracefulStop():  # no error: the previous handler comes back as before
+        pass
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
