@@ -99,7 +99,7 @@ def load_examples(data_file=None, cache_dir=None, limit=None):
     else:
         path = Path(cache_dir or os.environ.get("HELLASWAG_CACHE_DIR") or DEFAULT_CACHE_DIR) / VAL_NAME
         if not path.is_file():
-            print(f"hellaswag: downloading {VAL_URL} to {path}", file=sys.stderr)
+            cli.log(f"hellaswag: downloading {VAL_URL} to {path}")
             download(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -300,14 +300,14 @@ def run(argv=None):
     dtype = device_mod.resolve_dtype(device_type, args.dtype)
     model, config = checkpoint.load_model(args.checkpoint, device_type)  # a wrong path fails before any download
     examples = load_examples(args.data_file, limit=args.limit)
-    print(f"hellaswag: {len(examples)} examples, {args.checkpoint} on {device_type} ({dtype})", file=sys.stderr)
+    cli.log(f"hellaswag: {len(examples)} examples, {args.checkpoint} on {device_type} ({dtype})")
     rendered = render_examples(examples)
     reported = [0]
 
     def progress(done, total):
         if done * 10 // total > reported[0] or done == total:
             reported[0] = done * 10 // total
-            print(f"hellaswag: {done}/{total} examples, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            cli.log(f"hellaswag: {done}/{total} examples, {time.perf_counter() - t0:.1f} s")
 
     t0 = time.perf_counter()
     result = evaluate(model, rendered, device_type, dtype, args.batch_examples, model_config=config, progress=progress)
