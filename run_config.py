@@ -318,11 +318,13 @@ GROUP_STARTS = {"data_root": "data and output", "model": "model", "total_batch_s
 # The pure configuration step
 
 
-def resolve(args, device_type, world_size=1, stored=None, found=None):
+def resolve(args, device_type, world_size=1, stored=None, found=None, before_resume=False):
     """The RunConfig of a command line (argparse's namespace from add_arguments: None = not given) on
     device_type with world_size ranks. stored: the run configuration of the checkpoint this run resumes
     (a to_dict()), or None. found: what the setup measured or read ({"dtype", "loss", "micro_batch_size",
     "model_config"}); without it those keep what was asked for ("auto") and the batch is not yet checked.
+    before_resume: a call before the checkpoint of a resuming command is read, whose settings decide the
+    batch: its fit is checked on the call with stored.
     Does no I/O, runs no collective and touches no torch state. Raises ConfigError naming the fix."""
     found = found or {}
     flags = {name: value for name, value in vars(args).items() if name in BY_NAME and value is not None}
@@ -372,7 +374,9 @@ def resolve(args, device_type, world_size=1, stored=None, found=None):
         raise ConfigError(f"--seq_len {values['seq_len']} is longer than the model's block size "
                           f"{model_config.block_size}; use --seq_len {model_config.block_size} or less, or raise "
                           "--block_size")
-    if values["micro_batch_size"] == "auto" and values["total_batch_size"] % (values["seq_len"] * world_size):
+    batch_known = not (before_resume and (values["auto_resume"] or values["resume"]))  # else the checkpoint's decides
+    sequences = values["seq_len"] * world_size
+    if batch_known and values["micro_batch_size"] == "auto" and values["total_batch_size"] % sequences:
         raise ConfigError(f"--total_batch_size {values['total_batch_size']} is not a multiple of seq_len * world_size = "
                           f"{values['seq_len']} * {world_size}; --micro_batch_size auto needs whole sequences per rank")
     for name in ("dtype", "micro_batch_size"):
@@ -384,7 +388,12 @@ def resolve(args, device_type, world_size=1, stored=None, found=None):
         raise ConfigError("--fsdp computes in bf16 or fp32 (fp16 would need a sharded gradient scaler); "
                           "use --dtype bf16 (or fp32), or train without --fsdp")
     grad_accum_steps = None
-    if values["micro_batch_size"] != "auto":
+    if batch_known and values["micro_batch_size"] != "auto":
+        fitted = fit_micro_batch(values, sources["micro_batch_size"], world_size)
+        if fitted != values["micro_batch_size"]:
+            notes += (f"micro_batch_size {values['micro_batch_size']} ({sources['micro_batch_size']}) does not fit "
+                      f"{values['total_batch_size']} tokens a step over {world_size} ranks: {fitted} sequences a rank",)
+            values["micro_batch_size"], sources["micro_batch_size"] = fitted, f"fitted ({sources['micro_batch_size']})"
         tokens_per_micro_step = values["micro_batch_size"] * values["seq_len"] * world_size
         if values["total_batch_size"] % tokens_per_micro_step:
             suggestion = max(1, values["total_batch_size"] // tokens_per_micro_step) * tokens_per_micro_step
@@ -444,6 +453,18 @@ def check_changes(values, given, stored):
 INIT_FROM_OPTIMIZER_NEEDS_A_FILE = ("--init_from_optimizer needs --init_from FILE, a checkpoint file holding an "
                                     "optimizer state (nanoGPT's ckpt.pt, this trainer's model_*.pt); drop it, or name "
                                     "such a file")
+
+
+def fit_micro_batch(values, source, world_size):
+    """The micro batch to use: as given where the user chose it (a flag or a config file); where a table or
+    the checkpoint chose it, the largest at or below it that divides the step's tokens over world_size
+    ranks (the quickstart's, under torchrun; a resume on another number of ranks), so the run keeps its
+    batch. Unchanged where nothing fits: the caller's check names the fix."""
+    micro, per_sequence = values["micro_batch_size"], values["seq_len"] * world_size
+    if source == "flag" or source.startswith("config:"):
+        return micro
+    fits = [m for m in range(micro, 0, -1) if values["total_batch_size"] % (m * per_sequence) == 0]
+    return fits[0] if fits else micro
 
 
 def resume_notes(values, given, stored, device_type, same_device):

@@ -168,13 +168,13 @@ def setup(args):
     aside: a refused command has written nothing. Returns (config, device, ctx, lock, resume)."""
     device_type = device.select_device(args.device or "auto")
     # Every flag checked before anything is read; the collectives wait past the hang watchdog (watchdog.py).
-    config = run_config.resolve(args, device_type, int(os.environ.get("WORLD_SIZE", 1)))
+    config = run_config.resolve(args, device_type, int(os.environ.get("WORLD_SIZE", 1)), before_resume=True)
     ctx = distributed.setup(device_type, timeout=watchdog.collective_timeout(config.hang_timeout))
     if distributed.agree(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0, "max") and not (
             args.auto_resume or args.resume or args.resume_from_checkpoint or args.start_over):
         log("a torchrun restart: continuing the run in its --log_dir, as --auto_resume does")  # else refused, in vain
         args = argparse.Namespace(**{**vars(args), "auto_resume": True})
-        config = run_config.resolve(args, device_type, ctx.world_size)
+        config = run_config.resolve(args, device_type, ctx.world_size, before_resume=True)
     # Other machines may not see the folder: rank 0 looks, reads and decides; every rank raises its errors.
     distributed.on_rank0(run_folder.check_run_folder, config.log_dir, resuming=config.auto_resume or config.resume,
                          start_over=config.start_over)

@@ -12,7 +12,7 @@ import torch
 
 import checkpoint
 import train_gpt2
-from conftest import read_metrics, run_main
+from conftest import read_metrics, run_main, run_train
 from foreign_trainers import ForeignGPT, Shape, save_build_nanogpt
 from shards import shard_path, write_shard
 
@@ -139,6 +139,16 @@ def test_a_changed_optimizer_setting_on_resume_is_the_one_the_optimizer_steps_wi
     groups = saved["optimizer"]["param_groups"]
     assert any(group.get(key) == value for group in groups), groups  # not the file's, which load_state_dict restores
     assert saved["run_config"][change[0][2:]] == value
+
+
+def test_a_bare_auto_resume_under_torchrun_continues_a_one_process_run(data, run_dir, tmp_path):
+    """Before the checkpoint is read, the quickstart's batch (8 x 64 over 2 ranks, more than its 512 tokens) must
+    not refuse the command: the run's own batch (2 x 16 x 2 = 64 tokens) is what counts."""
+    log_dir = copy_run(run_dir, tmp_path)
+    result = run_train(["--auto_resume", "--log_dir", log_dir, "--max_steps", 11], tmp_path, torchrun_procs=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "error" not in result.stderr and "resume: --max_steps 11" in result.stdout
+    assert 10 in losses(log_dir) and checkpoint.list_checkpoints(log_dir)[-1][0] == 10
 
 
 def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(data, run_dir, tmp_path, capsys):

@@ -106,6 +106,36 @@ def test_booleans_take_the_spellings_people_type_and_abbreviations_are_typos(cap
     assert parse_args(["--micro_batch_size", "auto"]).micro_batch_size == "auto"
 
 
+def test_a_micro_batch_a_table_or_checkpoint_chose_is_fitted_to_the_ranks_and_a_given_one_is_not():
+    quick = config_of(world_size=2)  # `torchrun --nproc_per_node=2 train_gpt2.py`: the quickstart's 8 x 64 x 2 > 512
+    assert (quick.micro_batch_size, source(quick, "micro_batch_size")) == (4, "fitted (quickstart:cpu)")
+    assert quick.total_batch_size == 512 and quick.grad_accum_steps == 1
+    assert quick.notes == ("micro_batch_size 8 (quickstart:cpu) does not fit 512 tokens a step over 2 ranks: "
+                           "4 sequences a rank",)
+    assert config_of().micro_batch_size == 8 and config_of().notes == ()  # one rank: 512 = 8 x 64, as it was
+    with pytest.raises(ConfigError, match="8 \\* 64 \\* 3 = 1536"):  # no whole sequences for 3 ranks: the fix named
+        config_of(world_size=3)
+    with pytest.raises(ConfigError, match="--total_batch_size 512 is not a multiple of micro_batch_size"):
+        config_of("--micro_batch_size", 8, world_size=2)  # asked for: the user's choice, the message names the fix
+    run = config_of("--data_root", "d", "--model", "d2", "--seq_len", 32, "--micro_batch_size", 8,
+                    "--total_batch_size", 256).to_dict()
+    wider = config_of("--auto_resume", stored=run, world_size=2)  # the same run on two ranks keeps its batch
+    assert (wider.micro_batch_size, wider.total_batch_size, source(wider, "micro_batch_size")) == (
+        4, 256, "fitted (checkpoint)")
+
+
+def test_before_a_resumes_checkpoint_is_read_its_batch_is_not_judged_by_the_tables():
+    run = config_of("--data_root", "d", "--model", "d2", "--seq_len", 32, "--micro_batch_size", 8,
+                    "--total_batch_size", 1024).to_dict()
+    argv = ("--auto_resume", "--micro_batch_size", 8)  # with the quickstart's 512 x 64 over 2 ranks: no fit
+    with pytest.raises(ConfigError, match="is not a multiple of"):
+        config_of(*argv, world_size=2)
+    assert config_of(*argv, world_size=2, before_resume=True).auto_resume  # the setup's call before the read
+    assert config_of(*argv, world_size=2, stored=run).grad_accum_steps == 2  # 1024 / (8 x 32 x 2): the run's fits
+    with pytest.raises(ConfigError, match="is not a multiple of"):  # a fresh run is judged at once
+        config_of("--micro_batch_size", 8, world_size=2, before_resume=True)
+
+
 def test_a_resume_keeps_the_runs_settings_and_refuses_another_shape():
     run = config_of("--data_root", "d", "--model", "d2", "--n_embd", 64, "--seq_len", 32, "--micro_batch_size", 4,
                     "--total_batch_size", 256, "--max_lr", 3e-3, "--seed", 7, "--compile", "none")
