@@ -79,7 +79,7 @@ class CheckpointManager:
             raise ValueError(f"parts {sorted(unknown)} are not in checkpoint.PARTS")
         self.log_dir = Path(log_dir)
         self.parts = dict(parts)
-        self.model, self.train_state = self.parts["model"], self.parts["train_state"]
+        self.model = self.parts["model"]
         self.meta = dict(meta or {})
         self.interval, self.keep_last_n = checkpoint_interval, keep_last_n_checkpoints
         self.save_optimizer, self.async_save = save_optimizer, async_checkpoint
@@ -118,11 +118,10 @@ class CheckpointManager:
                 continue
             if name == "model":
                 load_full_model_state(part, ckpt["model"] if ckpt is not None else None)  # into the existing parameters
+            elif name == "optimizer" and reset_optimizer:
+                log("weights loaded with a fresh optimizer (--reset_optimizer)")
             elif name == "optimizer":
-                if not reset_optimizer:
-                    load_full_optimizer_state(part, ckpt["optimizer"] if ckpt is not None else None)
-                else:
-                    log("weights loaded with a fresh optimizer (--reset_optimizer)")
+                load_full_optimizer_state(part, ckpt["optimizer"] if ckpt is not None else None)
             elif name == "scaler" and reset_optimizer:
                 continue
             elif rest.get(name) is not None:  # a scaler of a run without fp16 stores None
@@ -147,8 +146,7 @@ class CheckpointManager:
         if healthy and self._unconfirmed is not None:
             self._confirm(self._unconfirmed)
         self._unconfirmed = self._unconfirmed if healthy else None
-        due = self.interval > 0 and step > 0 and step % self.interval == 0
-        due = self._minutes_due() or due
+        due = self._minutes_due() or (self.interval > 0 and step > 0 and step % self.interval == 0)
         if not (due or force or best or epoch):
             return None
         return self.save(step, regular=due or force or bool(epoch), best=best, epoch=epoch)
@@ -205,7 +203,7 @@ class CheckpointManager:
         if not self.is_master:
             return None
         full, weights = self.estimate_file_bytes(), self.estimate_file_bytes(with_optimizer=False)
-        kept = self.keep_last_n if self.keep_last_n and self.keep_last_n > 0 else max(saves_planned, 1)
+        kept = self.keep_last_n if self.keep_last_n > 0 else max(saves_planned, 1)
         older = weights if self.save_optimizer == "latest" else full
         needed = (kept - 1) * older + full + full + weights  # the kept ones, the one being written, best_model.pt
         free = files.free_bytes(self.log_dir)
@@ -322,7 +320,7 @@ class CheckpointManager:
     def _prune(self):
         """Delete the oldest step checkpoints beyond keep_last_n, never the one latest points at, never
         the newest healthy one (kept beyond N while newer ones are not), never an epoch checkpoint."""
-        if self.keep_last_n is None or self.keep_last_n < 0:
+        if self.keep_last_n < 0:
             return
         checkpoints = [(s, p) for s, p in list_checkpoints(self.log_dir) if not is_epoch_checkpoint(p)]
         protected = {read_latest(self.log_dir), self.last_healthy and Path(self.last_healthy).resolve()}
