@@ -59,13 +59,12 @@ class TrainState:
 
     def state_dict(self):
         return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
-                "history": {"train": list(self.history["train"]), "val": list(self.history["val"])}}
+                "history": {key: list(losses) for key, losses in self.history.items()}}
 
     def load_state_dict(self, state):
         self.step, self.val_loss = state["step"], state.get("val_loss")
         self.best_val_loss = state.get("best_val_loss", float("inf"))
-        self.history = {"train": [list(x) for x in state["history"]["train"]],
-                        "val": [list(x) for x in state["history"]["val"]]}
+        self.history = {key: [list(x) for x in state["history"][key]] for key in ("train", "val")}
 
 
 class RandomState:
