@@ -379,8 +379,7 @@ def cmd_export(args):
     else:  # safetensors refuses tensors that share memory: drop the tied copy, say so in the metadata
         tied = {k: v for k, v in TIED_WEIGHTS.items() if k in weights and v in weights}
         tensors = {k: v for k, v in weights.items() if k not in tied}
-        text_meta = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in meta.items()}
-        text_meta["tied"] = json.dumps(tied)
+        text_meta = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in {**meta, "tied": tied}.items()}
         blob = safetensors_torch.save(tensors, metadata=text_meta)
         files.atomic_write(out, lambda f: f.write(blob), expected_bytes=len(blob), full_hint="Free some space, or export elsewhere")
     return exported(source, ckpt, args.dtype, out, "weights and model config")
