@@ -39,7 +39,6 @@ class GracefulStop:
             if signal.getsignal(signum) == self._handle:
                 signal.signal(signum, handler)
         self._previous.clear()
-        return False
 
     def _handle(self, signum, frame):
         if self._flag and signum == signal.SIGINT:
