@@ -86,7 +86,7 @@ class _RecordingFile:
         return getattr(self._f, name)
 
 
-def atomic_write(path, write_fn, expected_bytes=None, full_hint="", retries=RETRIES):
+def atomic_write(path, write_fn, expected_bytes=None, full_hint=""):
     """Write path through write_fn(file) atomically. A full disk is reported at once as a
     DiskFullError saying how much the file needs (expected_bytes, or at least what was written)
     and how much is free, plus full_hint (what the caller's user can do); other OS errors are
@@ -94,7 +94,7 @@ def atomic_write(path, write_fn, expected_bytes=None, full_hint="", retries=RETR
     path = Path(path)
     tmp = temp_path(path)
     last_error = None
-    for attempt in range(retries):
+    for attempt in range(RETRIES):
         f = None
         try:
             with open(tmp, "wb") as raw:
@@ -120,11 +120,11 @@ def atomic_write(path, write_fn, expected_bytes=None, full_hint="", retries=RETR
             last_error = cause
         finally:
             tmp.unlink(missing_ok=True)  # gone already after os.replace; any other way out leaves no temp file
-        if attempt + 1 < retries:
+        if attempt + 1 < RETRIES:
             wait = RETRY_WAIT_S * 2 ** attempt
             log(f"write to {path} failed ({last_error}); retrying in {wait:.1f} s")
             time.sleep(wait)
-    raise WriteError(f"could not write {path} after {retries} tries: {last_error}; "
+    raise WriteError(f"could not write {path} after {RETRIES} tries: {last_error}; "
                      "the file there before, if any, is untouched")
 
 
