@@ -15,6 +15,7 @@ Other trainers' files work too: nanoGPT's out/ckpt.pt, build-nanogpt's log/model
 2 usage (bad arguments, a missing path, a missing package, a folder a trainer holds).
 """
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -111,12 +112,9 @@ def cmd_list(args):
         return 0
     one_folder = len(paths) == 1 and paths[0].is_dir()  # names alone; otherwise the paths as given
     shown = [p.name if one_folder else str(p) for p in found]
-    width, status, latest_of = max(len("file"), *map(len, shown)), 0, {}
+    width, status, latest_of = max(len("file"), *map(len, shown)), 0, functools.cache(read_latest)  # once per folder
     print(f"{'file':<{width}} {'step':>7} {'epoch':>5} {'train loss':>16} {'val loss':>16} {'size':>10}  optimizer")
     for path, name in zip(found, shown):
-        folder = path.parent.resolve()
-        if folder not in latest_of:
-            latest_of[folder] = read_latest(folder)
         try:
             ckpt = read_checkpoint(path)
             seen = losses(ckpt)
@@ -125,7 +123,7 @@ def cmd_list(args):
                    f"{'yes' if ckpt.get('optimizer') is not None else 'no'}{what(ckpt)}")
         except CheckpointError as exc:
             row, status = f"unreadable: {exc}", 1
-        print(f"{name:<{width}} {row}{'  <- latest' if path.resolve() == latest_of[folder] else ''}")
+        print(f"{name:<{width}} {row}{'  <- latest' if path.resolve() == latest_of(path.parent.resolve()) else ''}")
     for folder in folders:
         latest = read_latest(folder)
         if latest is not None:
