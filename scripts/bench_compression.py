@@ -156,10 +156,9 @@ def same_tensors(a, b):
 
 def trained_checkpoint(args, work):
     """The path of a checkpoint of --model after --steps AdamW steps, written by the trainer's manager."""
-    data_root = Path(args.data_root)
     if args.data_root == run_config.DEFAULT_DATA_ROOT:
-        dataprep.ensure_tinyshakespeare(data_root)
-    loader = dataloader.ShardedDataLoader(data_root, "train", args.micro_batch_size, args.seq_len)
+        dataprep.ensure_tinyshakespeare(args.data_root)
+    loader = dataloader.ShardedDataLoader(args.data_root, "train", args.micro_batch_size, args.seq_len)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODEL_PRESETS[args.model]))
     optimizer = model.configure_optimizer(0.1, 6e-4)
