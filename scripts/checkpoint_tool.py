@@ -339,10 +339,9 @@ def cmd_config(args):
     ckpt = read_checkpoint(path)
     if not run_config_of(ckpt):
         raise CheckpointError(f"{path} holds no run settings ({ckpt.get('foreign') or 'an export'})")
-    text = config_file.dump(run_settings(ckpt), args.format)
-    print(f"# the settings of {path}'s run (step {ckpt['train_state'].get('step')}): "
-          f"python train_gpt2.py --config FILE --log_dir NEW_DIR" if args.format != "json" else "", end="")
-    print("\n" + text if args.format != "json" else text, end="")
+    comment = (f"# the settings of {path}'s run (step {ckpt['train_state'].get('step')}): "
+               "python train_gpt2.py --config FILE --log_dir NEW_DIR\n")
+    print(("" if args.format == "json" else comment) + config_file.dump(run_settings(ckpt), args.format), end="")
     return 0
 
 
