@@ -89,7 +89,7 @@ def full_model_state(model):
         whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective for a shard
         if master:
             full[name] = whole.detach().to("cpu", copy=True)
-    return full if master else {}
+    return full
 
 
 def full_optimizer_state(optimizer):
