@@ -91,7 +91,7 @@ def capture_rng_state():
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         state["mps"] = torch.mps.get_rng_state()
     return state
 
@@ -105,16 +105,10 @@ def restore_rng_state(state):
     np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": np.array(n["key"], dtype=np.uint32),
                          "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
-    skipped = []
-    if "cuda" in state:
-        if torch.cuda.is_available():
-            for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s, i)
-        else:
-            skipped.append("cuda")
-    if "mps" in state:
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            torch.mps.set_rng_state(state["mps"])
-        else:
-            skipped.append("mps")
-    return skipped
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if "cuda" in state and here["cuda"]:
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+    if "mps" in state and here["mps"]:
+        torch.mps.set_rng_state(state["mps"])
+    return [name for name in ("cuda", "mps") if name in state and not here[name]]
