@@ -114,7 +114,7 @@ class CheckpointManager:
         rest = distributed.from_rank0({k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
                                       if ckpt is not None else None)
         for name, part in self.parts.items():
-            if part is None or name in skip:
+            if part is None or name in skip or (name == "scaler" and reset_optimizer):
                 continue
             if name == "model":
                 load_full_model_state(part, ckpt["model"] if ckpt is not None else None)  # into the existing parameters
@@ -122,8 +122,6 @@ class CheckpointManager:
                 log("weights loaded with a fresh optimizer (--reset_optimizer)")
             elif name == "optimizer":
                 load_full_optimizer_state(part, ckpt["optimizer"] if ckpt is not None else None)
-            elif name == "scaler" and reset_optimizer:
-                continue
             elif rest.get(name) is not None:  # a scaler of a run without fp16 stores None
                 part.load_state_dict(rest[name])
         step = rest["train_state"]["step"]
