@@ -369,8 +369,7 @@ def cmd_export(args):
     weights = cast_weights(ckpt["model"], device.DTYPES[args.dtype])
     meta = {"format_version": FORMAT_VERSION, "kind": "export", "torch_version": str(torch.__version__),
             "train_state": {"step": ckpt["train_state"].get("step"), "val_loss": losses(ckpt)["val"][1]},
-            "model_config": stored_config(ckpt, source),
-            "dtype": args.dtype, "source": source.name}
+            "model_config": stored_config(ckpt, source), "dtype": args.dtype, "source": source.name}
     if out.suffix == ".pt":
         save_file({**meta, "model": weights}, out, hint="Free some space, or export elsewhere")
     else:  # safetensors refuses tensors that share memory: drop the tied copy, say so in the metadata
