@@ -189,18 +189,15 @@ class CheckpointManager:
             log(f"{BEST_NAME} is unreadable ({exc}); a new one is written at the next best validation loss")
             return float("inf")
 
-    def estimate_file_bytes(self, with_optimizer=True):
-        """About the size of one checkpoint: the weights, plus AdamW's two moments per weight."""
-        weights = sum(p.numel() * p.element_size() for p in unwrap(self.model).parameters())
-        moments = 2 * sum(p.numel() * 4 for p in unwrap(self.model).parameters() if p.requires_grad)
-        return weights + (moments if with_optimizer and self.parts.get("optimizer") is not None else 0)
-
     def check_space(self, saves_planned):
         """One line, before the first save, when the disk cannot hold what this run will keep
         (keep_last_n, or every planned save) plus one file being written. Returns the line or None."""
         if not self.is_master:
             return None
-        full, weights = self.estimate_file_bytes(), self.estimate_file_bytes(with_optimizer=False)
+        # About the size of one checkpoint: the weights, plus AdamW's two fp32 moments per trained weight.
+        weights = sum(p.numel() * p.element_size() for p in unwrap(self.model).parameters())
+        moments = 2 * sum(p.numel() * 4 for p in unwrap(self.model).parameters() if p.requires_grad)
+        full = weights + (moments if self.parts.get("optimizer") is not None else 0)
         kept = self.keep_last_n if self.keep_last_n > 0 else max(saves_planned, 1)
         older = weights if self.save_optimizer == "latest" else full
         needed = (kept - 1) * older + full + full + weights  # the kept ones, the one being written, best_model.pt
