@@ -112,7 +112,8 @@ def cmd_list(args):
         return 0
     one_folder = len(paths) == 1 and paths[0].is_dir()  # names alone; otherwise the paths as given
     shown = [p.name if one_folder else str(p) for p in found]
-    width, status, latest_of = max(len("file"), *map(len, shown)), 0, functools.cache(read_latest)  # once per folder
+    width, status = max(len("file"), *map(len, shown)), 0
+    latest_of = functools.cache(read_latest)  # one read per folder
     print(f"{'file':<{width}} {'step':>7} {'epoch':>5} {'train loss':>16} {'val loss':>16} {'size':>10}  optimizer")
     for path, name in zip(found, shown):
         try:
