@@ -44,19 +44,15 @@ def find(spec):
 def read(path):
     """The mapping a config file holds."""
     text = path.read_text()
+    if path.suffix not in SUFFIXES:
+        raise ConfigFileError(f"--config {path}: a config file ends in {', '.join(SUFFIXES)}")
+    parse = _yaml().safe_load if path.suffix in (".yaml", ".yml") else json.loads  # a missing PyYAML: its own error
     try:
-        if path.suffix in (".yaml", ".yml"):
-            data = _yaml().safe_load(text)
-        elif path.suffix == ".toml":
-            import tomllib
+        if path.suffix == ".toml":
+            import tomllib  # Python 3.11 on; an ImportError before it is reported like a syntax error
 
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigFileError(f"--config {path}: a config file ends in {', '.join(SUFFIXES)}")
-    except ConfigFileError:
-        raise
+            parse = tomllib.loads
+        data = parse(text)
     except Exception as exc:  # each parser's own error class: a syntax error, in one line
         raise ConfigFileError(f"--config {path} is not valid {path.suffix[1:].upper()}: {str(exc).splitlines()[0]}")
     if data is None:

@@ -100,9 +100,10 @@ SHAPE = ("model", "n_layer", "n_head", "n_embd", "block_size")
 @dataclass(frozen=True)
 class RunConfig:
     # -- data and output
-    data_root: str = option(None, "folder of token shards (<name>_{train,val}_NNNNNN.npy, uint16; default: "
-                                  f"{DEFAULT_DATA_ROOT}, prepared on first use, with the quickstart's settings; "
-                                  "giving it switches the defaults to the GPT-2 recipe)", metavar="DIR")
+    data_root: str = option(DEFAULT_DATA_ROOT, "folder of token shards (<name>_{train,val}_NNNNNN.npy, uint16; "
+                                               f"default: {DEFAULT_DATA_ROOT}, prepared on first use, with the "
+                                               "quickstart's settings; giving it switches the defaults to the GPT-2 "
+                                               "recipe)", metavar="DIR")
     log_dir: str = option("log", "where metrics.jsonl and the checkpoints are written", kind="invocation",
                           metavar="DIR")
     # -- model
@@ -259,9 +260,7 @@ class RunConfig:
     def to_dict(self):
         """Plain values for checkpoints (weights_only loading accepts them), with where each came from."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("sources", "model_config")}
-        d["model_config"] = asdict(self.model_config) if self.model_config else None
-        d["sources"] = dict(self.sources)
-        return d
+        return dict(d, model_config=asdict(self.model_config), sources=dict(self.sources))
 
 
 OPTIONS = [f for f in fields(RunConfig) if f.metadata["kind"] != "derived"]
@@ -296,11 +295,9 @@ def add_arguments(parser):
         if f.name in GROUP_STARTS:
             group = parser.add_argument_group(GROUP_STARTS[f.name])
         meta = f.metadata
-        kwargs = dict(meta["argparse"])
+        kwargs = dict(meta["argparse"], type=meta["type"])
         if meta["type"] is bool:
             kwargs.update(nargs="?", const=True, type=cli.boolean, metavar="BOOL")
-        elif meta["type"] is not str or "choices" not in kwargs:
-            kwargs.setdefault("type", meta["type"])
         group.add_argument(f"--{f.name}", *meta["aliases"], dest=f.name, default=None,
                            help=meta["help"] + describe_default(f), **kwargs)
         if meta["type"] is bool:  # --no_pin_memory and the like
@@ -351,8 +348,6 @@ def resolve(args, device_type, world_size=1, stored=None, found=None, before_res
                 values[f.name], sources[f.name] = layer[f.name], source
                 break
     values["preset"] = preset
-    if values["data_root"] is None:
-        values["data_root"] = DEFAULT_DATA_ROOT
     if values["min_lr"] > values["max_lr"] and sources["min_lr"] not in ("flag", "checkpoint"):
         values["min_lr"], sources["min_lr"] = values["max_lr"] * 0.1, "max_lr/10"  # a table's min_lr above --max_lr
     if values["wandb_run_name"] is None:
@@ -463,8 +458,7 @@ def fit_micro_batch(values, source, world_size):
     micro, per_sequence = values["micro_batch_size"], values["seq_len"] * world_size
     if source == "flag" or source.startswith("config:"):
         return micro
-    fits = [m for m in range(micro, 0, -1) if values["total_batch_size"] % (m * per_sequence) == 0]
-    return fits[0] if fits else micro
+    return next((m for m in range(micro, 0, -1) if values["total_batch_size"] % (m * per_sequence) == 0), micro)
 
 
 def resume_notes(values, given, stored, device_type, same_device):

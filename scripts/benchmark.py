@@ -106,8 +106,7 @@ def bench_config(args, model_name, micro_batch_size, compile_mode, loss, loss_ch
         if args.profile:
             profile_steps(step, dev, f"{model_name} B={micro_batch_size} compile={used_mode}")
     dt = statistics.median(times)
-    peak = metrics.peak_flops(dev, dtype)
-    mfu = metrics.mfu(model.flops_per_token(args.seq_len), tokens_per_step, dt, peak)
+    mfu = metrics.mfu(model.flops_per_token(args.seq_len), tokens_per_step, dt, metrics.peak_flops(dev, dtype))
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     row = dict(model=model_name, B=micro_batch_size, T=args.seq_len, accum=args.grad_accum_steps, compile=used_mode,
                loss_kind=loss_name(loss, loss_chunk_rows), dtype=dtype, ms=dt * 1000, steps_s=1 / dt,
