@@ -1,5 +1,5 @@
 """Checkpoint files: their layout, their names in a run folder, atomic saves, lean and safe loading,
-checks, and and the tools' way in (read_checkpoint, verify_file, load_model).
+checks, and the tools' way in (read_checkpoint, verify_file, load_model).
 
     load_checkpoint(path) -> dict                      # mmap, weights_only: never runs code; migrated to this layout
     read_checkpoint(path, for_training=False) -> dict  # any checkpoint file, other trainers' as exports (below)
@@ -338,10 +338,7 @@ def verify_checkpoint(ckpt, path, model_config=None, model_keys=None, allow_expo
 
 def model_keys_of(ckpt, path):
     """The tensor names and shapes a GPT of the checkpoint's own model config has (built on the meta device)."""
-    try:
-        model = model_from_config(stored_config(ckpt, path), device="meta")
-    except ModelConfigError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    model = model_from_config(stored_config(ckpt, path), device="meta")  # stored_config has checked the shape
     return {k: v.shape for k, v in model.state_dict().items()}
 
 

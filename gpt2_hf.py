@@ -154,9 +154,7 @@ def export(checkpoint_path, out_dir):
     as a GPT2LMHeadModel folder (config.json, model.safetensors)."""
     import_transformers()  # before reading a large checkpoint
     model, _ = checkpoint.load_model(checkpoint_path, "cpu")
-    hf_model = to_hf(model)
-    hf_model.save_pretrained(out_dir)
-    return hf_model
+    to_hf(model).save_pretrained(out_dir)
 
 
 def run(argv=None):
