@@ -73,11 +73,6 @@ def config_from_dict(d):
         raise ModelConfigError(f"model config {dict(d)} has fields this model does not know: {', '.join(unknown)} "
                                "(written by a newer version of this code? git pull)")
     config = GPTConfig(**d)
-    check_config(config)
-    return config
-
-
-def check_config(config):
     problems = []
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "real_vocab_size"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
@@ -88,6 +83,7 @@ def check_config(config):
         problems.append(f"gelu {config.gelu!r} is neither 'tanh' nor 'none'")
     if problems:
         raise ModelConfigError("invalid model shape: " + "; ".join(problems))
+    return config
 
 
 def model_from_config(d, device=None):
@@ -265,9 +261,8 @@ class GPT(nn.Module):
     def loss(self, x, targets):
         """Mean cross-entropy of the next-token predictions from the final hidden states x, computed
         the way set_run_options chose; the value and gradients are the same whichever way."""
-        B, T, _ = x.size()
         if self.loss_kind == "chunked":  # without the full logits (see LinearCrossEntropy)
-            return LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
                                             self.loss_chunk_rows, matmul_dtype(x.device.type, x.dtype),
                                             self.config.real_vocab_size)
         logits = self.lm_head(x)
