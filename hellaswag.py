@@ -106,8 +106,7 @@ def load_examples(data_file=None, cache_dir=None, limit=None):
     except (OSError, UnicodeDecodeError) as exc:
         raise HellaSwagError(f"cannot read HellaSwag data {path} ({exc}); pass --data_file with a copy of "
                              f"{VAL_URL}") from None
-    examples = parse_examples(text, path)
-    return examples[:limit] if limit is not None else examples
+    return parse_examples(text, path)[:limit]  # limit None: all
 
 
 def render_examples(examples):

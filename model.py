@@ -137,11 +137,6 @@ class Block(nn.Module):
         return x
 
 
-def matmul_dtype(device_type, dtype):
-    """The dtype a matmul runs in here: autocast's when it is on, else the tensors' own."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
-
-
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ weight.T against targets, a chunk of rows at a time,
     with the gradients of x and weight worked out in the same pass when they are needed.
@@ -262,9 +257,10 @@ class GPT(nn.Module):
         """Mean cross-entropy of the next-token predictions from the final hidden states x, computed
         the way set_run_options chose; the value and gradients are the same whichever way."""
         if self.loss_kind == "chunked":  # without the full logits (see LinearCrossEntropy)
+            device_type = x.device.type  # its matmuls run in autocast's dtype when autocast is on, else in x's
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
             return LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
-                                            self.loss_chunk_rows, matmul_dtype(x.device.type, x.dtype),
-                                            self.config.real_vocab_size)
+                                            self.loss_chunk_rows, dtype, self.config.real_vocab_size)
         logits = self.lm_head(x)
         if self.loss_kind == "fused":  # the gradient overwrites the logits (triton_loss.py)
             return triton_loss.cross_entropy(logits, targets, min(self.config.real_vocab_size, logits.size(-1)))
