@@ -104,8 +104,7 @@ def gpt_config(name_or_path, block_size=None):
 def from_hf(hf_model, config=None):
     """Our GPT with the weights of a transformers GPT2LMHeadModel (fp32, CPU)."""
     source = getattr(hf_model, "name_or_path", None) or "the GPT2LMHeadModel"
-    config = config or _gpt_config_from_hf(hf_model.config, source)
-    model = GPT(config)
+    model = GPT(config or _gpt_config_from_hf(hf_model.config, source))
     _copy_weights(hf_model.state_dict(), model.state_dict(), source)
     return model
 

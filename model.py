@@ -270,8 +270,7 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6N for the matmuls with weights (forward + backward)
         plus 12 * n_layer * n_embd * T for attention scores and their weighted sum."""
-        cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     def optimizer_groups(self, weight_decay):
         """AdamW's two parameter groups: decay on 2-D tensors (matmul weights, embeddings) only;
