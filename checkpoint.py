@@ -174,8 +174,7 @@ def load_file(path):
         with torch.serialization.safe_globals(converters.PICKLE_STAND_INS):
             return torch.load(path, map_location="cpu", mmap=is_zip, weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"GLOBAL (\S+)", str(exc))
-        if unsafe:
+        if unsafe := re.search(r"GLOBAL (\S+)", str(exc)):
             raise CheckpointError(
                 f"refused to load {path}: loading it would construct {unsafe.group(1)}, i.e. run code, not just read "
                 "tensors and plain values. Only load files you trust; re-save it as a plain state dict") from None
@@ -187,8 +186,7 @@ def load_file(path):
 def _reason(exc):
     """The informative sentence of torch's long load errors."""
     text = str(exc).strip()
-    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if unpickler:
+    if unpickler := re.search(r"WeightsUnpickler error:\s*(.+)", text):
         return unpickler.group(1).strip()
     return re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else "no details"
 
@@ -350,8 +348,8 @@ def read_weights(path, for_training=False):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path} has no model and model_config: not a checkpoint or export of this trainer, "
                               "nor a file of nanoGPT, build-nanogpt or llm.c")
-    tensors, model_config = dict(ckpt["model"]), stored_config(ckpt, path)
-    tensors = {converters.WRAPPER_PREFIX.sub("", k): v for k, v in tensors.items()}
+    model_config = stored_config(ckpt, path)
+    tensors = {converters.WRAPPER_PREFIX.sub("", k): v for k, v in ckpt["model"].items()}
     for tied, source in TIED_WEIGHTS.items():
         if tied not in tensors and source in tensors:
             tensors[tied] = tensors[source]
