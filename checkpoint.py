@@ -1,5 +1,5 @@
 """Checkpoint files: their layout, their names in a run folder, atomic saves, lean and safe loading,
-checks, and and the tools' way in (read_checkpoint, verify_file, load_model).
+checks, and the tools' way in (read_checkpoint, verify_file, load_model).
 
     load_checkpoint(path) -> dict                      # mmap, weights_only: never runs code; migrated to this layout
     read_checkpoint(path, for_training=False) -> dict  # any checkpoint file, other trainers' as exports (below)
@@ -174,8 +174,7 @@ def load_file(path):
         with torch.serialization.safe_globals(converters.PICKLE_STAND_INS):
             return torch.load(path, map_location="cpu", mmap=is_zip, weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"GLOBAL (\S+)", str(exc))
-        if unsafe:
+        if unsafe := re.search(r"GLOBAL (\S+)", str(exc)):
             raise CheckpointError(
                 f"refused to load {path}: loading it would construct {unsafe.group(1)}, i.e. run code, not just read "
                 "tensors and plain values. Only load files you trust; re-save it as a plain state dict") from None
@@ -187,8 +186,7 @@ def load_file(path):
 def _reason(exc):
     """The informative sentence of torch's long load errors."""
     text = str(exc).strip()
-    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if unpickler:
+    if unpickler := re.search(r"WeightsUnpickler error:\s*(.+)", text):
         return unpickler.group(1).strip()
     return re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else "no details"
 
@@ -338,10 +336,7 @@ def verify_checkpoint(ckpt, path, model_config=None, model_keys=None, allow_expo
 
 def model_keys_of(ckpt, path):
     """The tensor names and shapes a GPT of the checkpoint's own model config has (built on the meta device)."""
-    try:
-        model = model_from_config(stored_config(ckpt, path), device="meta")
-    except ModelConfigError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    model = model_from_config(stored_config(ckpt, path), device="meta")  # stored_config has checked the shape
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
@@ -353,8 +348,8 @@ def read_weights(path, for_training=False):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path} has no model and model_config: not a checkpoint or export of this trainer, "
                               "nor a file of nanoGPT, build-nanogpt or llm.c")
-    tensors, model_config = dict(ckpt["model"]), stored_config(ckpt, path)
-    tensors = {converters.WRAPPER_PREFIX.sub("", k): v for k, v in tensors.items()}
+    model_config = stored_config(ckpt, path)
+    tensors = {converters.WRAPPER_PREFIX.sub("", k): v for k, v in ckpt["model"].items()}
     for tied, source in TIED_WEIGHTS.items():
         if tied not in tensors and source in tensors:
             tensors[tied] = tensors[source]

@@ -104,8 +104,7 @@ def gpt_config(name_or_path, block_size=None):
 def from_hf(hf_model, config=None):
     """Our GPT with the weights of a transformers GPT2LMHeadModel (fp32, CPU)."""
     source = getattr(hf_model, "name_or_path", None) or "the GPT2LMHeadModel"
-    config = config or _gpt_config_from_hf(hf_model.config, source)
-    model = GPT(config)
+    model = GPT(config or _gpt_config_from_hf(hf_model.config, source))
     _copy_weights(hf_model.state_dict(), model.state_dict(), source)
     return model
 
@@ -154,9 +153,7 @@ def export(checkpoint_path, out_dir):
     as a GPT2LMHeadModel folder (config.json, model.safetensors)."""
     import_transformers()  # before reading a large checkpoint
     model, _ = checkpoint.load_model(checkpoint_path, "cpu")
-    hf_model = to_hf(model)
-    hf_model.save_pretrained(out_dir)
-    return hf_model
+    to_hf(model).save_pretrained(out_dir)
 
 
 def run(argv=None):

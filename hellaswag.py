@@ -106,8 +106,7 @@ def load_examples(data_file=None, cache_dir=None, limit=None):
     except (OSError, UnicodeDecodeError) as exc:
         raise HellaSwagError(f"cannot read HellaSwag data {path} ({exc}); pass --data_file with a copy of "
                              f"{VAL_URL}") from None
-    examples = parse_examples(text, path)
-    return examples[:limit] if limit is not None else examples
+    return parse_examples(text, path)[:limit]  # limit None: all
 
 
 def render_examples(examples):
@@ -282,7 +281,7 @@ class TrainingEval:
 # Command line
 
 
-def parse_args(argv=None):
+def run(argv=None):
     p = cli.ArgumentParser(description="HellaSwag validation accuracy of a checkpoint; prints one JSON line.")
     p.add_argument("--checkpoint", required=True, help=checkpoint.ANY_FILE)
     p.add_argument("--data_file", default=None,
@@ -291,11 +290,7 @@ def parse_args(argv=None):
     device_mod.add_device_arguments(p)  # the ending losses are summed in fp32 whatever --dtype
     p.add_argument("--limit", type=cli.positive_int, default=None, help=f"score only the first N examples (default: all {VAL_SIZE})")
     p.add_argument("--batch_examples", type=cli.positive_int, default=16, help="examples per forward pass (4 rows each)")
-    return p.parse_args(argv)
-
-
-def run(argv=None):
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     device_type = device_mod.select_device(args.device)
     dtype = device_mod.resolve_dtype(device_type, args.dtype)
     model, config = checkpoint.load_model(args.checkpoint, device_type)  # a wrong path fails before any download

@@ -186,12 +186,11 @@ class StepTimer:
         timed = self.device_type in ("cuda", "mps")
         if timed:
             marks[-1][1].synchronize()  # already complete after loss.item(); free otherwise
+            self._free_events.extend(event for _, event in marks)  # recorded again only from the next mark on
         for (_, before), (phase, after) in zip(marks, marks[1:]):
             if phase is None:
                 continue  # from the end of one step to the start of the next: not the step's time
             totals[phase] = totals.get(phase, 0.0) + (before.elapsed_time(after) if timed else (after - before) * 1000)
-        if timed:
-            self._free_events.extend(event for _, event in marks)
         return {f"{phase}_ms": total / steps for phase, total in totals.items()}
 
 

@@ -73,11 +73,6 @@ def config_from_dict(d):
         raise ModelConfigError(f"model config {dict(d)} has fields this model does not know: {', '.join(unknown)} "
                                "(written by a newer version of this code? git pull)")
     config = GPTConfig(**d)
-    check_config(config)
-    return config
-
-
-def check_config(config):
     problems = []
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "real_vocab_size"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
@@ -88,6 +83,7 @@ def check_config(config):
         problems.append(f"gelu {config.gelu!r} is neither 'tanh' nor 'none'")
     if problems:
         raise ModelConfigError("invalid model shape: " + "; ".join(problems))
+    return config
 
 
 def model_from_config(d, device=None):
@@ -139,11 +135,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))  # pre-LN: normalise the input of each branch
         x = x + self.mlp(self.ln_2(x))
         return x
-
-
-def matmul_dtype(device_type, dtype):
-    """The dtype a matmul runs in here: autocast's when it is on, else the tensors' own."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -265,11 +256,11 @@ class GPT(nn.Module):
     def loss(self, x, targets):
         """Mean cross-entropy of the next-token predictions from the final hidden states x, computed
         the way set_run_options chose; the value and gradients are the same whichever way."""
-        B, T, _ = x.size()
         if self.loss_kind == "chunked":  # without the full logits (see LinearCrossEntropy)
-            return LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                            self.loss_chunk_rows, matmul_dtype(x.device.type, x.dtype),
-                                            self.config.real_vocab_size)
+            device_type = x.device.type  # its matmuls run in autocast's dtype when autocast is on, else in x's
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                            self.loss_chunk_rows, dtype, self.config.real_vocab_size)
         logits = self.lm_head(x)
         if self.loss_kind == "fused":  # the gradient overwrites the logits (triton_loss.py)
             return triton_loss.cross_entropy(logits, targets, min(self.config.real_vocab_size, logits.size(-1)))
@@ -279,8 +270,7 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6N for the matmuls with weights (forward + backward)
         plus 12 * n_layer * n_embd * T for attention scores and their weighted sum."""
-        cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     def optimizer_groups(self, weight_decay):
         """AdamW's two parameter groups: decay on 2-D tensors (matmul weights, embeddings) only;

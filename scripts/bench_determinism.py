@@ -37,11 +37,11 @@ def run_trainer(argv):
 
 def train(args, log_dir, compile_mode, deterministic, *extra):
     argv = ["--data_root", args.data_root, "--log_dir", str(log_dir),
-               "--max_steps", str(args.steps), "--warmup_steps", "5", "--eval_interval", "0", "--eval_steps", "1",
-               "--checkpoint_interval", str(args.resume_at), "--num_samples", "1", "--max_new_tokens", "2",
-               "--compile", compile_mode, *(["--deterministic"] if deterministic == "on" else []),
-               *(args.extra or ["--model", "gpt2", "--seq_len", "1024", "--micro_batch_size", "16",
-                                "--total_batch_size", "32768"]), *extra]
+            "--max_steps", str(args.steps), "--warmup_steps", "5", "--eval_interval", "0", "--eval_steps", "1",
+            "--checkpoint_interval", str(args.resume_at), "--num_samples", "1", "--max_new_tokens", "2",
+            "--compile", compile_mode, *(["--deterministic"] if deterministic == "on" else []),
+            *(args.extra or ["--model", "gpt2", "--seq_len", "1024", "--micro_batch_size", "16",
+                             "--total_batch_size", "32768"]), *extra]
     status, stderr = run_trainer(argv)
     if status != 0:
         raise cli.UserError(f"a run failed (train_gpt2.py {' '.join(argv)}):\n{stderr[-2000:]}")

@@ -83,8 +83,7 @@ def plot(runs, out):
     fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 4.6), constrained_layout=True)
     ax_loss, ax_hellaswag, ax_speed = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, series) in enumerate(runs.items()):
-        color = colors[i % len(colors)]
+    for color, (label, series) in zip(itertools.cycle(colors), runs.items()):
         name = f"{label}: " if len(runs) > 1 else ""
         steps, losses = list(series["loss"]), list(series["loss"].values())
         window = max(1, len(steps) // 40)
