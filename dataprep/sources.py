@@ -164,8 +164,8 @@ class TextFiles(FileSource):
 
 
 def paragraph_pieces(read, max_chars):
-    """Cut the text that read(n) returns into the pieces split_paragraphs cuts the whole of it into,
-    reading about max_chars characters at a time."""
+    """Cut the text that read(n) returns into pieces, each ending just before the first blank line after its
+    first max_chars characters, reading about max_chars at a time: the same pieces however read splits it."""
     buffer, at_end, searched_from = "", False, max_chars
     while True:
         cut = PARAGRAPH_CUT.search(buffer, searched_from) if len(buffer) > max_chars else None
@@ -183,11 +183,6 @@ def paragraph_pieces(read, max_chars):
             block = read(max_chars)
             at_end = not block
             buffer += block
-
-
-def split_paragraphs(text, max_chars=None):
-    """Cut text into pieces of about max_chars (default TEXT_CHUNK_CHARS) at blank lines."""
-    return list(paragraph_pieces(io.StringIO(text).read, max_chars or TEXT_CHUNK_CHARS))
 
 
 class JsonLines(FileSource):
@@ -300,8 +295,7 @@ class ParquetFiles(FileSource):
             if not groups:
                 continue
             first_row = sum(parquet_file.metadata.row_group(g).num_rows for g in range(groups[0]))
-            batches = parquet_file.iter_batches(batch_size=self.BATCH_ROWS, row_groups=groups, columns=[self.field])
-            for batch in batches:
+            for batch in parquet_file.iter_batches(batch_size=self.BATCH_ROWS, row_groups=groups, columns=[self.field]):
                 texts = batch.column(0).to_pylist()
                 progress.update(len(texts))
                 for text in texts:
