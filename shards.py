@@ -274,8 +274,8 @@ def fingerprint(path) -> str:
     return digest.hexdigest()
 
 
-def listed(names, limit=2):
-    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+def listed(names):
+    return ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
 
 
 def recorded_data_change(recorded, names, tokens, fingerprints, data_root):

@@ -159,9 +159,8 @@ class ShardFolder:
         finish_leftovers = {chunk["file"] for chunk in self.chunks} if self.finished else set()
         unexplained = foreign + [p for p in unrecorded if self.finished and p.name not in finish_leftovers]
         if unexplained:
-            extra = unexplained[0]
-            raise DataError(f"{self.out_dir} holds {extra.name}, which its {MANIFEST} does not list; move it out, "
-                            f"pass --overwrite to start over, or choose another --out_dir")
+            raise DataError(f"{self.out_dir} holds {unexplained[0].name}, which its {MANIFEST} does not list; move it "
+                            f"out, pass --overwrite to start over, or choose another --out_dir")
         if unrecorded:
             log(f"removing {len(unrecorded)} file{'s' if len(unrecorded) > 1 else ''} the interrupted run wrote "
                   f"after its last record ({unrecorded[0].name}{', ...' if len(unrecorded) > 1 else ''})")
