@@ -36,6 +36,7 @@ and the manifest follow from its attributes:
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -344,8 +345,7 @@ class FineWebEdu(Source):
                             f"connection, then run the same command again") from None
         progress.update(skip)
         documents = iter(stream)
-        read = skip
-        while True:
+        for read in itertools.count(skip):  # documents read so far
             try:
                 document = next(documents)
             except StopIteration:
@@ -353,7 +353,6 @@ class FineWebEdu(Source):
             except Exception as e:  # noqa: BLE001  a dropped connection, a server error: the shards so far are kept
                 raise DataError(f"the FineWeb-Edu stream failed after {read:,} documents ({type(e).__name__}: {e}); "
                                 f"run the same command again to continue after the last finished shard") from None
-            read += 1
             progress.update(1)
             yield document["text"], True
 
