@@ -183,9 +183,7 @@ class ShardedDataLoader:
         rows = torch.from_numpy(np.stack([tokens[offset : offset + self.seq_len + 1] for tokens, offset in windows])
                                 .astype(np.int64))
         x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # as the in-order reads: views of nothing else
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+        return self._pinned(x, y)
 
     def _read(self, tokens, position):
         """This rank's (x, y) for the step starting at position in tokens (no loader state: see _next_read)."""
@@ -195,9 +193,10 @@ class ShardedDataLoader:
         window = torch.from_numpy(tokens[start : start + B * T + 1].astype(np.int64))
         x = window[:-1].view(B, T)
         y = window[1:].view(B, T)
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+        return self._pinned(x, y)
+
+    def _pinned(self, x, y):
+        return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 
     def _start_executor(self):
         if self._executor is None:
