@@ -68,8 +68,7 @@ def plural(n, word):
 
 def find_inputs(patterns):
     """The files the --input globs name, sorted and without repeats; a DataError when there are none."""
-    paths = sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True)})
-    paths = [p for p in paths if p.is_file()]
+    paths = sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)})
     if not paths:
         shown = " ".join(repr(p) for p in patterns)
         raise DataError(f"no files match --input {shown}; check the paths, and quote globs so the shell keeps them")
