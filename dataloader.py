@@ -87,7 +87,7 @@ class ShardedDataLoader:
         self.vocab_size = vocab_size
         self._ids_checked = set()  # shard indices whose token ids were checked against vocab_size
         self.files = find_token_files(self.data_root, split)  # .npy shards, nanoGPT's .bin or llm.c's (shards.py)
-        self.shards = [f.path for f in self.files]
+        self.names = [f.name for f in self.files]
         self.shuffle, self.seed = bool(shuffle), seed
         if self.shuffle:  # a shard needs one window; the split, one step's windows
             self.shard_lengths = [_tokens_if_they_fit(f, seq_len + 1, f"one window of seq_len {seq_len}")
@@ -102,7 +102,7 @@ class ShardedDataLoader:
         else:
             step_desc = f"micro batch {batch_size} x seq_len {seq_len} x world size {world_size}"
             self.shard_lengths = [_tokens_if_they_fit(f, self.tokens_per_step + 1, step_desc) for f in self.files]
-        self.fingerprints = [fingerprint(p) for p in self.shards]  # 12 KB read a shard: what a state records
+        self.fingerprints = [fingerprint(f.path) for f in self.files]  # 12 KB read a shard: what a state records
         self.reset()
 
     @property
@@ -139,9 +139,9 @@ class ShardedDataLoader:
     def _skip_exhausted_shard(self):
         """Move to the next shard (or wrap) if the next step's windows do not fit in this one."""
         if self.position + self.tokens_per_step + 1 > self.shard_lengths[self.shard_index]:
-            if self.shard_index + 1 == len(self.shards):  # past the last shard: wrap to the first
+            if self.shard_index + 1 == len(self.files):  # past the last shard: wrap to the first
                 self.epoch += 1
-            self._open_shard((self.shard_index + 1) % len(self.shards))
+            self._open_shard((self.shard_index + 1) % len(self.files))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         ahead, self._ahead = self._ahead, None
@@ -183,9 +183,7 @@ class ShardedDataLoader:
         rows = torch.from_numpy(np.stack([tokens[offset : offset + self.seq_len + 1] for tokens, offset in windows])
                                 .astype(np.int64))
         x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # as the in-order reads: views of nothing else
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+        return self._pinned(x, y)
 
     def _read(self, tokens, position):
         """This rank's (x, y) for the step starting at position in tokens (no loader state: see _next_read)."""
@@ -195,9 +193,10 @@ class ShardedDataLoader:
         window = torch.from_numpy(tokens[start : start + B * T + 1].astype(np.int64))
         x = window[:-1].view(B, T)
         y = window[1:].view(B, T)
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+        return self._pinned(x, y)
+
+    def _pinned(self, x, y):
+        return (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 
     def _start_executor(self):
         if self._executor is None:
@@ -225,7 +224,7 @@ class ShardedDataLoader:
         return {
             **where,
             "epoch": self.epoch,
-            "shards": [p.name for p in self.shards],
+            "shards": list(self.names),
             "shard_tokens": list(self.shard_lengths),  # with the fingerprints: what data_change compares
             "fingerprints": list(self.fingerprints),
             "data_root": str(self.data_root),  # only for the messages on a mismatch
@@ -234,16 +233,14 @@ class ShardedDataLoader:
     def data_change(self, state):
         """None when the shards here look like those state (a checkpoint's) was read from; else one line
         saying what differs: names, token counts, or content under the same names (fingerprints)."""
-        return recorded_data_change(state, [p.name for p in self.shards], self.shard_lengths, self.fingerprints,
-                                  self.data_root)
+        return recorded_data_change(state, self.names, self.shard_lengths, self.fingerprints, self.data_root)
 
     def load_state_dict(self, state: dict):
-        names = [p.name for p in self.shards]
-        if list(state["shards"]) != names:
+        if list(state["shards"]) != self.names:
             saved = state["shards"]
             raise DataError(f"the checkpoint's data loader state was made on other data: {len(saved)} shards "
                             f"({listed(saved)}) from {state.get('data_root', 'an unknown --data_root')}, but "
-                            f"{self.data_root} has {len(names)} {self.split} shards ({listed(names)}); "
+                            f"{self.data_root} has {len(self.names)} {self.split} shards ({listed(self.names)}); "
                             f"resume with --data_root {state.get('data_root', '<the data it was trained on>')}")
         if bool(state.get("shuffle", False)) != self.shuffle:
             how = "in a shuffled order" if state.get("shuffle") else "in order"
@@ -253,14 +250,14 @@ class ShardedDataLoader:
             self._load_shuffled(state)
             return
         shard_index, position = int(state["shard_index"]), int(state["position"])
-        if not (0 <= shard_index < len(names) and 0 <= position <= self.shard_lengths[shard_index]):
+        if not (0 <= shard_index < len(self.names) and 0 <= position <= self.shard_lengths[shard_index]):
             change = self.data_change(state)
             if change:
                 raise DataError(f"the checkpoint's data loader state does not fit {self.data_root}: {change}; resume "
                                 f"on the data it was trained on")
             raise DataError(
                 f"the checkpoint's data loader state is out of range: shard {shard_index}, position "
-                f"{position}, for {len(names)} shards in {self.data_root}; the checkpoint is corrupt"
+                f"{position}, for {len(self.names)} shards in {self.data_root}; the checkpoint is corrupt"
             )
         self.epoch = int(state["epoch"])
         self._open_shard(shard_index, position)

@@ -18,6 +18,7 @@ function here is a no-op that returns its input, so callers need no `if distribu
     is_master()                      rank 0, or the only process
     peer_processes()                 [(host, pid)] of every rank, in rank order, gathered at setup()
 """
+import contextlib
 import datetime
 import os
 import pickle
@@ -157,9 +158,8 @@ def close():
     holds the group's last reference can hang the exit the same way."""
     if not active():
         return
-    gloo = dist.get_backend() == "gloo"
     dist.barrier()
-    if gloo:
+    if dist.get_backend() == "gloo":
         time.sleep(0.2)
     dist.destroy_process_group()
 
@@ -207,11 +207,9 @@ def _portable(error):
     if error is None:
         return None
     if isinstance(error, UserError):
-        try:
+        with contextlib.suppress(Exception):  # a subclass with an unusual constructor
             pickle.dumps(error)
             return error
-        except Exception:  # noqa: BLE001  a subclass with an unusual constructor
-            pass
     return RankZeroError(f"rank 0 failed: {type(error).__name__}: {error}")
 
 

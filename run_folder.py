@@ -107,7 +107,6 @@ def record_divergence(log_dir, step, healthy):
 def _verified(path):
     """The checkpoint dict of a file this trainer can resume from, verified against its own model config; a
     DamagedCheckpoint for a damaged file, a CheckpointError naming the fix for any other."""
-    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     if converters.is_llmc_file(path):

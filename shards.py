@@ -163,11 +163,10 @@ def find_token_files(data_root, split) -> list[TokenFile]:
     return [read_token_file(path, fmt) for path in paths]
 
 
-def read_token_file(path, fmt="npy") -> TokenFile:
+def read_token_file(path, fmt) -> TokenFile:
     """Check a token file before training reads it, so that a copy cut short fails now, not mid-run (or
     never): its header (npy: uint16, 1-D; llm.c: magic, version), and a size that is exactly the header's
     token count (nanoGPT's raw files: a whole number of uint16)."""
-    path = Path(path)
     remake = TokenFile(path, fmt, 0, 0).remake_hint()
     try:
         size = path.stat().st_size
@@ -274,8 +273,8 @@ def fingerprint(path) -> str:
     return digest.hexdigest()
 
 
-def listed(names, limit=2):
-    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+def listed(names):
+    return ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
 
 
 def recorded_data_change(recorded, names, tokens, fingerprints, data_root):

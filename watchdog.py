@@ -149,10 +149,8 @@ def is_peer_failure(exc):
     error ... Connection reset by peer')."""
     if not distributed.active() or dist.get_world_size() < 2:
         return False
-    if isinstance(exc, dist.DistError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(mark in text for mark in ("gloo/", "Gloo", "NCCL", "Connection reset"))
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(
+        mark in str(exc) for mark in ("gloo/", "Gloo", "NCCL", "Connection reset")))
 
 
 def peer_lost(exc, log_dir, rank):

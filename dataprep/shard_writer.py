@@ -159,9 +159,8 @@ class ShardFolder:
         finish_leftovers = {chunk["file"] for chunk in self.chunks} if self.finished else set()
         unexplained = foreign + [p for p in unrecorded if self.finished and p.name not in finish_leftovers]
         if unexplained:
-            extra = unexplained[0]
-            raise DataError(f"{self.out_dir} holds {extra.name}, which its {MANIFEST} does not list; move it out, "
-                            f"pass --overwrite to start over, or choose another --out_dir")
+            raise DataError(f"{self.out_dir} holds {unexplained[0].name}, which its {MANIFEST} does not list; "
+                            f"move it out, pass --overwrite to start over, or choose another --out_dir")
         if unrecorded:
             log(f"removing {len(unrecorded)} file{'s' if len(unrecorded) > 1 else ''} the interrupted run wrote "
                   f"after its last record ({unrecorded[0].name}{', ...' if len(unrecorded) > 1 else ''})")
@@ -225,8 +224,7 @@ class ShardFolder:
     def write_chunk(self, tokens, documents_done, next_document_tokens_done):
         """Write the stream's next chunk and record it, with where the stream stands after it."""
         index = len(self.chunks)
-        first_shard = self.command["val_split"] == "first_shard"
-        split = ("val" if index == 0 else "train") if first_shard else PENDING
+        split = ("val" if index == 0 else "train") if self.command["val_split"] == "first_shard" else PENDING
         path = shard_path(self.out_dir, self.command["name"], split, index)
         write_shard(path, tokens)
         self.chunks.append({"file": path.name, "tokens": len(tokens), "bytes": path.stat().st_size,

@@ -36,6 +36,7 @@ and the manifest follow from its attributes:
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -67,8 +68,7 @@ def plural(n, word):
 
 def find_inputs(patterns):
     """The files the --input globs name, sorted and without repeats; a DataError when there are none."""
-    paths = sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True)})
-    paths = [p for p in paths if p.is_file()]
+    paths = sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)})
     if not paths:
         shown = " ".join(repr(p) for p in patterns)
         raise DataError(f"no files match --input {shown}; check the paths, and quote globs so the shell keeps them")
@@ -164,8 +164,8 @@ class TextFiles(FileSource):
 
 
 def paragraph_pieces(read, max_chars):
-    """Cut the text that read(n) returns into the pieces split_paragraphs cuts the whole of it into,
-    reading about max_chars characters at a time."""
+    """Cut the text that read(n) returns into pieces, each ending just before the first blank line after its
+    first max_chars characters, reading about max_chars at a time: the same pieces however read splits it."""
     buffer, at_end, searched_from = "", False, max_chars
     while True:
         cut = PARAGRAPH_CUT.search(buffer, searched_from) if len(buffer) > max_chars else None
@@ -183,11 +183,6 @@ def paragraph_pieces(read, max_chars):
             block = read(max_chars)
             at_end = not block
             buffer += block
-
-
-def split_paragraphs(text, max_chars=None):
-    """Cut text into pieces of about max_chars (default TEXT_CHUNK_CHARS) at blank lines."""
-    return list(paragraph_pieces(io.StringIO(text).read, max_chars or TEXT_CHUNK_CHARS))
 
 
 class JsonLines(FileSource):
@@ -300,8 +295,7 @@ class ParquetFiles(FileSource):
             if not groups:
                 continue
             first_row = sum(parquet_file.metadata.row_group(g).num_rows for g in range(groups[0]))
-            batches = parquet_file.iter_batches(batch_size=self.BATCH_ROWS, row_groups=groups, columns=[self.field])
-            for batch in batches:
+            for batch in parquet_file.iter_batches(batch_size=self.BATCH_ROWS, row_groups=groups, columns=[self.field]):
                 texts = batch.column(0).to_pylist()
                 progress.update(len(texts))
                 for text in texts:
@@ -350,8 +344,7 @@ class FineWebEdu(Source):
                             f"connection, then run the same command again") from None
         progress.update(skip)
         documents = iter(stream)
-        read = skip
-        while True:
+        for read in itertools.count(skip):  # documents read so far
             try:
                 document = next(documents)
             except StopIteration:
@@ -359,7 +352,6 @@ class FineWebEdu(Source):
             except Exception as e:  # noqa: BLE001  a dropped connection, a server error: the shards so far are kept
                 raise DataError(f"the FineWeb-Edu stream failed after {read:,} documents ({type(e).__name__}: {e}); "
                                 f"run the same command again to continue after the last finished shard") from None
-            read += 1
             progress.update(1)
             yield document["text"], True
 

@@ -20,8 +20,7 @@ def exit_with_module_command(script_file):
     command = shlex.join(["python", "-m", *module_and_args])
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun started it: torchrun takes -m too
         command = f"torchrun [your torchrun flags] -m {shlex.join(module_and_args)}"
-    root = Path(script_file).resolve().parent.parent
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one line, not one per torchrun rank
         print(f"error: {Path(script_file).name} is part of the scripts package; run it from the repository root "
-              f"({root}) as: {command}", file=sys.stderr)
+              f"({Path(script_file).resolve().parent.parent}) as: {command}", file=sys.stderr)
     sys.exit(2)

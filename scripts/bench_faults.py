@@ -179,22 +179,20 @@ class MetricsTail:
 
     def new_steps(self):
         if not self.path.exists():
-            return []
+            return
         with open(self.path) as f:
             f.seek(self.offset)
             text = f.read()
             self.offset = f.tell()
         lines = (self.partial + text).split("\n")
         self.partial = lines.pop()  # a line still being written
-        records = []
         for line in lines:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by kill -9
             if "loss" in record:
-                records.append((record["step"], record["loss"], record["dt_ms"] / 1000))
-        return records
+                yield record["step"], record["loss"], record["dt_ms"] / 1000
 
 
 def run(args, name, cmd, log_dir, faults=()):

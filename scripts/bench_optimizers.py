@@ -183,11 +183,10 @@ def run(argv=None):
     args = p.parse_args(own)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = planned_runs(args)
     if not args.report:
         if any(flag in train_args for flag in ("--log_dir", "--optimizer", "--muon_lr", "--log-dir")):
             raise cli.UserError("the bench sets --log_dir, --optimizer and --muon_lr of each run; drop them after --")
-        for name, flags in runs:
+        for name, flags in planned_runs(args):
             run_one(name, flags, train_args, out)
     report(out, asked=args.report)
     return 0

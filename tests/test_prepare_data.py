@@ -149,7 +149,7 @@ def test_text_source_glob_of_two_files(tmp_path):
 def test_large_files_cut_at_blank_lines_tokenize_like_the_whole(tmp_path, tinyshakespeare_path, monkeypatch):
     """Pieces shared among the workers must not change a single token, nor add an EOT."""
     monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 50_000)  # tiny Shakespeare: ~22 pieces
-    assert len(sources.split_paragraphs(tinyshakespeare_path.read_text())) > 10
+    assert len(list(sources.paragraph_pieces(io.StringIO(tinyshakespeare_path.read_text()).read, 50_000))) > 10
     assert prepare_data.main(["--source", "text", "--input", str(tinyshakespeare_path), "--name", "shk",
                               "--out_dir", str(tmp_path / "text"), "--num_proc", "2"]) == 0
     assert prepare_data.main(["--source", "tinyshakespeare", "--out_dir", str(tmp_path / "whole")]) == 0
