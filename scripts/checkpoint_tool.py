@@ -35,11 +35,11 @@ import files  # noqa: E402
 import optimizers  # noqa: E402
 from model import MODEL_PRESETS, TIED_WEIGHTS  # noqa: E402
 from run_config import BY_NAME  # noqa: E402
+from run_folder import checkpoint_like_files  # noqa: E402
 from checkpoint import (BEST_NAME, FORMAT_VERSION, LATEST_NAME, CheckpointError,  # noqa: E402
                         import_safetensors, is_epoch_checkpoint, iter_tensors, list_checkpoints, read_checkpoint,
                         read_latest, run_config_of, save_file, stored_config, tensor_bytes, verify_file)
 
-NANOGPT_NAME = "ckpt.pt"  # nanoGPT's one checkpoint in its out_dir
 # What only this trainer's checkpoints hold: inspect leaves these lines out for other trainers' files.
 OURS_ONLY = ("format version", "torch version", "world size", "dataloader", "history", "grad scaler")
 
@@ -59,14 +59,6 @@ def existing(path):
     if not path.exists():
         raise cli.UsageError(f"{path} does not exist")
     return path
-
-
-def checkpoint_files(log_dir):
-    """The checkpoint files in a folder: model_*.pt (this trainer's, or build-nanogpt's, which it names alike),
-    best_model.pt, nanoGPT's ckpt.pt and llm.c's model files (*.bin)."""
-    found = [p for _, p in list_checkpoints(log_dir)]
-    found += [log_dir / name for name in (BEST_NAME, NANOGPT_NAME) if (log_dir / name).is_file()]
-    return found + [p for p in sorted(log_dir.glob("*.bin")) if p.is_file() and converters.is_llmc_model(p)]
 
 
 def what(ckpt):
@@ -103,10 +95,10 @@ def dash(value):
 
 def cmd_list(args):
     paths = [existing(p) for p in args.paths]
-    found = [p for path in paths for p in (checkpoint_files(path) if path.is_dir() else [path])]  # in that order
+    found = [p for path in paths for p in (checkpoint_like_files(path) if path.is_dir() else [path])]  # in that order
     folders = [p for p in paths if p.is_dir()]
     for folder in folders:
-        if not checkpoint_files(folder):
+        if not checkpoint_like_files(folder):
             print(f"no checkpoints in {folder}")
     if not found:
         return 0
@@ -301,7 +293,7 @@ def cmd_inspect(args):
 
 def cmd_verify(args):
     path = existing(args.path)
-    found = checkpoint_files(path) if path.is_dir() else [path]
+    found = checkpoint_like_files(path) if path.is_dir() else [path]
     if not found:
         print(f"BAD  {path}: no checkpoints to verify")
         return 1
