@@ -98,10 +98,9 @@ def move_aside(log_dir, names, prefix):
 
 
 def record_divergence(log_dir, step, healthy):
-    """A NaN / inf stop at step: the next --auto_resume goes back to `healthy` (a checkpoint path, or None)."""
-    if healthy is not None:
-        files.atomic_write(Path(log_dir) / DIVERGED_NAME,
-                           lambda f: f.write(json.dumps({"step": step, "healthy": Path(healthy).name}).encode()))
+    """A NaN / inf stop at step: the next --auto_resume goes back to `healthy` (a checkpoint path)."""
+    files.atomic_write(Path(log_dir) / DIVERGED_NAME,
+                       lambda f: f.write(json.dumps({"step": step, "healthy": Path(healthy).name}).encode()))
 
 
 def _verified(path):
@@ -221,11 +220,10 @@ def _resume_from(log_dir, path, reset_optimizer):
         existing = ", ".join(p.name for p in checkpoint_like_files(log_dir)) or "none"
         raise CheckpointError(f"cannot resume from {path}: {exc}. Checkpoints in {log_dir}: {existing}") from None
     _check_optimizer(ckpt, path, reset_optimizer)
-    moves = ()
-    if path.resolve().parent == log_dir.resolve():
-        moves = _rewind(log_dir, path, "rewound", f"resuming from {path.name}, older than the newest")
-    else:
+    inside = path.resolve().parent == log_dir.resolve()
+    if not inside:
         _refuse_another_run(log_dir, path)
+    moves = _rewind(log_dir, path, "rewound", f"resuming from {path.name}, older than the newest") if inside else ()
     log(f"resume: {path}")
     return _resume(path, ckpt, moves)
 
