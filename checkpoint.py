@@ -150,8 +150,7 @@ def point_latest(log_dir, target):
 
 def remove_stale_temp_files(log_dir):
     """Delete temp files of writers that were killed mid-save (their process is gone)."""
-    removed = files.remove_stale_temp_files(log_dir)
-    if removed:
+    if removed := files.remove_stale_temp_files(log_dir):
         log(f"removed {len(removed)} temp file(s) of an interrupted save from {log_dir}: {', '.join(removed)}")
 
 
@@ -302,8 +301,7 @@ def verify_checkpoint(ckpt, path, model_config=None, model_keys=None, allow_expo
     """Raise CheckpointError unless ckpt has what a resume needs, shaped like this run's model."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of this trainer")
-    foreign = converters.detect(ckpt)
-    if foreign:
+    if foreign := converters.detect(ckpt):
         raise not_resumable(path, foreign)
     if ckpt.get("kind") == "export" and not allow_export:
         raise CheckpointError(f"{path} is an export (weights and config only): it cannot resume training. "
@@ -329,8 +327,7 @@ def verify_checkpoint(ckpt, path, model_config=None, model_keys=None, allow_expo
                 raise CheckpointError(f"{path} has no tensor {key}")
             if tuple(ckpt["model"][key].shape) != tuple(shape):
                 raise CheckpointError(f"{path}: {key} has shape {tuple(ckpt['model'][key].shape)}, expected {tuple(shape)}")
-        unexpected = sorted(set(ckpt["model"]) - set(model_keys))
-        if unexpected:
+        if unexpected := sorted(set(ckpt["model"]) - set(model_keys)):
             raise CheckpointError(f"{path} has tensors this model lacks: {', '.join(unexpected[:3])}")
 
 

@@ -236,14 +236,13 @@ class RunLock:
             raise WriteError(f"cannot write to {self.folder}: {exc.strerror}; use a folder this user can write to "
                              f"({self.other}), or fix its permissions") from None
         try:
-            os_lock = self._take(self._fd)
+            os_lock, kind = self._take(self._fd)
         except BaseException:
             os.close(self._fd)
             self._fd = None
             raise
         _HELD.add(str(self.path.resolve()))
         self._write({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "heartbeat": time.time()})
-        kind = filesystem_type(self.folder)
         if not os_lock or is_network_filesystem(kind):
             why = "its filesystem has no file locks" if not os_lock else f"it is on a network filesystem ({kind})"
             log(f"lock: {self.folder} {'has' if os_lock else 'gets'} a heartbeat lock as well, as {why}: another "
@@ -254,7 +253,7 @@ class RunLock:
         return self
 
     def _take(self, fd):
-        """Lock fd; returns whether the OS lock works here. Raises RunLockError naming the holder."""
+        """Lock fd: (whether the OS lock works here, the filesystem type), or a RunLockError naming the holder."""
         import fcntl
 
         os_lock = True
@@ -276,7 +275,7 @@ class RunLock:
                 note = (f" (its heartbeat is {age:.0f} s old; on this {kind or 'lock-less'} filesystem a lock counts as "
                         f"released {STALE_AFTER_S} s after its last heartbeat)" if other_machine else "")
                 raise RunLockError(self._held_message(holder, note))
-        return os_lock
+        return os_lock, kind
 
     def _held_message(self, holder, note):
         who = (f"pid {holder.get('pid')} on {holder.get('host')}, running since "

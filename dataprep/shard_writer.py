@@ -297,8 +297,7 @@ def clear_folder(out_dir, old_manifest):
 
 def remove_stale_temp_files(out_dir):
     """The temp files of writes a kill interrupted (files.atomic_write's .NAME.tmpPID)."""
-    stale = files.remove_stale_temp_files(out_dir)
-    if stale:
+    if stale := files.remove_stale_temp_files(out_dir):
         log(f"removed {len(stale)} temp file{'s' if len(stale) > 1 else ''} of a write that was killed "
               f"({', '.join(stale)})")
 
