@@ -321,7 +321,7 @@ def resolve(args, device_type, world_size=1, stored=None, found=None, before_res
     (a to_dict()), or None. found: what the setup measured or read ({"dtype", "loss", "micro_batch_size",
     "model_config"}); without it those keep what was asked for ("auto") and the batch is not yet checked.
     before_resume: a call before the checkpoint of a resuming command is read, whose settings decide the
-    batch: its fit is checked on the call with stored.
+    sequence and the batch: their fit is checked on the call with stored.
     Does no I/O, runs no collective and touches no torch state. Raises ConfigError naming the fix."""
     found = found or {}
     flags = {name: value for name, value in vars(args).items() if name in BY_NAME and value is not None}
@@ -365,13 +365,14 @@ def resolve(args, device_type, world_size=1, stored=None, found=None, before_res
         values["model"], sources["model"] = values["init_from"], "init_from"
     elif values["init_from"]:  # the run it started is resumed: its weights come from its checkpoint
         values["init_from"], values["init_from_optimizer"] = None, False
-    if values["seq_len"] > model_config.block_size:
+    # Before a resume's checkpoint is read, the sequence and the batch are the tables', not the run's: not judged.
+    known = not (before_resume and (values["auto_resume"] or values["resume"]))
+    if known and values["seq_len"] > model_config.block_size:
         raise ConfigError(f"--seq_len {values['seq_len']} is longer than the model's block size "
                           f"{model_config.block_size}; use --seq_len {model_config.block_size} or less, or raise "
                           "--block_size")
-    batch_known = not (before_resume and (values["auto_resume"] or values["resume"]))  # else the checkpoint's decides
     sequences = values["seq_len"] * world_size
-    if batch_known and values["micro_batch_size"] == "auto" and values["total_batch_size"] % sequences:
+    if known and values["micro_batch_size"] == "auto" and values["total_batch_size"] % sequences:
         raise ConfigError(f"--total_batch_size {values['total_batch_size']} is not a multiple of seq_len * world_size = "
                           f"{values['seq_len']} * {world_size}; --micro_batch_size auto needs whole sequences per rank")
     for name in ("dtype", "micro_batch_size"):
@@ -383,7 +384,7 @@ def resolve(args, device_type, world_size=1, stored=None, found=None, before_res
         raise ConfigError("--fsdp computes in bf16 or fp32 (fp16 would need a sharded gradient scaler); "
                           "use --dtype bf16 (or fp32), or train without --fsdp")
     grad_accum_steps = None
-    if batch_known and values["micro_batch_size"] != "auto":
+    if known and values["micro_batch_size"] != "auto":
         fitted = fit_micro_batch(values, sources["micro_batch_size"], world_size)
         if fitted != values["micro_batch_size"]:
             notes += (f"micro_batch_size {values['micro_batch_size']} ({sources['micro_batch_size']}) does not fit "

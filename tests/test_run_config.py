@@ -134,6 +134,13 @@ def test_before_a_resumes_checkpoint_is_read_its_batch_is_not_judged_by_the_tabl
     assert config_of(*argv, world_size=2, stored=run).grad_accum_steps == 2  # 1024 / (8 x 32 x 2): the run's fits
     with pytest.raises(ConfigError, match="is not a multiple of"):  # a fresh run is judged at once
         config_of("--micro_batch_size", 8, world_size=2, before_resume=True)
+    short = config_of("--data_root", "d", "--model", "d2", "--block_size", 32, "--seq_len", 16,
+                      "--micro_batch_size", 2, "--total_batch_size", 64).to_dict()
+    repeated = ("--auto_resume", "--block_size", 32)  # the run's own flag again: the quickstart's seq_len 64 is no run's
+    assert config_of(*repeated, before_resume=True).auto_resume
+    assert config_of(*repeated, stored=short).seq_len == 16
+    with pytest.raises(ConfigError, match="--seq_len 64 is longer than the model's block size 32"):
+        config_of("--block_size", 32, before_resume=True)
 
 
 def test_a_resume_keeps_the_runs_settings_and_refuses_another_shape():
