@@ -392,8 +392,8 @@ def run(argv=None):
     args = parse_args(argv)
     try:
         return train(args)
-    except RuntimeError as exc:  # a lost peer: one line, the traceback into the run folder's failures/
-        if device.is_oom(exc) or not watchdog.is_peer_failure(exc):
+    except RuntimeError as exc:  # a lost peer outside the loop (setup): as watchdog.watching does inside it
+        if not watchdog.is_peer_failure(exc):
             raise
         raise watchdog.peer_lost(exc, args.log_dir or "log", int(os.environ.get("RANK", 0))) from None
 

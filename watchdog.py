@@ -98,7 +98,7 @@ def watching(hang_timeout, log_dir, rank):
     try:
         yield
     except RuntimeError as exc:
-        if "out of memory" in str(exc) or not is_peer_failure(exc):
+        if not is_peer_failure(exc):
             raise
         raise peer_lost(exc, log_dir, rank) from None
     finally:
@@ -148,6 +148,8 @@ def is_peer_failure(exc):
     DistError family (NCCL, store, network), or gloo's RuntimeError ('[.../gloo/transport/...] Read
     error ... Connection reset by peer')."""
     if not distributed.active() or dist.get_world_size() < 2:
+        return False
+    if "out of memory" in str(exc):  # CUDA's or MPS's, even from inside a collective: the device's own error
         return False
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(
         mark in str(exc) for mark in ("gloo/", "Gloo", "NCCL", "Connection reset")))

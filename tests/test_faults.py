@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import checkpoint
 import signals
@@ -240,6 +241,17 @@ def test_a_lost_peer_ignores_torchruns_sigterm_from_inside_the_loop_on(tmp_path,
     with signals.GracefulStop():  # no error: the previous handler comes back as before
         pass
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_peer_failure_is_a_collectives_error_and_never_an_out_of_memory(monkeypatch):
+    import watchdog
+
+    monkeypatch.setattr(watchdog.distributed, "active", lambda: True)
+    monkeypatch.setattr(watchdog.dist, "get_world_size", lambda: 2)
+    assert watchdog.is_peer_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection reset by peer"))
+    assert not watchdog.is_peer_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not watchdog.is_peer_failure(RuntimeError("NCCL error: unhandled cuda error (run out of memory)"))
+    assert not watchdog.is_peer_failure(ValueError("gloo/ in a message of another kind"))
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
